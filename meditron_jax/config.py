@@ -1,0 +1,128 @@
+"""Model configuration and the named presets (Llama-2 and MEDITRON sizes, tiny test models)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture plus the knobs that change how (not what) the model computes."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    # Embedding/head rows are padded to this multiple so the vocab axis can be sharded (MEDITRON's
+    # 32,017 tokens divide by nothing useful). Padded logits are sliced off before anyone sees them.
+    vocab_pad_multiple: int = 128
+    # Execution options.
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                    "set head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be float32, bfloat16 or float16")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.vocab_pad_multiple)
+        return -(-self.vocab_size // m) * m
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count of the unpadded model (what the paper calls 7B / 70B)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = d * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else v * d
+        return self.num_layers * per_layer + v * d + head + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}")
+        return cls(**d)
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: str) -> ModelConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=path)
+
+
+# MEDITRON's vocabulary: 32,000 Llama pieces + 5 Megatron specials + 12 marker tokens (MEDITRON.md §1).
+MEDITRON_VOCAB_SIZE = 32017
+
+_LLAMA2_7B = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                         num_kv_heads=32, max_position_embeddings=4096)
+_LLAMA2_13B = ModelConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                          num_kv_heads=40, max_position_embeddings=4096)
+_LLAMA2_70B = ModelConfig(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                          num_kv_heads=8, max_position_embeddings=4096)
+
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": _LLAMA2_7B,
+    "llama2-13b": _LLAMA2_13B,
+    "llama2-70b": _LLAMA2_70B,
+    # The released meditron-7b config has a 2048 context; meditron-70b keeps 4096 (MEDITRON.md §1).
+    "meditron-7b": _LLAMA2_7B.replace(vocab_size=MEDITRON_VOCAB_SIZE, max_position_embeddings=2048),
+    "meditron-70b": _LLAMA2_70B.replace(vocab_size=MEDITRON_VOCAB_SIZE),
+    # Test sizes: MHA, GQA and MQA, small enough for a CPU.
+    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=8,
+                        num_kv_heads=4, max_position_embeddings=1024),
+    "tiny-mha": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            num_kv_heads=4, max_position_embeddings=1024),
+    "tiny-mqa": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            num_kv_heads=1, max_position_embeddings=1024),
+    # 100M-ish: large enough to exercise sharding and kernels for real, small enough to compile on CPU.
+    "small": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+                         num_heads=12, num_kv_heads=4, max_position_embeddings=2048),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A named preset, with field overrides (e.g. ``get_config("meditron-7b", dtype="bfloat16")``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

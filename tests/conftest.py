@@ -1,0 +1,21 @@
+"""Test setup: 8 fake CPU devices for the sharding tests, and the shared data folder."""
+
+import os
+
+# Must be set before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from meditron_jax.data.paths import ENV_VAR, shared_data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The shared data folder. Missing data is a failure, not a skip: CI always has it."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"shared data folder {path} is missing; set {ENV_VAR}")
+    return path
