@@ -1,0 +1,65 @@
+"""meditron_jax's own model format: an orbax parameter checkpoint plus its ModelConfig and tokenizer files.
+
+Layout: ``<dir>/meditron_config.json``, ``<dir>/params/`` (orbax), tokenizer files beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax
+
+from meditron_jax.config import ModelConfig
+from meditron_jax.convert.hf import TOKENIZER_FILES
+
+CONFIG_FILE = "meditron_config.json"
+
+
+def is_orbax_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_orbax(params, config: ModelConfig, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
+    """Write atomically: everything goes to a temporary sibling folder that is renamed at the end."""
+    import orbax.checkpoint as ocp
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-orbax-", dir=parent)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, "params"), params)
+        config.to_json(os.path.join(tmp, CONFIG_FILE))
+        if tokenizer_dir:
+            for fname in TOKENIZER_FILES:
+                src = os.path.join(tokenizer_dir, fname)
+                if os.path.isfile(src):
+                    shutil.copy(src, os.path.join(tmp, fname))
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_orbax(path: str, config: ModelConfig | None = None):
+    """(params, config). The stored config is used unless one is given (e.g. with another dtype)."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
+
+    if not is_orbax_model(path):
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a meditron_jax orbax model directory")
+    stored = ModelConfig.from_json(os.path.join(path, CONFIG_FILE))
+    config = config or stored
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.meta.unbox(abstract_params(config)))
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}: checkpoint does not match the model config ({e})") from e
+    return params, config

@@ -1,0 +1,154 @@
+"""Llama-2 building blocks. Every parameter and main activation carries logical axis names.
+
+Logical names (mapped to mesh axes in one place, `meditron_jax.parallel.rules`):
+``batch length embed heads kv_heads head_dim mlp vocab layers``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from meditron_jax import kernels
+from meditron_jax.config import ModelConfig
+from meditron_jax.kernels import xla as xla_attention
+
+MODES = ("train", "prefill", "decode")
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def constrain(x, axes):
+    """Activation sharding hint; a no-op outside a mesh with logical axis rules."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def param(module: nn.Module, name: str, shape, axes, init, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        scale = param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones, dtype_of(cfg.param_dtype))
+        # Normalise in float32 whatever the compute dtype, as the reference implementations do.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        return (scale.astype(jnp.float32) * x32).astype(dtype_of(cfg.dtype))
+
+
+def rotary_embedding(x, positions, theta: float):
+    """Rotate-half RoPE (the layout of Hugging Face Llama checkpoints). x: [b, l, h, d]; positions: [b, l]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = d // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        init = nn.initializers.lecun_normal()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
+        up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
+        down = param(self, "down", (f, d), ("mlp", "embed"), init, pdt)
+        h = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        h = constrain(h, ("batch", "length", "mlp"))
+        return h @ down.astype(dt)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        init = nn.initializers.lecun_normal()
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = param(self, "query", (d, h, hd), ("embed", "heads", "head_dim"), init, pdt)
+        wk = param(self, "key", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wv = param(self, "value", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
+        wo = param(self, "out", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
+
+        q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
+        k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
+        q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        scale = hd ** -0.5
+
+        if self.mode == "train":
+            out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale,
+                                    impl=cfg.attention_impl)
+        else:
+            out = self._cached_attention(q, k, v, segment_ids, scale)
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+
+    def _cached_attention(self, q, k, v, segment_ids, scale):
+        """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.
+
+        The cache is created by an init call with the full cache length as the sequence length.
+        """
+        b, length = k.shape[:2]
+        initialised = self.has_variable("cache", "key")
+        ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        valid = self.variable("cache", "valid", jnp.zeros, (b, length), jnp.bool_)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:  # the init call that sizes the cache
+            return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale)
+        is_real = jnp.ones((b, length), jnp.bool_) if segment_ids is None else segment_ids != 0
+        if self.mode == "prefill":
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, 0, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, 0, 0, 0))
+            valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, 0))
+            index.value = jnp.asarray(length, jnp.int32)
+            return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale,
+                                     impl=self.config.attention_impl)
+        # decode: `length` new tokens (usually 1) at cache slots [index, index + length)
+        i = index.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+        valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, i))
+        index.value = i + length
+        slots = jnp.arange(ck.value.shape[1])
+        q_slots = i + jnp.arange(length)
+        mask = valid.value[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+        return xla_attention.masked_attention(q, ck.value, cv.value, mask, scale)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        h = RMSNorm(cfg, name="attention_norm")(x)
+        x = x + Attention(cfg, self.mode, name="attention")(h, positions, segment_ids)
+        x = constrain(x, ("batch", "length", "embed"))
+        h = RMSNorm(cfg, name="mlp_norm")(x)
+        x = x + MLP(cfg, name="mlp")(h)
+        return constrain(x, ("batch", "length", "embed")), None

@@ -1,0 +1,97 @@
+"""The Llama-2 decoder: embedding, a stack of decoder layers (scanned or unrolled), norm, output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from meditron_jax.config import ModelConfig
+from meditron_jax.model.layers import MODES, DecoderLayer, RMSNorm, constrain, dtype_of, param
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_stack(config: ModelConfig, mode: str):
+    """The decoder-layer class as configured: rematerialised and/or scanned over ``layers``."""
+    cls = DecoderLayer
+    if config.remat_policy != "none":
+        cls = nn.remat(cls, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        cls = nn.scan(cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return cls
+
+
+class Llama(nn.Module):
+    """Causal LM. ``__call__(tokens, positions, segment_ids, mode)`` → float32 logits [batch, length, vocab].
+
+    mode "train": full causal attention (packed sequences via segment ids, 0 = padding).
+    mode "prefill"/"decode": also read/write the KV cache collection ``cache`` (see `infer.generate`).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, mode: str = "train"):
+        cfg = self.config
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        tokens = constrain(tokens, ("batch", "length"))
+        embedding = param(self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                          nn.initializers.normal(stddev=1.0), pdt)
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        stack = layer_stack(cfg, mode)
+        if cfg.scan_layers:
+            x, _ = stack(cfg, mode, name="layers")(x, positions, segment_ids)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = stack(cfg, mode, name=f"layers_{i}")(x, positions, segment_ids)
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            head = embedding.T
+        else:
+            head = param(self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
+                         nn.initializers.lecun_normal(), pdt)
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits[..., : cfg.vocab_size]
+
+
+def init_params(config: ModelConfig, rng, *, batch: int = 1, length: int = 8):
+    """Random parameters (unboxed), e.g. for tests and training from scratch."""
+    model = Llama(config)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return nn.meta.unbox(model.init(rng, tokens)["params"])
+
+
+def abstract_params(config: ModelConfig):
+    """Shapes/dtypes of the parameters, boxed with their logical axis names (no allocation)."""
+    model = Llama(config)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+
+
+def logical_axes(config: ModelConfig):
+    """A tree like the params whose leaves are the parameters' logical axis-name tuples."""
+    return nn.get_partition_spec(abstract_params(config))
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int):
+    """An empty KV cache for ``batch`` rows of up to ``max_length`` tokens."""
+    model = Llama(config)
+    tokens = jax.ShapeDtypeStruct((batch, max_length), jnp.int32)
+    shapes = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t, mode="decode"), tokens)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
