@@ -48,7 +48,13 @@ class LanguageModel:
         out = generate_ids(self.config, self.params, ids, max_new_tokens=max_new_tokens,
                            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed)
-        return [self.tokenizer.decode(o) for o in out]
+        texts = []
+        for prompt_ids, new_ids in zip(ids, out, strict=True):
+            # Decode with the prompt so SentencePiece keeps the space that starts the continuation.
+            prefix = self.tokenizer.decode(prompt_ids)
+            full = self.tokenizer.decode(prompt_ids + new_ids)
+            texts.append(full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(new_ids))
+        return texts
 
 
 def load(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,

@@ -243,8 +243,9 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 def load_hf_params(path: str, cfg: ModelConfig) -> dict:
     """Read an HF Llama directory's weights into our (host numpy) parameter tree for ``cfg``."""
-    from meditron_jax.model import abstract_params
     from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
 
     reader = TensorReader(path)
     dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)

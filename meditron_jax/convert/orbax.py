@@ -57,9 +57,24 @@ def load_orbax(path: str, config: ModelConfig | None = None):
     stored = ModelConfig.from_json(os.path.join(path, CONFIG_FILE))
     config = config or stored
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.meta.unbox(abstract_params(config)))
+    params_dir = os.path.join(os.path.abspath(path), "params")
     with ocp.StandardCheckpointer() as ckptr:
-        try:
-            params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), target)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: checkpoint does not match the model config ({e})") from e
+        _check_matches(path, ckptr.metadata(params_dir).item_metadata.tree, target)
+        params = ckptr.restore(params_dir, target)
     return params, config
+
+
+def _check_matches(path: str, stored, target) -> None:
+    """Name the first parameter whose presence or shape differs, before orbax tries to read it."""
+    flat_stored = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    flat_target = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+    names = lambda tree: {jax.tree_util.keystr(k): v for k, v in tree.items()}
+    have, want = names(flat_stored), names(flat_target)
+    for key in sorted(set(have) | set(want)):
+        if key not in have:
+            raise ValueError(f"{path}: checkpoint does not match the model config: parameter {key} is missing")
+        if key not in want:
+            raise ValueError(f"{path}: checkpoint does not match the model config: unexpected parameter {key}")
+        if tuple(have[key].shape) != tuple(want[key].shape):
+            raise ValueError(f"{path}: checkpoint does not match the model config: parameter {key} has shape "
+                             f"{tuple(have[key].shape)}, the config needs {tuple(want[key].shape)}")

@@ -61,23 +61,18 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         ids: list[int] = [self.bos_id] if bos else []
         pieces = self._split.split(text) if self._split else [text]
-        for i, piece in enumerate(pieces):
+        for piece in pieces:
             if not piece:
                 continue
             if piece in self._extra_to_id:
                 ids.append(self._extra_to_id[piece])
             else:
-                # Only the start of the text gets SentencePiece's dummy-prefix space, as in HF's slow tokenizer.
-                ids.extend(self._sp.encode_as_ids(piece) if i == 0 else self._encode_continuation(piece))
+                # Each chunk gets SentencePiece's dummy-prefix space, as HF's legacy Llama tokenizer (the one
+                # Llama-2 and MEDITRON ship) does; decode() removes it again, so round trips are exact.
+                ids.extend(self._sp.encode_as_ids(piece))
         if eos:
             ids.append(self.eos_id)
         return ids
-
-    def _encode_continuation(self, text: str) -> list[int]:
-        # Encode "a" + text and drop the pieces of "a" to avoid a spurious leading space.
-        prefix = self._sp.encode_as_ids("a")
-        full = self._sp.encode_as_ids("a" + text)
-        return full[len(prefix):] if full[:len(prefix)] == prefix else self._sp.encode_as_ids(text)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         out: list[str] = []

@@ -26,6 +26,10 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+# Llama's (and HF's) initialisation: normal(0, 0.02) for every matrix, ones for norm scales.
+WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
+
+
 def param(module: nn.Module, name: str, shape, axes, init, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -65,7 +69,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        init = nn.initializers.lecun_normal()
+        init = WEIGHT_INIT
         d, f = cfg.hidden_size, cfg.intermediate_size
         gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
         up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
@@ -83,7 +87,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids):
         cfg = self.config
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        init = nn.initializers.lecun_normal()
+        init = WEIGHT_INIT
         d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         wq = param(self, "query", (d, h, hd), ("embed", "heads", "head_dim"), init, pdt)
         wk = param(self, "key", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.model.layers import MODES, DecoderLayer, RMSNorm, constrain, dtype_of, param
+from meditron_jax.model.layers import MODES, WEIGHT_INIT, DecoderLayer, RMSNorm, constrain, dtype_of, param
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -48,7 +48,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         tokens = constrain(tokens, ("batch", "length"))
         embedding = param(self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                          nn.initializers.normal(stddev=1.0), pdt)
+                          WEIGHT_INIT, pdt)
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "embed"))
 
@@ -64,17 +64,33 @@ class Llama(nn.Module):
             head = embedding.T
         else:
             head = param(self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
-                         nn.initializers.lecun_normal(), pdt)
+                         WEIGHT_INIT, pdt)
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits[..., : cfg.vocab_size]
 
 
-def init_params(config: ModelConfig, rng, *, batch: int = 1, length: int = 8):
-    """Random parameters (unboxed), e.g. for tests and training from scratch."""
-    model = Llama(config)
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    return nn.meta.unbox(model.init(rng, tokens)["params"])
+def init_params(config: ModelConfig, seed=0):
+    """Random host parameters with Llama's initialisation, drawn with numpy.
+
+    ``seed``: an int or a jax PRNG key. Same distribution as ``Llama.init`` without compiling XLA's
+    random-number kernels, which on CPU takes far longer than the draw. On a mesh, jit ``Llama.init``.
+    """
+    import ml_dtypes
+    import numpy as np
+
+    if not isinstance(seed, int):  # a jax PRNG key: seed numpy from its bits
+        data = jax.random.key_data(seed) if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) else seed
+        seed = [int(x) for x in np.asarray(data).ravel()]
+    rng = np.random.default_rng(seed)
+    dtype = ml_dtypes.bfloat16 if config.param_dtype == "bfloat16" else np.dtype(config.param_dtype)
+
+    def draw(path, s):
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return np.ones(s.shape, dtype)
+        return (0.02 * rng.standard_normal(s.shape, np.float32)).astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(config)))
 
 
 def abstract_params(config: ModelConfig):
