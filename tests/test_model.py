@@ -15,6 +15,11 @@ CFG = get_config("tiny", num_layers=3)
 PARAMS = init_params(CFG, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, tokens, positions=None, segment_ids=None, *, cfg=CFG):
+    return Llama(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
 def _loss(cfg, params, tokens):
     logits = Llama(cfg).apply({"params": params}, tokens)
     logp = jax.nn.log_softmax(logits[:, :-1])
@@ -29,33 +34,38 @@ def _unstack(params, n):
     return out
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_with_no_batch_dims", "minimal"])
-def test_remat_and_unrolled_give_the_same_loss_and_grads(remat):
-    tokens = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 48)))
-    base_loss, base_grads = jax.value_and_grad(functools.partial(_loss, CFG))(PARAMS, tokens)
-    for scan in (True, False):
-        cfg = CFG.replace(remat_policy=remat, scan_layers=scan)
-        params = PARAMS if scan else _unstack(PARAMS, CFG.num_layers)
-        loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg)))(params, tokens)
-        want = base_grads if scan else _unstack(base_grads, CFG.num_layers)
-        np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
-        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+@pytest.fixture(scope="module")
+def reference_loss_and_grads():
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 32)))
+    return tokens, jax.jit(jax.value_and_grad(functools.partial(_loss, CFG)))(PARAMS, tokens)
+
+
+@pytest.mark.parametrize("remat,scan", [("none", False), ("full", True), ("dots_with_no_batch_dims", False),
+                                        ("minimal", True)])
+def test_remat_and_unrolled_give_the_same_loss_and_grads(reference_loss_and_grads, remat, scan):
+    tokens, (base_loss, base_grads) = reference_loss_and_grads
+    cfg = CFG.replace(remat_policy=remat, scan_layers=scan)
+    params = PARAMS if scan else _unstack(PARAMS, CFG.num_layers)
+    loss, grads = jax.jit(jax.value_and_grad(functools.partial(_loss, cfg)))(params, tokens)
+    want = base_grads if scan else _unstack(base_grads, CFG.num_layers)
+    np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
 def test_bfloat16_params_and_compute():
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, CFG.vocab_size, (2, 32)))
-    ref = Llama(CFG).apply({"params": PARAMS}, tokens)
+    ref = _forward(PARAMS, tokens)
     cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     bf_params = init_params(cfg, 0)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf_params))
-    out = Llama(cfg).apply({"params": bf_params}, tokens)
+    out = _forward(bf_params, tokens, cfg=cfg)
     assert out.dtype == jnp.float32  # logits stay float32 for the loss
     # bf16 weights and activations: ~3 significant digits, so compare distributions, not bits.
     rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     assert rel < 3e-2, rel
     # float32 params with bfloat16 compute (the usual mixed-precision recipe)
-    mixed = Llama(CFG.replace(dtype="bfloat16")).apply({"params": PARAMS}, tokens)
+    mixed = _forward(PARAMS, tokens, cfg=CFG.replace(dtype="bfloat16"))
     assert float(jnp.linalg.norm(mixed - ref) / jnp.linalg.norm(ref)) < 3e-2
 
 
@@ -65,14 +75,13 @@ def test_packed_segments_equal_separate_sequences():
     packed = np.concatenate([a, b, np.zeros(8, int)])[None]
     segments = np.array([[1] * 20 + [2] * 12 + [0] * 8])
     positions = np.array([list(range(20)) + list(range(12)) + [0] * 8])
-    model = Llama(CFG)
-    out = model.apply({"params": PARAMS}, jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
-    alone_a = model.apply({"params": PARAMS}, jnp.asarray(a[None]))
-    alone_b = model.apply({"params": PARAMS}, jnp.asarray(b[None]))
+    out = _forward(PARAMS, jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+    alone_a = _forward(PARAMS, jnp.asarray(a[None]))
+    alone_b = _forward(PARAMS, jnp.asarray(b[None]))
     np.testing.assert_allclose(out[0, :20], alone_a[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 20:32], alone_b[0], atol=1e-5)
     # Without segment ids the second document would see the first: the mask is doing real work.
-    leaky = model.apply({"params": PARAMS}, jnp.asarray(packed), jnp.asarray(positions))
+    leaky = _forward(PARAMS, jnp.asarray(packed), jnp.asarray(positions))
     assert np.abs(leaky[0, 20:32] - alone_b[0]).max() > 1e-3
 
 
@@ -86,8 +95,9 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_batch():
     tokens, real, positions = left_pad(prompts)
     model = Llama(CFG)
     cache = init_cache(CFG, len(prompts), tokens.shape[1] + steps)
-    logits, state = model.apply({"params": PARAMS, "cache": cache}, tokens, positions, real, mode="prefill",
-                                mutable=["cache"])
+    prefill = jax.jit(lambda c, t, p, r: model.apply({"params": PARAMS, "cache": c}, t, p, r, mode="prefill",
+                                                     mutable=["cache"]))
+    logits, state = prefill(cache, tokens, positions, real)
     got = [logits[:, -1]]
     pos = positions[:, -1:] + 1
     decode = jax.jit(lambda c, t, p: model.apply({"params": PARAMS, "cache": c}, t, p, jnp.ones_like(p),
@@ -98,7 +108,7 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_batch():
         pos = pos + 1
     got = np.stack(got, 1)  # [b, steps + 1, vocab]
     for i, p in enumerate(prompts):
-        full = model.apply({"params": PARAMS}, jnp.asarray([p + list(follow[i])]))[0]
+        full = _forward(PARAMS, jnp.asarray([p + list(follow[i])]))[0]
         want = full[len(p) - 1:]
         assert np.abs(got[i] - np.asarray(want)).max() <= 1e-5, f"row {i}"
 
