@@ -1,0 +1,188 @@
+"""The training loop: model + mesh + sharded step + SeqIO batches + orbax checkpoints that resume exactly.
+
+Everything is set from gin (``gin/runs/*.gin``); `scripts/train.py` only parses flags.
+A checkpoint at step N is the train state (orbax, atomic: written to a temporary folder and renamed on
+commit) plus each host's input-pipeline position, written *before* the state so that a state on disk
+always has its data position. A killed run restarts from the newest complete checkpoint and sees the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+
+from meditron_jax.config import ModelConfig, get_config
+from meditron_jax.parallel import distributed
+from meditron_jax.parallel.mesh import MeshConfig, create_mesh
+from meditron_jax.parallel.pipeline import PipelineConfig
+from meditron_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from meditron_jax.train.step import TrainState, TrainStep
+
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model_dir: str = ""  # gin: MODEL_DIR macro
+    model: str = "tiny"  # a preset of meditron_jax.config, unless init_from gives the architecture
+    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"dtype": "bfloat16"}
+    init_from: str | None = None  # an HF or meditron_jax model directory to continue pretraining from
+    mixture: str = "gap_replay"
+    sequence_length: int = 2048
+    global_batch: int = 8
+    train_steps: int = 100  # also the optimizer's train_steps (its cosine horizon is a multiple of it)
+    grad_accum_steps: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    use_pipeline: bool = False  # PipelineConfig (gin) applies; the mesh's stage axis must be > 1
+
+    def __post_init__(self):
+        if not self.model_dir:
+            raise ValueError("TrainConfig.model_dir is empty: pass --gin.MODEL_DIR=... (or TrainConfig.model_dir)")
+        for name in ("sequence_length", "global_batch", "train_steps", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    if not cfg.init_from:
+        return get_config(cfg.model, **dict(cfg.model_overrides))
+    from meditron_jax.convert import hf, orbax
+
+    if orbax.is_orbax_model(cfg.init_from):
+        return ModelConfig.from_json(os.path.join(cfg.init_from, orbax.CONFIG_FILE)).replace(
+            **dict(cfg.model_overrides))
+    return hf.read_hf_config(cfg.init_from, **dict(cfg.model_overrides))
+
+
+def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig):
+    from meditron_jax.convert import hf, orbax
+
+    if orbax.is_orbax_model(cfg.init_from):
+        return orbax.load_orbax(cfg.init_from, model_cfg)[0]
+    return hf.load_hf_params(cfg.init_from, model_cfg)
+
+
+class Checkpoints:
+    """Train state (orbax CheckpointManager) + per-host input positions under ``model_dir``."""
+
+    def __init__(self, model_dir: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.state_dir = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.input_dir = os.path.join(os.path.abspath(model_dir), "input_state")
+        self.manager = ocp.CheckpointManager(
+            self.state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def input_path(self, step: int) -> str:
+        from meditron_jax.data.pipeline import host_dir
+
+        return host_dir(os.path.join(self.input_dir, str(step)), jax.process_index(), jax.process_count())
+
+    def save(self, step: int, state: TrainState, iterator) -> None:
+        iterator.save(self.input_path(step))
+        self.manager.save(step, args=self._ocp.args.StandardSave(_as_dict(state)))
+        self.manager.wait_until_finished()
+        self._prune_inputs()
+
+    def restore(self, step: int, abstract_state: TrainState) -> TrainState:
+        if not os.path.isdir(self.input_path(step)):
+            raise FileNotFoundError(f"checkpoint {step} has no input-pipeline state at {self.input_path(step)}")
+        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(_as_dict(abstract_state)))
+        return TrainState(**restored)
+
+    def _prune_inputs(self) -> None:
+        if jax.process_index() != 0 or not os.path.isdir(self.input_dir):
+            return
+        kept = {str(s) for s in self.manager.all_steps()}
+        for name in os.listdir(self.input_dir):
+            if name not in kept:
+                import shutil
+
+                shutil.rmtree(os.path.join(self.input_dir, name), ignore_errors=True)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _as_dict(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+@gin.configurable
+def train(config: TrainConfig = gin.REQUIRED, mesh_config: MeshConfig | None = None,
+          optimizer_config: OptimizerConfig | None = None, pipeline_config: PipelineConfig | None = None,
+          max_steps_this_run: int | None = None) -> dict:
+    """Train to ``config.train_steps`` (or stop after ``max_steps_this_run`` more); returns the last metrics.
+
+    ``max_steps_this_run`` exists to stop early on purpose (tests of resumption, time-limited jobs).
+    """
+    from meditron_jax.data.pipeline import make_iterator
+
+    distributed.initialize()
+    os.makedirs(config.model_dir, exist_ok=True)
+    model_cfg = model_config(config)
+    mesh = create_mesh(mesh_config or MeshConfig())
+    opt_cfg = dataclasses.replace(optimizer_config or OptimizerConfig(), train_steps=config.train_steps)
+    step_fn = TrainStep(model_cfg, mesh, make_optimizer(opt_cfg),
+                        pipeline=(pipeline_config or PipelineConfig()) if config.use_pipeline else None,
+                        grad_accum_steps=config.grad_accum_steps, lr_schedule=learning_rate_schedule(opt_cfg),
+                        model_name=config.model)
+    step_fn.check_batch(config.global_batch, config.sequence_length)
+    ckpts = Checkpoints(config.model_dir, config.keep_checkpoints)
+    start = ckpts.latest_step()
+    data_kwargs = dict(sequence_length=config.sequence_length, batch_size=config.global_batch, seed=config.seed,
+                       host_index=jax.process_index(), host_count=jax.process_count())
+    if start is not None:
+        state = ckpts.restore(start, step_fn.abstract_state)
+        iterator = make_iterator(config.mixture, restore_from=ckpts.input_path(start), **data_kwargs)
+        log.info("resumed from step %d in %s", start, ckpts.state_dir)
+    else:
+        start = 0
+        if config.init_from:
+            state = step_fn.state_from_params(_initial_params(config, model_cfg))
+        else:
+            state = step_fn.init_state(jax.random.PRNGKey(config.seed))
+        iterator = make_iterator(config.mixture, **data_kwargs)
+    if jax.process_index() == 0:
+        model_cfg.to_json(os.path.join(config.model_dir, "model_config.json"))
+        with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+    end = config.train_steps if max_steps_this_run is None else min(config.train_steps, start + max_steps_this_run)
+    metrics_path = os.path.join(config.model_dir, "metrics.jsonl")
+    last: dict = {}
+    t0 = time.perf_counter()
+    for i in range(start, end):
+        batch = distributed.global_batch(next(iterator), step_fn.batch_sharding, config.global_batch)
+        state, metrics = step_fn(state, batch)
+        done = i + 1
+        if done % config.log_every == 0 or done == end:
+            last = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "grads"}
+            last.update(step=done, seconds=round(time.perf_counter() - t0, 3))
+            if jax.process_index() == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                log.info("step %d loss %.4f grad_norm %.3f lr %.3g", done, last["loss"], last["grad_norm"],
+                         last.get("learning_rate", float("nan")))
+        if done % config.checkpoint_every == 0 or done == end:
+            ckpts.save(done, state, iterator)
+    ckpts.close()
+    return last
