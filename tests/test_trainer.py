@@ -87,3 +87,35 @@ def test_missing_model_dir_is_named():
 
     with pytest.raises(ValueError, match="model_dir is empty: pass --gin.MODEL_DIR"):
         TrainConfig()
+
+
+def test_init_from_hf_extends_the_vocabulary(tmp_path):
+    from meditron_jax.convert.hf import load_hf_params, read_hf_config
+    from meditron_jax.train.trainer import TrainConfig, _initial_params, model_config
+
+    from .hf_utils import random_hf_llama
+
+    src, _ = random_hf_llama(tmp_path / "hf", vocab=200)
+    cfg = TrainConfig(model_dir=str(tmp_path / "run"), init_from=src, model_overrides={"vocab_size": 217})
+    model_cfg = model_config(cfg)
+    assert (model_cfg.vocab_size, model_cfg.padded_vocab_size, model_cfg.num_kv_heads) == (217, 256, 2)
+    params = _initial_params(cfg, model_cfg)
+    original = load_hf_params(src, read_hf_config(src))
+    np.testing.assert_array_equal(params["embedding"][:200], original["embedding"][:200])
+    np.testing.assert_allclose(params["embedding"][200:217], np.broadcast_to(
+        original["embedding"][:200].mean(0), (17, 64)), rtol=1e-6)
+    np.testing.assert_array_equal(params["lm_head"][:, :200], original["lm_head"][:, :200])
+    assert not params["embedding"][217:].any()
+    shrink = TrainConfig(model_dir=str(tmp_path / "run"), init_from=src, model_overrides={"vocab_size": 100})
+    with pytest.raises(ValueError, match="vocab_size 100 is smaller than the checkpoint's 200"):
+        _initial_params(shrink, model_config(shrink))
+
+
+def test_out_of_range_token_ids_are_refused():
+    from meditron_jax.train.trainer import check_token_ids
+
+    batch = {"decoder_input_tokens": np.array([[1, 32005]]), "decoder_target_tokens": np.array([[32005, 2]])}
+    with pytest.raises(ValueError, match="produced token id 32005 in decoder_input_tokens, but the model's "
+                                         "vocabulary has 32000 tokens"):
+        check_token_ids(batch, 32000, "gap_replay")
+    check_token_ids(batch, 32017, "gap_replay")

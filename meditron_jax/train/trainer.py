@@ -69,11 +69,47 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig):
+    """Parameters of ``init_from``, with the vocabulary extended when ``model_overrides`` grows it
+    (Llama-2's 32,000 tokens → MEDITRON's 32,017, whose marker tokens the curated corpus contains)."""
     from meditron_jax.convert import hf, orbax
 
+    overrides = {k: v for k, v in dict(cfg.model_overrides).items() if k != "vocab_size"}
     if orbax.is_orbax_model(cfg.init_from):
-        return orbax.load_orbax(cfg.init_from, model_cfg)[0]
-    return hf.load_hf_params(cfg.init_from, model_cfg)
+        stored = ModelConfig.from_json(os.path.join(cfg.init_from, orbax.CONFIG_FILE)).replace(**overrides)
+        params = orbax.load_orbax(cfg.init_from, stored)[0]
+    else:
+        stored = hf.read_hf_config(cfg.init_from, **overrides)
+        params = hf.load_hf_params(cfg.init_from, stored)
+    return extend_vocab(params, stored, model_cfg)
+
+
+def extend_vocab(params, old: ModelConfig, new: ModelConfig):
+    """Grow the embedding (and untied head) from ``old.vocab_size`` to ``new.vocab_size`` rows; new rows
+    start at the mean of the existing ones, a common choice that keeps their initial logits typical."""
+    if new.vocab_size == old.vocab_size:
+        return params
+    if new.vocab_size < old.vocab_size:
+        raise ValueError(f"model_overrides vocab_size {new.vocab_size} is smaller than the checkpoint's "
+                         f"{old.vocab_size}; shrinking a vocabulary would drop trained rows")
+    out = dict(params)
+    emb = np.asarray(params["embedding"])[: old.vocab_size]
+    grown = np.concatenate([emb, np.repeat(emb.mean(0, keepdims=True), new.vocab_size - old.vocab_size, 0)])
+    out["embedding"] = np.pad(grown, ((0, new.padded_vocab_size - new.vocab_size), (0, 0)))
+    if "lm_head" in params:
+        head = np.asarray(params["lm_head"])[:, : old.vocab_size]
+        grown = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), new.vocab_size - old.vocab_size, 1)],
+                               axis=1)
+        out["lm_head"] = np.pad(grown, ((0, 0), (0, new.padded_vocab_size - new.vocab_size)))
+    return out
+
+
+def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, mixture: str) -> None:
+    """Out-of-range ids would be silently clamped or turned into NaNs inside the jitted step."""
+    for key in ("decoder_input_tokens", "decoder_target_tokens"):
+        top = int(np.max(batch[key]))
+        if top >= vocab_size:
+            raise ValueError(f"mixture {mixture!r} produced token id {top} in {key}, but the model's vocabulary "
+                             f"has {vocab_size} tokens; set model_overrides vocab_size (MEDITRON: 32017)")
 
 
 class Checkpoints:
@@ -171,7 +207,9 @@ def train(config: TrainConfig = gin.REQUIRED, mesh_config: MeshConfig | None = N
     last: dict = {}
     t0 = time.perf_counter()
     for i in range(start, end):
-        batch = distributed.global_batch(next(iterator), step_fn.batch_sharding, config.global_batch)
+        host_batch = next(iterator)
+        check_token_ids(host_batch, model_cfg.vocab_size, config.mixture)
+        batch = distributed.global_batch(host_batch, step_fn.batch_sharding, config.global_batch)
         state, metrics = step_fn(state, batch)
         done = i + 1
         if done % config.log_every == 0 or done == end:
