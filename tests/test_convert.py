@@ -169,3 +169,27 @@ def test_orbax_checkpoint_mismatched_config(tmp_path):
     want = r"does not match the model config: parameter \['embedding'\] has shape \(512, 64\)"
     with pytest.raises(ValueError, match=want):
         load_orbax(str(tmp_path / "m"), cfg.replace(hidden_size=32, intermediate_size=64))
+
+
+def test_failed_export_leaves_the_previous_directory_intact(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    src, _ = random_hf_llama(tmp_path / "src")
+    cfg = read_hf_config(src)
+    params = load_hf_params(src, cfg)
+    out = tmp_path / "out"
+    save_hf(params, cfg, str(out))
+    before = _all_tensors(str(out))
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf(params, cfg, str(out), max_shard_bytes=30_000)
+    assert calls
+    after = _all_tensors(str(out))
+    assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []

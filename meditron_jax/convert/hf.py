@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.convert.files import atomic_directory, copy_tokenizer_files
 
 # config.json keys we translate, keys that must hold a given value, and keys that do not change the math.
 _TRANSLATED = {
@@ -280,10 +279,6 @@ def _map_tree(tree, fn):
     return fn(tree)
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
-
-
 def save_hf(params: dict, cfg: ModelConfig, out_dir: str, *, dtype: str | None = None,
             tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write ``params`` as an HF Llama directory. Written to a temporary folder, then renamed into place."""
@@ -291,10 +286,7 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir: str, *, dtype: str | None =
 
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         total = 0
@@ -322,14 +314,4 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir: str, *, dtype: str | None =
             json.dump(config_to_hf(cfg, dtype), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, f, indent=2)
-        if tokenizer_dir:
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, fname)
-                if os.path.isfile(src):
-                    shutil.copy(src, os.path.join(tmp, fname))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_tokenizer_files(tokenizer_dir, tmp)

@@ -6,13 +6,11 @@ Layout: ``<dir>/meditron_config.json``, ``<dir>/params/`` (orbax), tokenizer fil
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.convert.hf import TOKENIZER_FILES
+from meditron_jax.convert.files import atomic_directory, copy_tokenizer_files
 
 CONFIG_FILE = "meditron_config.json"
 
@@ -22,27 +20,14 @@ def is_orbax_model(path: str) -> bool:
 
 
 def save_orbax(params, config: ModelConfig, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
-    """Write atomically: everything goes to a temporary sibling folder that is renamed at the end."""
+    """Write atomically (a temporary sibling folder renamed at the end)."""
     import orbax.checkpoint as ocp
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-orbax-", dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
         config.to_json(os.path.join(tmp, CONFIG_FILE))
-        if tokenizer_dir:
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, fname)
-                if os.path.isfile(src):
-                    shutil.copy(src, os.path.join(tmp, fname))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_tokenizer_files(tokenizer_dir, tmp)
 
 
 def load_orbax(path: str, config: ModelConfig | None = None):
