@@ -1,0 +1,406 @@
+"""The GAP-REPLAY curation pipeline on Apache Beam.
+
+    match files -> parse + clean (malformed -> side output with file and position)
+    -> document filters (no abstract, empty, too short, non-English, replay sampling)
+    -> abstracts whose paper has full text (join on PMID) -> exact dedup -> MinHash/LSH near dedup
+    -> benchmark contamination (13-grams) -> train/validation split + token counts
+    -> {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl, stats.json, malformed.jsonl, removed.jsonl
+
+Every transform is a plain Beam transform, so the same graph runs on DirectRunner locally and on
+Dataflow or Flink for the full corpus (file access goes through ``FileSystems``: local paths, gs://, ...).
+Each stage reports what it removed to a ``stats`` side output; nothing is dropped without an event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.pvalue import TaggedOutput
+
+from . import SOURCES, guidelines, jats, medline, replay
+from . import stats as S
+from .contamination import DEFAULT_REFERENCES, NGRAM, ContaminationIndex
+from .dedup import MinHashConfig, MinHasher, exact_key, near_duplicate_pairs
+from .records import Doc, Malformed
+from .text import english_score
+
+# MEDITRON.md §2: validation shares 5% guidelines, 3% abstracts, 3% papers, no replay.
+MEDITRON_VALIDATION = {"guidelines": 0.05, "pubmed_abstracts": 0.03, "pmc_papers": 0.03, "replay": 0.0}
+DEFAULT_PATTERNS = {
+    "guidelines": ("guidelines*/*.json", "guidelines*/*.jsonl", "guidelines*/*.zip", "guidelines*/*.json.gz",
+                   "guidelines*/*.jsonl.gz"),
+    "pubmed_abstracts": ("pubmed_abstracts/*.xml", "pubmed_abstracts/*.xml.gz"),
+    "pmc_papers": ("pmc_papers/*.nxml", "pmc_papers/*.xml", "pmc_papers/*.nxml.gz"),
+    "replay": ("replay_general/*.txt", "replay_general/*.jsonl", "replay_general/*.jsonl.gz"),
+}
+# Which copy of a duplicate survives: curated sources first, then the smaller id.
+SOURCE_RANK = {"guidelines": 0, "pmc_papers": 1, "pubmed_abstracts": 2, "replay": 3}
+
+
+@dataclasses.dataclass
+class CurationConfig:
+    input_dir: str
+    output_dir: str
+    num_shards: int = 4
+    num_validation_shards: int = 1
+    validation_fraction: dict[str, float] = dataclasses.field(default_factory=lambda: dict(MEDITRON_VALIDATION))
+    seed: int = 0
+    patterns: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_PATTERNS))
+    keep_captions: bool = False
+    min_chars: int = 10                 # MEDITRON dropped guideline texts of 10 characters or fewer
+    english_threshold: float = 0.08     # text.english_score: English ~0.2-0.5 (min 0.12 on the sample)
+    replay_keep_fraction: float = 1.0   # MEDITRON sampled RedPajama at 0.0004; the sample is kept whole
+    minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
+    contamination_refs: tuple[str, ...] = DEFAULT_REFERENCES
+    ngram: int = NGRAM
+    max_ref_df: int = 10
+    tokenizer_model: str | None = None  # Llama-2 tokenizer.model; None: no token counts
+    max_docs_per_file: int | None = None  # CI cap, applied while reading
+    max_examples: int = 200             # removed/malformed examples kept in stats.json per filter
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patterns"] = {k: list(v) for k, v in self.patterns.items()}
+        return d
+
+
+def _unit_hash(seed: int, salt: str, ident: str) -> float:
+    h = hashlib.blake2b(f"{seed}:{salt}:{ident}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64
+
+
+def sort_key(doc: Doc) -> str:
+    return f"{SOURCE_RANK.get(doc.source, 9)}|{doc.id}"
+
+
+def _removed(filter_name: str, doc: Doc, **detail) -> Iterable[TaggedOutput]:
+    yield TaggedOutput("stats", ((doc.source, "removed", filter_name, "docs"), 1))
+    yield TaggedOutput("stats", ((doc.source, "removed", filter_name, "chars"), len(doc.text)))
+    yield TaggedOutput("removed", {"filter": filter_name, "id": doc.id, "source": doc.source, **detail})
+
+
+# ---------------------------------------------------------------- read + parse
+
+
+class _MatchFn(beam.DoFn):
+    def __init__(self, input_dir: str):
+        self.input_dir = input_dir
+
+    def process(self, item):
+        source, pattern = item
+        full = pattern if "://" in pattern or os.path.isabs(pattern) else FileSystems.join(self.input_dir, pattern)
+        for meta in FileSystems.match([full])[0].metadata_list:
+            yield source, meta.path
+
+
+class ParseFile(beam.DoFn):
+    """One file -> cleaned ``Doc`` s; malformed records and unreadable files go to the ``malformed`` output."""
+
+    def __init__(self, config: CurationConfig):
+        self.config = config
+
+    def _reader(self, source: str, path: str, fh):
+        if source == "guidelines":
+            return guidelines.read_guidelines(path, fh)
+        if source == "pubmed_abstracts":
+            return medline.read_medline(path, fh)
+        if source == "pmc_papers":
+            return jats.read_jats(path, fh, keep_captions=self.config.keep_captions)
+        if source == "replay":
+            return replay.read_replay(path, fh)
+        raise ValueError(f"unknown source {source!r}")
+
+    def _malformed(self, m: Malformed):
+        yield TaggedOutput("stats", ((m.source, "malformed"), 1))
+        yield TaggedOutput("malformed", m.to_json())
+
+    def process(self, item):
+        source, path = item
+        yield TaggedOutput("stats", ((source, "input", "files"), 1))
+        n = 0
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+                for rec in self._reader(source, path, fh):
+                    if isinstance(rec, Malformed):
+                        yield from self._malformed(rec)
+                        continue
+                    if self.config.max_docs_per_file is not None and n >= self.config.max_docs_per_file:
+                        break
+                    n += 1
+                    yield TaggedOutput("stats", ((source, "input", "docs"), 1))
+                    yield TaggedOutput("stats", ((source, "input", "raw_chars"), rec.raw_chars))
+                    for key, v in S.cleaning_events(source, rec.removed):
+                        yield TaggedOutput("stats", (key, v))
+                    yield rec
+        except Exception as e:  # one bad file must not fail the run; it is reported instead
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            yield from self._malformed(Malformed(source, path, {"docs_read_before_error": n},
+                                                 f"{type(e).__name__}: {e} (at {where.name}:{where.lineno})"))
+
+
+# ---------------------------------------------------------------- filters
+
+
+class DocFilters(beam.DoFn):
+    def __init__(self, config: CurationConfig):
+        self.config = config
+
+    def process(self, doc: Doc):
+        c = self.config
+        if doc.meta.get("drop"):
+            yield from _removed(doc.meta["drop"], doc)
+        elif not doc.text.strip():
+            yield from _removed("empty_after_cleaning", doc)
+        elif len(doc.text) <= c.min_chars:
+            yield from _removed("too_short", doc, chars=len(doc.text))
+        elif (score := english_score(doc.text)) < c.english_threshold:
+            yield from _removed("non_english", doc, english_score=round(score, 3))
+        elif doc.source == "replay" and _unit_hash(c.seed, "replay", doc.id) >= c.replay_keep_fraction:
+            yield from _removed("replay_not_sampled", doc)
+        else:
+            yield doc
+
+
+def _drop_abstracts_with_papers(item):
+    # MEDITRON.md §2: abstracts whose paper is in the full-text set are dropped.
+    _, groups = item
+    has_paper = bool(list(groups["paper"]))
+    for doc in groups["abstract"]:
+        if has_paper:
+            yield from _removed("abstract_has_full_text", doc, pmid=doc.meta.get("pmid"))
+        else:
+            yield doc
+
+
+def _keep_first(item):
+    _, docs = item
+    docs = sorted(docs, key=sort_key)
+    yield docs[0]
+    for d in docs[1:]:
+        yield from _removed("exact_duplicate", d, duplicate_of=docs[0].id)
+
+
+class _Signature(beam.DoFn):
+    def __init__(self, config: MinHashConfig):
+        self.config = config
+
+    def setup(self):
+        self.hasher = MinHasher(self.config)
+
+    def process(self, doc: Doc):
+        sig = self.hasher.signature(doc.text)
+        key = sort_key(doc)
+        for band in self.hasher.band_keys(sig):
+            yield band, (key, sig)
+
+
+def _drop_near_duplicates(item):
+    _, groups = item
+    drops = list(groups["drop"])
+    for doc in groups["doc"]:
+        if drops:
+            kept, sim = min(drops)
+            yield from _removed("near_duplicate", doc, duplicate_of=kept.split("|", 1)[1], similarity=sim)
+        else:
+            yield doc
+
+
+class ContaminationFilter(beam.DoFn):
+    """The reference n-grams (several MB) travel as a file written before the run, not in the job graph."""
+
+    def __init__(self, index_path: str):
+        self.index_path = index_path
+
+    def setup(self):
+        with FileSystems.open(self.index_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            self.index: ContaminationIndex = pickle.loads(f.read())
+
+    def process(self, doc: Doc):
+        bad, labels = self.index.is_contaminated(doc.text)
+        if bad:
+            yield from _removed("contaminated", doc, benchmarks=labels[:10])
+            for label in {lb.split(":", 1)[0] for lb in labels}:
+                yield TaggedOutput("stats", ((doc.source, "contaminated_by", label), 1))
+        else:
+            yield doc
+
+
+class SplitAndCount(beam.DoFn):
+    """Train/validation assignment (hash of seed + id) and output statistics, including Llama-2 tokens."""
+
+    def __init__(self, config: CurationConfig):
+        self.config = config
+        self.tokenizer = None
+
+    def setup(self):
+        if self.config.tokenizer_model:
+            from meditron_jax.data.vocabulary import MEDITRON_EXTRA_TOKENS, Tokenizer
+
+            path = self.config.tokenizer_model
+            if "://" in path:  # remote (gs://...): copy next to the worker first
+                local = os.path.join(os.environ.get("TMPDIR", "/tmp"), "meditron_tokenizer.model")
+                with FileSystems.open(path) as src, open(local, "wb") as dst:
+                    dst.write(src.read())
+                path = local
+            # The MEDITRON vocabulary: markers such as [bib_ref] are single tokens (MEDITRON.md §1).
+            self.tokenizer = Tokenizer(path, extra_tokens=MEDITRON_EXTRA_TOKENS)
+
+    def process(self, doc: Doc):
+        frac = self.config.validation_fraction.get(doc.source, 0.0)
+        split = "validation" if _unit_hash(self.config.seed, "split", doc.id) < frac else "train"
+        yield TaggedOutput("stats", ((doc.source, "output", split, "docs"), 1))
+        yield TaggedOutput("stats", ((doc.source, "output", split, "chars"), len(doc.text)))
+        if self.tokenizer is not None:
+            n = len(self.tokenizer.encode(doc.text, bos=False, eos=False))
+            yield TaggedOutput("stats", ((doc.source, "output", split, "tokens"), n))
+        yield (doc.source, split), json.dumps(doc.output(), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- graph
+
+
+def _partition_index(item, n, keys):
+    return keys.index(item[0])
+
+
+def build(p: beam.Pipeline, config: CurationConfig, contamination_path: str | None = None,
+          contamination_stats: dict[str, Any] | None = None):
+    """Add the curation transforms to ``p``; ``contamination_path``: a pickled ``ContaminationIndex``."""
+    stats_pcolls, removed_pcolls = [], []
+
+    specs = [(src, pat) for src in SOURCES for pat in config.patterns.get(src, ())]
+    parsed = (p
+              | "Patterns" >> beam.Create(specs)
+              | "Match" >> beam.ParDo(_MatchFn(config.input_dir))
+              | "SpreadFiles" >> beam.Reshuffle()
+              | "Parse" >> beam.ParDo(ParseFile(config)).with_outputs("stats", "malformed", main="docs"))
+    stats_pcolls.append(parsed.stats)
+
+    filtered = parsed.docs | "Filter" >> beam.ParDo(DocFilters(config)).with_outputs("stats", "removed", main="docs")
+    stats_pcolls.append(filtered.stats)
+    removed_pcolls.append(filtered.removed)
+    docs = filtered.docs
+
+    abstracts = (docs | "Abstracts" >> beam.Filter(lambda d: d.source == "pubmed_abstracts")
+                 | "KeyAbstracts" >> beam.Map(lambda d: (d.meta.get("pmid") or d.id, d)))
+    paper_pmids = (docs | "PaperPmids" >> beam.FlatMap(
+        lambda d: [(d.meta["pmid"], 1)] if d.source == "pmc_papers" and d.meta.get("pmid") else []))
+    kept_abstracts = ({"abstract": abstracts, "paper": paper_pmids}
+                      | "JoinFullText" >> beam.CoGroupByKey()
+                      | "DropAbstractsWithPaper" >> beam.FlatMap(_drop_abstracts_with_papers).with_outputs(
+                          "stats", "removed", main="docs"))
+    stats_pcolls.append(kept_abstracts.stats)
+    removed_pcolls.append(kept_abstracts.removed)
+    others = docs | "NotAbstracts" >> beam.Filter(lambda d: d.source != "pubmed_abstracts")
+    docs = (kept_abstracts.docs, others) | "MergeAbstracts" >> beam.Flatten()
+
+    exact = (docs
+             | "ExactKey" >> beam.Map(lambda d: (exact_key(d.text), d))
+             | "GroupExact" >> beam.GroupByKey()
+             | "KeepFirstExact" >> beam.FlatMap(_keep_first).with_outputs("stats", "removed", main="docs"))
+    stats_pcolls.append(exact.stats)
+    removed_pcolls.append(exact.removed)
+    docs = exact.docs
+
+    mh = config.minhash
+    drops = (docs
+             | "MinHash" >> beam.ParDo(_Signature(mh))
+             | "GroupBands" >> beam.GroupByKey()
+             | "CandidatePairs" >> beam.FlatMap(lambda kv: near_duplicate_pairs(list(kv[1]), mh))
+             | "KeyDropped" >> beam.Map(lambda t: (t[0], (t[1], round(t[2], 3)))))
+    near = ({"doc": docs | "KeyBySortKey" >> beam.Map(lambda d: (sort_key(d), d)), "drop": drops}
+            | "JoinNear" >> beam.CoGroupByKey()
+            | "DropNear" >> beam.FlatMap(_drop_near_duplicates).with_outputs("stats", "removed", main="docs"))
+    stats_pcolls.append(near.stats)
+    removed_pcolls.append(near.removed)
+    docs = near.docs
+
+    if contamination_path is not None:
+        clean = docs | "Contamination" >> beam.ParDo(ContaminationFilter(contamination_path)).with_outputs(
+            "stats", "removed", main="docs")
+        stats_pcolls.append(clean.stats)
+        removed_pcolls.append(clean.removed)
+        docs = clean.docs
+
+    out = docs | "SplitAndCount" >> beam.ParDo(SplitAndCount(config)).with_outputs("stats", main="lines")
+    stats_pcolls.append(out.stats)
+
+    keys = [(src, split) for src in SOURCES for split in ("train", "validation")]
+    parts = out.lines | "BySourceSplit" >> beam.Partition(_partition_index, len(keys), keys)
+    for (src, split), part in zip(keys, parts, strict=True):
+        if split == "validation" and config.validation_fraction.get(src, 0.0) <= 0:
+            continue
+        n = config.num_shards if split == "train" else config.num_validation_shards
+        _ = (part
+             | f"Lines/{src}/{split}" >> beam.Values()
+             | f"Write/{src}/{split}" >> beam.io.WriteToText(
+                 FileSystems.join(config.output_dir, src, split), file_name_suffix=".jsonl", num_shards=n,
+                 shard_name_template="-SSSSS-of-NNNNN"))
+
+    malformed = parsed.malformed
+    removed = tuple(removed_pcolls) | "AllRemoved" >> beam.Flatten()
+    _ = (malformed | "MalformedJson" >> beam.Map(json.dumps)
+         | "WriteMalformed" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "malformed"),
+                                                   file_name_suffix=".jsonl", shard_name_template=""))
+    _ = (removed | "RemovedJson" >> beam.Map(json.dumps)
+         | "WriteRemoved" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "removed"),
+                                                 file_name_suffix=".jsonl", shard_name_template=""))
+
+    counts = (tuple(stats_pcolls) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum))
+    malformed_top = malformed | "MalformedExamples" >> beam.combiners.Top.Smallest(
+        config.max_examples, key=lambda m: (m["file"], json.dumps(m["position"], sort_keys=True)))
+    removed_top = (removed
+                   | "KeyRemoved" >> beam.Map(lambda r: (r["filter"], r))
+                   | "RemovedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples,
+                                                                            key=lambda r: r["id"])
+                   | "FlattenExamples" >> beam.FlatMap(lambda kv: kv[1]))
+    contamination = contamination_stats
+    report = (p
+              | "ReportSeed" >> beam.Create([None])
+              | "Assemble" >> beam.Map(
+                  lambda _, counts, mal, rem: json.dumps(S.assemble(
+                      counts, config=config.to_json(), malformed_examples=[m for ms in mal for m in ms],
+                      removed_examples=list(rem), contamination=contamination, sources=SOURCES,
+                      count_tokens=bool(config.tokenizer_model)), indent=1, ensure_ascii=False),
+                  counts=beam.pvalue.AsList(counts), mal=beam.pvalue.AsList(malformed_top),
+                  rem=beam.pvalue.AsList(removed_top)))
+    _ = report | "WriteStats" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "stats"),
+                                                     file_name_suffix=".json", shard_name_template="")
+
+
+def run(config: CurationConfig, pipeline_args: list[str] | None = None,
+        contamination_index: ContaminationIndex | None = None) -> dict[str, Any]:
+    """Build and run the pipeline; returns the parsed ``stats.json``.
+
+    ``contamination_index``: built from ``config.contamination_refs`` with the benchmark loader when None;
+    pass ``ContaminationIndex.build([...])`` to use other references, or set ``contamination_refs=()`` to
+    skip the filter."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    if contamination_index is None and config.contamination_refs:
+        from .contamination import benchmark_references
+
+        contamination_index = ContaminationIndex.build(benchmark_references(config.contamination_refs),
+                                                       n=config.ngram, max_ref_df=config.max_ref_df)
+    path = None
+    if contamination_index is not None:
+        path = FileSystems.join(config.output_dir, "contamination_index.pkl")
+        if "://" not in config.output_dir:
+            os.makedirs(config.output_dir, exist_ok=True)
+        with FileSystems.create(path) as f:
+            f.write(pickle.dumps(contamination_index))
+    options = PipelineOptions(pipeline_args or ["--runner=DirectRunner"])
+    with beam.Pipeline(options=options) as p:
+        build(p, config, path, contamination_index.stats if contamination_index is not None else None)
+    with FileSystems.open(FileSystems.join(config.output_dir, "stats.json")) as f:
+        return json.loads(f.read())
