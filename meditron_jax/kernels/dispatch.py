@@ -1,23 +1,194 @@
-"""Choose an attention implementation by backend and shape, or as forced by the caller."""
+"""One attention entry point: picks a kernel by backend and shape, or runs the one the caller forces.
+
+Backend: inside ``jax.set_mesh(mesh)`` the mesh's devices decide, so compiling for a TPU topology from a
+CPU host selects (and shards) the TPU kernel; otherwise ``jax.default_backend()``.
+
+A forced Pallas kernel is checked against the backend twice: at trace time when a mesh says what the
+backend is, and always when the program is lowered (a ``platform_dependent`` guard whose other branch
+raises). So ``eval_shape`` of a model configured for TPU works on any host, an AOT compile for a TPU
+topology works without a mesh, and running the same program on CPU still fails with a clear message.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from meditron_jax.config import ATTENTION_IMPLS
-from meditron_jax.kernels import xla
+from meditron_jax.kernels import cudnn, pallas_gpu, pallas_tpu, sharding, xla
+from meditron_jax.kernels.common import Problem, check_inputs, default_scale
+
+# Queries shorter than this (decode steps, short prompts) use the reference: one [q, kv] score tile is
+# small, and a kernel launch plus padding to a 128-row tile would only add work.
+MIN_KERNEL_Q_LEN = 128
+# On CPU the reference is faster than the blockwise loop while its float32 scores stay this small
+# (bytes of batch * heads * q_len * kv_len scores; see docs/kernels.md for the timings behind it).
+CPU_REFERENCE_MAX_SCORE_BYTES = 16 * 2**20
+
+_SIZES_TYPES = {
+    "pallas_tpu": pallas_tpu.BlockSizes,
+    "pallas_gpu": pallas_gpu.BlockSizes,
+    "xla_blockwise": xla.BlockwiseSizes,
+}
+# Platforms (as lax.platform_dependent names them) each kernel lowers for.
+_KERNEL_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("cuda", "rocm"), "cudnn": ("cuda",)}
+_BACKEND_OF = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu"}
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, impl="auto", interpret=False):
+@dataclasses.dataclass(frozen=True)
+class Target:
+    platform: str  # "tpu", "gpu" or "cpu"
+    device_kind: str | None
+    from_mesh: bool = False  # True: an ambient mesh fixed the platform; False: the default backend's guess
+
+
+def current_target() -> Target:
+    """The backend being compiled for: the ambient mesh's devices if one is set, else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is not None:
+        return Target(_normalise(device.platform), device.device_kind, from_mesh=True)
+    return Target(_normalise(jax.default_backend()), jax.devices()[0].device_kind)
+
+
+def _normalise(platform: str) -> str:
+    platform = platform.lower()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, impl="auto", interpret=False,
+              block_sizes=None):
     """Multi-head / grouped-query attention.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-    segment_ids: [batch, length] int, tokens attend only within their own segment.
-    softmax_scale defaults to 1/sqrt(head_dim).
+    segment_ids: [batch, kv_len] int, tokens attend only within their own segment (queries use the
+    last q_len ids). Causal alignment is bottom-right. softmax_scale defaults to 1/sqrt(head_dim).
+    impl: one of ``ATTENTION_IMPLS``; "auto" picks by backend and shape. interpret=True runs the Pallas
+    kernels in the Pallas interpreter (any backend, slow; for tests). block_sizes: the chosen kernel's
+    BlockSizes, or a mapping {impl: BlockSizes}; None uses the per-backend defaults.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads {q.shape[2]} are not a multiple of kv heads {k.shape[2]}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return xla.reference_attention(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale)
+    p = check_inputs(q, k, v, segment_ids, causal=causal, who=f"attention[{impl}]")
+    scale = default_scale(p.head_dim, softmax_scale)
+    target = current_target()
+    chosen = select_impl(p, q.dtype, target) if impl == "auto" else impl
+    if impl != "auto":
+        check_runnable(chosen, q, k, v, segment_ids, causal=causal, target=target, interpret=interpret)
+    sizes = _block_sizes_for(chosen, block_sizes, target)
+    kwargs = dict(causal=causal, segment_ids=segment_ids, softmax_scale=scale)
+    if chosen == "xla":
+        return xla.reference_attention(q, k, v, **kwargs)
+    if chosen == "xla_blockwise":
+        return xla.blockwise_attention(q, k, v, block_sizes=sizes, **kwargs)
+    if chosen == "cudnn":
+        return cudnn.cudnn_attention(q, k, v, **kwargs)
+    if not interpret:
+        q = _require_platform(q, chosen)
+    flash = pallas_tpu.flash_attention if chosen == "pallas_tpu" else pallas_gpu.flash_attention
+
+    def kernel(q, k, v, segment_ids):
+        return flash(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale, block_sizes=sizes,
+                     interpret=interpret)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    partition = None if interpret else sharding.kernel_partition(mesh, p.batch, p.heads, p.kv_heads)
+    if partition is None:
+        return kernel(q, k, v, segment_ids)
+    return sharding.shard_kernel(kernel, q, k, v, segment_ids, partition, mesh)
+
+
+def _wrong_backend(impl: str, platform: str) -> str:
+    if impl == "cudnn":
+        return (f"attention impl 'cudnn' needs an NVIDIA GPU backend, but the backend is {platform!r} "
+                "(cuDNN has no interpreter)")
+    return (f"attention impl {impl!r} needs a {_BACKEND_OF[impl].upper()} backend, but the backend is "
+            f"{platform!r}; use interpret=True to run it in the Pallas interpreter")
+
+
+def check_runnable(impl: str, q, k, v, segment_ids, *, causal: bool, target: Target, interpret: bool):
+    """Raise ValueError, naming the kernel and the reason, if ``impl`` cannot run here on these shapes.
+
+    Pallas kernels without a mesh are only shape-checked here; the backend check happens at lowering.
+    """
+    if impl == "cudnn":
+        # cuDNN's own checks query the local GPU while tracing, so the backend must be known now.
+        if target.platform != "gpu":
+            raise ValueError(_wrong_backend(impl, target.platform))
+        cudnn.check_supported(q, k, v, segment_ids, causal=causal)
+    elif impl in ("pallas_tpu", "pallas_gpu"):
+        if target.from_mesh and target.platform != _BACKEND_OF[impl] and not interpret:
+            raise ValueError(_wrong_backend(impl, target.platform))
+        module = pallas_tpu if impl == "pallas_tpu" else pallas_gpu
+        module.check_supported(q, k, v, segment_ids, causal=causal)
+
+
+# An identity that refuses to lower or run: the "any other platform" branch of the backend guard.
+_unavailable_p = Primitive("meditron_attention_kernel_unavailable")
+_unavailable_p.def_abstract_eval(lambda x, *, impl: x)
+
+
+def _refuse_to_run(x, *, impl):
+    raise ValueError(_wrong_backend(impl, _normalise(jax.default_backend())))
+
+
+def _refuse_to_lower(ctx, x, *, impl):
+    raise ValueError(_wrong_backend(impl, "/".join(_normalise(p) for p in ctx.module_context.platforms)))
+
+
+_unavailable_p.def_impl(_refuse_to_run)
+mlir.register_lowering(_unavailable_p, _refuse_to_lower)
+ad.deflinear2(_unavailable_p, lambda ct, x, *, impl: [_unavailable_p.bind(ct, impl=impl)])
+batching.primitive_batchers[_unavailable_p] = lambda args, dims, **kw: (_unavailable_p.bind(args[0], **kw), dims[0])
+
+
+def _identity(x):
+    return x
+
+
+def _require_platform(x, impl: str):
+    """``x`` on the kernel's platforms; on any other, a ValueError when the program is lowered or run."""
+    branches = dict.fromkeys(_KERNEL_PLATFORMS[impl], _identity)
+    return lax.platform_dependent(x, default=functools.partial(_unavailable_p.bind, impl=impl), **branches)
+
+
+def select_impl(p: Problem, dtype, target: Target) -> str:
+    """The "auto" choice for a problem on a backend (never the interpreter)."""
+    if p.q_len < MIN_KERNEL_Q_LEN:
+        return "xla"
+    if target.platform == "tpu":
+        return "pallas_tpu" if p.head_dim <= pallas_tpu.MAX_HEAD_DIM else "xla_blockwise"
+    if target.platform == "gpu":
+        half = jnp.dtype(dtype) in cudnn.SUPPORTED_DTYPES
+        if half and p.head_dim % 8 == 0 and p.head_dim <= cudnn.MAX_HEAD_DIM and not cudnn.needs_dense_mask(p):
+            return "cudnn"
+        if p.head_dim <= pallas_gpu.MAX_HEAD_DIM and jnp.dtype(dtype) != jnp.float64:
+            return "pallas_gpu"
+        return "xla_blockwise"
+    score_bytes = p.batch * p.heads * p.q_len * p.kv_len * 4
+    return "xla" if score_bytes <= CPU_REFERENCE_MAX_SCORE_BYTES else "xla_blockwise"
+
+
+def _block_sizes_for(impl: str, block_sizes, target: Target):
+    if isinstance(block_sizes, Mapping):
+        block_sizes = block_sizes.get(impl)
+    expected = _SIZES_TYPES.get(impl)
+    if block_sizes is not None:
+        if expected is None or not isinstance(block_sizes, expected):
+            wanted = "no block sizes" if expected is None else f"{expected.__module__}.{expected.__name__}"
+            raise ValueError(f"attention impl {impl!r} takes {wanted}, got {type(block_sizes).__name__}")
+        return block_sizes
+    if impl == "pallas_tpu":
+        return pallas_tpu.default_block_sizes(target.device_kind)
+    return None
+
+
+__all__ = ["CPU_REFERENCE_MAX_SCORE_BYTES", "MIN_KERNEL_Q_LEN", "Target", "attention", "check_runnable",
+           "current_target", "select_impl"]

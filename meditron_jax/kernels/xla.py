@@ -1,12 +1,31 @@
-"""Plain-XLA attention: the reference every other path is measured against."""
+"""Plain-XLA attention: the reference every other path is measured against, and a blockwise
+(online-softmax, memory linear in sequence length) version for CPU and wherever no kernel applies."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-# Large negative instead of -inf so fully masked rows (padding) give a uniform softmax, not NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from meditron_jax.kernels.common import (
+    MASK_VALUE,
+    accum_dtype,
+    and_masks,
+    causal_first_q_block,
+    causal_kv_blocks,
+    check_inputs,
+    finish_rows,
+    flash_with_vjp,
+    pad_axis,
+    position_mask,
+    round_up,
+    split_segments,
+)
+
+__all__ = ["MASK_VALUE", "BlockwiseSizes", "blockwise_attention", "make_mask", "masked_attention",
+           "reference_attention"]
 
 
 def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, kv_segment_ids=None):
@@ -30,20 +49,191 @@ def masked_attention(q, k, v, mask, softmax_scale: float):
 
     q: [b, q_len, heads, d]; k, v: [b, kv_len, kv_heads, d]; mask: bool, broadcastable to
     [b, q_len, kv_len], or None. Scores and softmax in float32; output in q's dtype.
+    Rows whose mask is all False output zeros (and pass no gradient).
     """
     b, q_len, heads, d = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
+    adt = accum_dtype(q.dtype)
     qg = q.reshape(b, q_len, kv_heads, groups, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=adt)
     scores = scores * softmax_scale
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=adt)
+    if mask is not None:
+        # Zero on the [b, q, h, d] output, not on the probabilities: keeps the reference's memory as is.
+        has_key = jnp.broadcast_to(jnp.any(mask, axis=-1), (b, q_len))
+        out = out * has_key[:, :, None, None, None].astype(out.dtype)
     return out.reshape(b, q_len, heads, d).astype(q.dtype)
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale):
     mask = make_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids)
     return masked_attention(q, k, v, mask, softmax_scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blockwise attention: loops over query blocks and key blocks, never holding more than one
+# [block_q, block_kv] tile of scores per head. The backward pass is written by hand (flash-attention
+# style recomputation from the saved log-sum-exp), so its memory is linear in length too.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockwiseSizes:
+    block_q: int = 512
+    block_kv: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    scale: float
+    offset: int
+    kv_len: int
+    kv_padded: bool
+    block_q: int
+    block_kv: int
+
+
+def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, block_sizes=None):
+    """Memory-efficient attention in plain XLA; same contract as :func:`reference_attention`."""
+    p = check_inputs(q, k, v, segment_ids, causal=causal, who="xla_blockwise")
+    bs = block_sizes or BlockwiseSizes()
+    if bs.block_q <= 0 or bs.block_kv <= 0:
+        raise ValueError(f"xla_blockwise: block sizes must be positive, got {bs}")
+    # Never tile beyond the (padded) length: short inputs become one block.
+    block_q = min(bs.block_q, round_up(p.q_len, 8))
+    block_kv = min(bs.block_kv, round_up(p.kv_len, 8))
+    q_pad, kv_pad = round_up(p.q_len, block_q), round_up(p.kv_len, block_kv)
+    st = _Static(causal=p.causal, scale=float(softmax_scale), offset=p.offset, kv_len=p.kv_len,
+                 kv_padded=kv_pad != p.kv_len, block_q=block_q, block_kv=block_kv)
+    q_seg, kv_seg = split_segments(segment_ids, p, q_pad, kv_pad)
+    qg = pad_axis(q, 1, q_pad).reshape(p.batch, q_pad, p.kv_heads, p.groups, p.head_dim)
+    segs = None if q_seg is None else (q_seg, kv_seg)
+    out = _blockwise(st, qg, pad_axis(k, 1, kv_pad), pad_axis(v, 1, kv_pad), segs)
+    return out.reshape(p.batch, q_pad, p.heads, p.head_dim)[:, : p.q_len]
+
+
+def _tile_mask(st: _Static, q_start, kv_start, q_seg_blk, kv_seg_blk):
+    """[b or 1, 1, 1, block_q, block_kv] mask for one tile, or None."""
+    rows = q_start + jnp.arange(st.block_q)[:, None]
+    cols = kv_start + jnp.arange(st.block_kv)[None, :]
+    mask = position_mask(rows, cols, causal=st.causal, offset=st.offset, kv_len=st.kv_len,
+                         kv_padded=st.kv_padded)
+    if mask is not None:
+        mask = mask[None]
+    if q_seg_blk is not None:
+        mask = and_masks(mask, q_seg_blk[:, :, None] == kv_seg_blk[:, None, :])
+    return None if mask is None else mask[:, None, None]
+
+
+def _slice(x, start, size, axis=1):
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _seg_slice(seg, start, size):
+    return None if seg is None else _slice(seg, start, size)
+
+
+def _kv_range(st: _Static, i, num_kv):
+    if not st.causal:
+        return 0, num_kv
+    return 0, causal_kv_blocks(i, st.block_q, st.block_kv, st.offset, num_kv)
+
+
+def _q_range(st: _Static, j, num_q):
+    if not st.causal:
+        return 0, num_q
+    return causal_first_q_block(j, st.block_q, st.block_kv, st.offset, num_q), num_q
+
+
+def _forward(st: _Static, qg, k, v, segs, save_lse: bool):
+    del save_lse  # the log-sum-exp is a by-product here; dropping it costs nothing
+    q_seg, kv_seg = (None, None) if segs is None else segs
+    b, q_pad, kvh, g, d = qg.shape
+    num_q, num_kv = q_pad // st.block_q, k.shape[1] // st.block_kv
+    adt = accum_dtype(qg.dtype)
+
+    def q_block(i):
+        q_start = i * st.block_q
+        qb = _slice(qg, q_start, st.block_q)
+        qs = _seg_slice(q_seg, q_start, st.block_q)
+
+        def kv_step(j, carry):
+            m, denom, acc = carry
+            kv_start = j * st.block_kv
+            s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, _slice(k, kv_start, st.block_kv),
+                           preferred_element_type=adt) * st.scale
+            mask = _tile_mask(st, q_start, kv_start, qs, _seg_slice(kv_seg, kv_start, st.block_kv))
+            if mask is not None:
+                s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp(m - m_new)
+            pr = jnp.exp(s - m_new[..., None])
+            denom = alpha * denom + pr.sum(axis=-1)
+            vb = _slice(v, kv_start, st.block_kv)
+            acc = alpha[..., None] * acc + jnp.einsum("bhgqk,bkhd->bhgqd", pr.astype(v.dtype), vb,
+                                                      preferred_element_type=adt)
+            return m_new, denom, acc
+
+        init = (jnp.full((b, kvh, g, st.block_q), MASK_VALUE, adt),
+                jnp.zeros((b, kvh, g, st.block_q), adt),
+                jnp.zeros((b, kvh, g, st.block_q, d), adt))
+        lo, hi = _kv_range(st, i, num_kv)
+        m, denom, acc = lax.fori_loop(lo, hi, kv_step, init)
+        out, lse = finish_rows(acc, m, denom)
+        return out.transpose(0, 3, 1, 2, 4).astype(qg.dtype), lse
+
+    outs, lses = lax.map(q_block, jnp.arange(num_q))
+    # [num_q, b, block_q, kvh, g, d] -> [b, q_pad, kvh, g, d]; lse -> [b, kvh, g, q_pad]
+    out = jnp.moveaxis(outs, 0, 1).reshape(b, q_pad, kvh, g, d)
+    lse = jnp.moveaxis(lses, 0, 3).reshape(b, kvh, g, q_pad)
+    return out, lse
+
+
+def _backward(st: _Static, qg, k, v, segs, out, lse, dout):
+    q_seg, kv_seg = (None, None) if segs is None else segs
+    b, q_pad, kvh, g, d = qg.shape
+    num_q, num_kv = q_pad // st.block_q, k.shape[1] // st.block_kv
+    adt = accum_dtype(qg.dtype)
+    # di = rowsum(dO * O): the softmax-Jacobian term, [b, kvh, g, q_pad].
+    di = jnp.einsum("bqhgd,bqhgd->bhgq", dout.astype(adt), out.astype(adt))
+
+    def kv_block(dq, j):
+        kv_start = j * st.block_kv
+        kb, vb = _slice(k, kv_start, st.block_kv), _slice(v, kv_start, st.block_kv)
+        ks = _seg_slice(kv_seg, kv_start, st.block_kv)
+
+        def q_step(i, carry):
+            dq, dk, dv = carry
+            q_start = i * st.block_q
+            qb, dob = _slice(qg, q_start, st.block_q), _slice(dout, q_start, st.block_q)
+            s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=adt) * st.scale
+            mask = _tile_mask(st, q_start, kv_start, _seg_slice(q_seg, q_start, st.block_q), ks)
+            if mask is not None:
+                s = jnp.where(mask, s, MASK_VALUE)
+            pr = jnp.exp(s - _slice(lse, q_start, st.block_q, axis=3)[..., None])
+            dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", pr.astype(dout.dtype), dob,
+                                 preferred_element_type=adt)
+            dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=adt)
+            ds = pr * (dp - _slice(di, q_start, st.block_q, axis=3)[..., None]) * st.scale
+            dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qg.dtype), qb,
+                                 preferred_element_type=adt)
+            dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), kb, preferred_element_type=adt)
+            dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, q_start, st.block_q) + dq_blk, q_start, axis=1)
+            return dq, dk, dv
+
+        zeros = jnp.zeros((b, st.block_kv, kvh, d), adt)
+        lo, hi = _q_range(st, j, num_q)
+        dq, dk, dv = lax.fori_loop(lo, hi, q_step, (dq, zeros, zeros))
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dks, dvs) = lax.scan(kv_block, jnp.zeros(qg.shape, adt), jnp.arange(num_kv))
+    dk = jnp.moveaxis(dks, 0, 1).reshape(k.shape)
+    dv = jnp.moveaxis(dvs, 0, 1).reshape(v.shape)
+    return dq.astype(qg.dtype), dk, dv
+
+
+_blockwise = flash_with_vjp(_forward, _backward)
