@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Per-chip training memory from ahead-of-time TPU compilation: meditron_jax next to MaxText.
+
+For each case (7B and 70B at MEDITRON's sequence length and global batch, on a v5p and a v4 slice) this
+compiles the full training step with ``scripts/aot_compile.py`` and, when a MaxText installation is given,
+the same model, topology, batch, sequence length, gradient accumulation and mesh with MaxText's
+``train_compile``, and prints the two per-chip memory figures side by side. Both sides count memory the
+same way (arguments + outputs − aliased + temporaries, from XLA's ``memory_analysis``).
+
+Compiles take minutes each (the 70B ones on a 2-core machine ~10+ minutes), so results are cached in
+``bench/aot_memory_results.json`` and ``--table`` prints the table from the cache.
+
+    python bench/aot_memory.py                       # run every case not yet cached, then print the table
+    python bench/aot_memory.py --only 7b-v5p --force # re-run one case
+    python bench/aot_memory.py --table               # print from the cache
+    MAXTEXT_PYTHON=/tmp/maxtext-venv/bin/python python bench/aot_memory.py   # MaxText in its own venv
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("AOT_BENCH_RESULTS", ROOT / "bench" / "aot_memory_results.json"))
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    key: str
+    model: str  # meditron_jax preset
+    maxtext_model: str  # MaxText model_name (vocab overridden to ours)
+    topology: str
+    seq_len: int
+    global_batch: int
+    grad_accum: int
+    chips: int
+
+    @property
+    def per_device_batch(self) -> float:
+        """MaxText's per_device_batch_size: sequences per chip per accumulation microstep."""
+        return self.global_batch / self.chips / self.grad_accum
+
+
+# MEDITRON.md §3: 7B at sequence 2,048 and global batch 1,600; 70B at 4,096 and 512. Pure FSDP over every chip
+# (MaxText's default mesh too); gradient accumulation where the activations of a full per-chip batch do not fit.
+CASES = [
+    Case("7b-v5p", "meditron-7b", "llama2-7b", "v5p-128", 2048, 1600, 1, 64),
+    Case("7b-v4", "meditron-7b", "llama2-7b", "v4-128", 2048, 1600, 5, 64),
+    Case("70b-v5p", "meditron-70b", "llama2-70b", "v5p-256", 4096, 512, 1, 128),
+    Case("70b-v4", "meditron-70b", "llama2-70b", "v4-256", 4096, 512, 4, 128),
+]
+
+
+def run_ours(case: Case, timeout: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--model", case.model, "--topology",
+           case.topology, "--seq-len", str(case.seq_len), "--global-batch", str(case.global_batch), "--mesh",
+           "fsdp=-1", "--grad-accum", str(case.grad_accum)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}", "command": " ".join(cmd)}
+    out = json.loads(lines[-1])
+    out["command"] = " ".join(["python"] + cmd[1:]).replace(str(ROOT) + "/", "")
+    out["wall_seconds"] = round(time.time() - start)
+    return out
+
+
+def maxtext_command(case: Case, python: str, workdir: str) -> list[str]:
+    import_root = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    pdbs = case.per_device_batch
+    return [python, "-m", "maxtext.trainers.pre_train.train_compile", f"{import_root}/configs/base.yml",
+            f"model_name={case.maxtext_model}", "override_model_config=True", f"vocab_size={_padded_vocab(case.model)}",
+            f"compile_topology={case.topology}", "compile_topology_num_slices=1",
+            f"per_device_batch_size={int(pdbs) if pdbs == int(pdbs) else pdbs}",
+            f"gradient_accumulation_steps={case.grad_accum}", f"max_target_length={case.seq_len}",
+            "ici_fsdp_parallelism=-1", "remat_policy=full", "scan_layers=True", "weight_dtype=float32",
+            "dtype=bfloat16", f"run_name=bench_{case.key}", f"base_output_directory={workdir}",
+            "enable_checkpointing=False", "dataset_type=synthetic"]
+
+
+def _padded_vocab(model: str) -> int:
+    sys.path.insert(0, str(ROOT))
+    from meditron_jax.config import get_config
+
+    return get_config(model).padded_vocab_size
+
+
+_STATS = re.compile(r"(\w+_size_in_bytes)=(\d+)")
+
+
+def run_maxtext(case: Case, python: str | None, timeout: int) -> dict:
+    if not python:
+        return {"error": "not measured: no MaxText installation given (MAXTEXT_PYTHON / --maxtext-python)"}
+    if not Path(python).exists():
+        return {"error": f"not measured: {python} does not exist"}
+    workdir = f"/tmp/maxtext_bench_{case.key}"
+    try:
+        cmd = maxtext_command(case, python, workdir)
+    except subprocess.CalledProcessError as e:
+        return {"error": f"not measured: cannot import maxtext with {python}: {e.stderr[-500:]}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/tmp")
+    except subprocess.TimeoutExpired:
+        return {"error": f"not measured: MaxText compile exceeded {timeout} s", "command": " ".join(cmd)}
+    log = proc.stdout + proc.stderr
+    stats = {}
+    if "Memory analysis:" in log:
+        stats = {k: int(v) for k, v in _STATS.findall(log.split("Memory analysis:")[-1])}
+    out = {"command": " ".join(cmd[1:]), "wall_seconds": round(time.time() - start), "returncode": proc.returncode}
+    if stats:
+        out.update(argument_bytes=stats["argument_size_in_bytes"], output_bytes=stats["output_size_in_bytes"],
+                   alias_bytes=stats["alias_size_in_bytes"], temp_bytes=stats["temp_size_in_bytes"])
+        out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    else:
+        oom = re.search(r"RESOURCE_EXHAUSTED[^\n]*", log)
+        tail = oom.group(0) if oom else "\n".join(log.strip().splitlines()[-5:])
+        out["error"] = f"no memory analysis (exit {proc.returncode}): {tail[:600]}"
+    return out
+
+
+def _gib(x) -> str:
+    return "—" if x is None else f"{x / GIB:.1f}"
+
+
+def table(results: dict) -> str:
+    head = ("| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
+            "MaxText args / temp / total GiB | usable HBM GiB | fits (ours / MaxText) |")
+    rows = [head, "|" + "---|" * 8]
+    for case in CASES:
+        r = results.get(case.key, {})
+        ours, mt = r.get("ours", {}), r.get("maxtext", {})
+
+        def cell(d):
+            if not d:
+                return "not run"
+            if "total_bytes" not in d:
+                return d.get("error", "error")[:120]
+            return f"{_gib(d['argument_bytes'])} / {_gib(d['temp_bytes'])} / **{_gib(d['total_bytes'])}**"
+
+        hbm = ours.get("hbm_bytes")
+        fits_mt = "—" if "total_bytes" not in mt or hbm is None else str(mt["total_bytes"] <= hbm).lower()
+        rows.append(f"| {case.key} | {case.model} / {case.maxtext_model} | {case.topology} ({case.chips}) | "
+                    f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {cell(mt)} | "
+                    f"{_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", help=f"case keys: {', '.join(c.key for c in CASES)}")
+    p.add_argument("--side", choices=["both", "ours", "maxtext"], default="both")
+    p.add_argument("--force", action="store_true", help="re-run cached cases")
+    p.add_argument("--table", action="store_true", help="only print the cached table")
+    p.add_argument("--maxtext-python", default=os.environ.get("MAXTEXT_PYTHON"),
+                   help="python of a venv with `pip install maxtext[tpu]` (Python 3.12)")
+    p.add_argument("--timeout", type=int, default=3600)
+    args = p.parse_args(argv)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if not args.table:
+        for case in CASES:
+            if args.only and case.key not in args.only:
+                continue
+            entry = results.setdefault(case.key, {})
+            for side in ("ours", "maxtext"):
+                if args.side not in ("both", side) or (side in entry and not args.force):
+                    continue
+                print(f"[{case.key}] compiling ({side}) ...", file=sys.stderr, flush=True)
+                entry[side] = run_ours(case, args.timeout) if side == "ours" else \
+                    run_maxtext(case, args.maxtext_python, args.timeout)
+                # Merge into what is on disk now: the two sides may run as two processes at once.
+                on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+                on_disk.setdefault(case.key, {})[side] = entry[side]
+                RESULTS.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+                results = on_disk
+    print(table(json.loads(RESULTS.read_text()) if RESULTS.exists() else results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Static configuration tables: accelerator facts (`configs.hardware`) and mesh presets (`configs.meshes`)."""

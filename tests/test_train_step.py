@@ -1,0 +1,72 @@
+"""The loss and the optimizer: cross-entropy (value and gradient) against log-softmax, MEDITRON's schedule
+(warmup, cosine with a 2×-train-steps horizon), weight-decay mask, clipping, batch-key validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from meditron_jax.train import OptimizerConfig, TrainStep, cross_entropy_sums, learning_rate_schedule, make_optimizer
+from meditron_jax.train.optimizer import PRESETS, decay_mask
+from meditron_jax.train.step import _complete
+
+
+def test_cross_entropy_matches_log_softmax_and_its_gradient():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 7, 50)).astype(np.float32) * 3)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 7)))
+    weights = jnp.asarray((rng.random((3, 7)) > 0.3).astype(np.float32))
+
+    def ref(lg, w):
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(lg), targets[..., None], -1)[..., 0]
+        return jnp.sum(ce * w)
+
+    ours = lambda lg, w: cross_entropy_sums(lg, targets, w)[0]
+    np.testing.assert_allclose(ours(logits, weights), ref(logits, weights), rtol=1e-6)
+    assert float(cross_entropy_sums(logits, targets, weights)[1]) == float(weights.sum())
+    for got, want in zip(jax.grad(ours, (0, 1))(logits, weights), jax.grad(ref, (0, 1))(logits, weights), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_meditron_schedule_warmup_then_half_a_cosine():
+    cfg = PRESETS["7b"]
+    lr = learning_rate_schedule(cfg)
+    assert float(lr(0)) == 0.0
+    assert float(lr(1000)) == pytest.approx(1.5e-4)  # linear warmup
+    assert float(lr(2000)) == pytest.approx(3e-4)  # peak
+    # Training stops half-way down a cosine twice as long as the run: 3e-5 + 0.5 × 2.7e-4 ≈ 1.6e-4 for 7B
+    # (MEDITRON.md §3)
+    assert float(lr(cfg.train_steps)) == pytest.approx(1.65e-4, rel=1e-3)
+    assert float(lr(2 * cfg.train_steps)) == pytest.approx(3e-5)  # floor: 10% of peak, reached at the horizon
+    assert PRESETS["70b"].peak_lr == 1.5e-4 and PRESETS["70b"].train_steps == 23_000
+    assert learning_rate_schedule(OptimizerConfig(horizon_factor=1.0))(14_252) == pytest.approx(3e-5)
+
+
+def test_adamw_hyperparameters_decay_mask_and_clipping():
+    params = {"layers": {"attention_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"gate": jnp.ones((2, 4, 8))}},
+              "final_norm": {"scale": jnp.ones(4)}, "embedding": jnp.ones((16, 4))}
+    mask = decay_mask(params)
+    assert mask["embedding"] and mask["layers"]["mlp"]["gate"]
+    assert not mask["final_norm"]["scale"] and not mask["layers"]["attention_norm"]["scale"]
+    cfg = OptimizerConfig(peak_lr=1.0, warmup_steps=0, train_steps=10, clip_norm=1.0)
+    opt = make_optimizer(cfg)
+    huge = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    # clipped gradient: Adam's first update is ±lr whatever the scale; decay adds lr·wd·p where masked
+    updates, _ = opt.update(huge, opt.init(params), params)
+    # (eps 1e-5 next to clipped per-element gradients of ~0.08 shifts the first update by ~1e-4)
+    np.testing.assert_allclose(updates["final_norm"]["scale"], -1.0, rtol=1e-3)
+    np.testing.assert_allclose(updates["embedding"], -1.0 - 0.1, rtol=1e-3)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    np.testing.assert_allclose(updates["embedding"], -0.1, rtol=1e-6)  # weight decay alone
+    np.testing.assert_allclose(updates["final_norm"]["scale"], 0.0)
+    assert optax.global_norm(huge) > 1.0
+
+
+def test_batch_keys_are_checked():
+    with pytest.raises(KeyError, match="missing \\['decoder_target_tokens'\\]"):
+        _complete({"decoder_input_tokens": np.zeros((2, 4))})
+    with pytest.raises(KeyError, match="unknown \\['inputs'\\]"):
+        _complete({"decoder_input_tokens": 0, "decoder_target_tokens": 0, "inputs": 0})
+    assert TrainStep.__call__.__doc__
