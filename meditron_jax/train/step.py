@@ -62,9 +62,10 @@ class TrainState:
 def cross_entropy_sums(logits, targets, weights):
     """(Σ w·CE, Σ w) over float32 logits [..., vocab] and integer targets [...].
 
-    A masked sum instead of a gather, so vocab-sharded logits stay sharded; a custom VJP so that backward
-    keeps one vocab-sized buffer (the logits) instead of autodiff's three (exp, mask and select), which at
-    7B × 25 sequences × 2,048 tokens per chip is ~13 GB.
+    A masked sum instead of a gather, so vocab-sharded logits stay sharded. A custom VJP keeps one
+    vocab-sized residual for backward (the logits) where autodiff of the same expression keeps three (exp,
+    mask, select). XLA's TPU compile of the 7B step reaches the same peak either way (measured); this is so
+    that the memory does not depend on the compiler finding that.
     """
     weights = weights.astype(jnp.float32)
     return _weighted_ce(logits.astype(jnp.float32), targets, weights), jnp.sum(weights)
