@@ -55,7 +55,10 @@ def _run(mesh_kw, pipeline=None, accum=1):
         losses.append(float(metrics["loss"]))
         if first_grads is None:
             first_grads = jax.tree.map(np.asarray, step.model_params(metrics["grads"]))
-    return first_grads, losses, jax.tree.map(np.asarray, step.model_params(state.params))
+    hlo = None
+    if pipeline is not None:  # the compiled program (from the session's compilation cache), for its collectives
+        hlo = step.lower(BATCH, LENGTH, keys=tuple(b)).compile().as_text()
+    return first_grads, losses, jax.tree.map(np.asarray, step.model_params(state.params)), hlo
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +91,8 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_training_matches_single_device(name, reference):
-    ref_grads, ref_losses, ref_params = reference
-    grads, losses, params = _run(*CASES[name])
+    ref_grads, ref_losses, ref_params, _ = reference
+    grads, losses, params, hlo = _run(*CASES[name])
     # one step: loss and gradients
     assert abs(losses[0] - ref_losses[0]) <= RTOL * abs(ref_losses[0]), (losses[0], ref_losses[0])
     _assert_close_trees(grads, ref_grads, RTOL)
@@ -97,6 +100,8 @@ def test_sharded_training_matches_single_device(name, reference):
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
     _assert_close_trees(params, ref_params, PARAM_RTOL)
     assert ref_losses[-1] != ref_losses[0]  # the steps did change the parameters
+    if hlo is not None:  # stages hand activations to their neighbours: collective-permute, not all-gather
+        assert "collective-permute" in hlo
 
 
 def test_init_state_is_born_sharded():

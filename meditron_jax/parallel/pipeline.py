@@ -52,7 +52,7 @@ class PipelineConfig:
     schedule: str = "gpipe"
     num_repeats: int = 2  # used by "circular" only
     # Save only each stage's input per iteration and recompute the stage in backward (on top of the model's
-    # per-layer remat): less memory for one more forward pass.
+    # per-layer remat): less memory for one more forward pass. Always on for "circular" (see run_stages).
     remat_stage: bool = False
 
     def __post_init__(self):
@@ -185,12 +185,21 @@ def run_stages(config: ModelConfig, pipe: PipelineConfig, num_stages: int, layer
     stage_cfg = config.replace(num_layers=lpr)
     stack = layer_stack(stage_cfg, "train")(stage_cfg, "train")
 
-    def stage_fn(p, h, pos, seg):
+    def apply(p, rep, h, pos, seg):
+        """One stage: pick this repeat's layers (circular) and run them."""
+        if r > 1:
+            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, rep, keepdims=False), p)
+        else:
+            p = jax.tree.map(lambda a: a[0], p)
         out, _ = stack.apply({"params": p}, h, pos, seg)
         return out
 
-    if pipe.remat_stage:
-        stage_fn = jax.checkpoint(stage_fn)
+    if pipe.remat_stage or r > 1:
+        # Circular: a stage's weights change with the iteration, so anything saved from inside the stage
+        # (the per-layer remat's inputs include the layer weights) would be stacked once per iteration —
+        # iterations × stage weights. Checkpointing the whole stage saves only its inputs: the loop-invariant
+        # full weights, the repeat index and the activations.
+        apply = jax.checkpoint(apply)
 
     xs = constrain(split_microbatches(x, m), ("microbatch", "batch", "length", "embed"))
     pos_mb = split_microbatches(positions, m)
@@ -232,11 +241,6 @@ def run_stages(config: ModelConfig, pipe: PipelineConfig, num_stages: int, layer
         rep_idx = jnp.clip(item // m, 0, r - 1)
         pos_s = pos_mb[mb_idx]
         seg_s = None if seg_mb is None else seg_mb[mb_idx]
-
-        def apply(p, rep, h, pos, seg):
-            p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, rep, keepdims=False), p) if r > 1 \
-                else jax.tree.map(lambda a: a[0], p)
-            return stage_fn(p, h, pos, seg)
 
         new_state = vmap_stages(apply, (1, 0, 0, 0, None if seg_s is None else 0))(
             layer_params, rep_idx, inputs, pos_s, seg_s)
