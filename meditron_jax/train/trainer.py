@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -150,8 +151,6 @@ class Checkpoints:
         kept = {str(s) for s in self.manager.all_steps()}
         for name in os.listdir(self.input_dir):
             if name not in kept:
-                import shutil
-
                 shutil.rmtree(os.path.join(self.input_dir, name), ignore_errors=True)
 
     def close(self) -> None:
