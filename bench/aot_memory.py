@@ -61,9 +61,22 @@ CASES = [
 
 
 def run_ours(case: Case, timeout: int) -> dict:
-    cmd = [sys.executable, str(ROOT / "scripts" / "aot_compile.py"), "--model", case.model, "--topology",
-           case.topology, "--seq-len", str(case.seq_len), "--global-batch", str(case.global_batch), "--mesh",
-           "fsdp=-1", "--grad-accum", str(case.grad_accum)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "aot_compile.py"),
+        "--model",
+        case.model,
+        "--topology",
+        case.topology,
+        "--seq-len",
+        str(case.seq_len),
+        "--global-batch",
+        str(case.global_batch),
+        "--mesh",
+        "fsdp=-1",
+        "--grad-accum",
+        str(case.grad_accum),
+    ]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
@@ -76,17 +89,36 @@ def run_ours(case: Case, timeout: int) -> dict:
 
 
 def maxtext_command(case: Case, python: str, workdir: str) -> list[str]:
-    import_root = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+    import_root = subprocess.run(
+        [python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     pdbs = case.per_device_batch
-    return [python, "-m", "maxtext.trainers.pre_train.train_compile", f"{import_root}/configs/base.yml",
-            f"model_name={case.maxtext_model}", "override_model_config=True", f"vocab_size={_padded_vocab(case.model)}",
-            f"compile_topology={case.topology}", "compile_topology_num_slices=1",
-            f"per_device_batch_size={int(pdbs) if pdbs == int(pdbs) else pdbs}",
-            f"gradient_accumulation_steps={case.grad_accum}", f"max_target_length={case.seq_len}",
-            "ici_fsdp_parallelism=-1", "remat_policy=full", "scan_layers=True", "weight_dtype=float32",
-            "dtype=bfloat16", f"run_name=bench_{case.key}", f"base_output_directory={workdir}",
-            "enable_checkpointing=False", "dataset_type=synthetic"]
+    return [
+        python,
+        "-m",
+        "maxtext.trainers.pre_train.train_compile",
+        f"{import_root}/configs/base.yml",
+        f"model_name={case.maxtext_model}",
+        "override_model_config=True",
+        f"vocab_size={_padded_vocab(case.model)}",
+        f"compile_topology={case.topology}",
+        "compile_topology_num_slices=1",
+        f"per_device_batch_size={int(pdbs) if pdbs == int(pdbs) else pdbs}",
+        f"gradient_accumulation_steps={case.grad_accum}",
+        f"max_target_length={case.seq_len}",
+        "ici_fsdp_parallelism=-1",
+        "remat_policy=full",
+        "scan_layers=True",
+        "weight_dtype=float32",
+        "dtype=bfloat16",
+        f"run_name=bench_{case.key}",
+        f"base_output_directory={workdir}",
+        "enable_checkpointing=False",
+        "dataset_type=synthetic",
+    ]
 
 
 def _padded_vocab(model: str) -> int:
@@ -121,8 +153,12 @@ def run_maxtext(case: Case, python: str | None, timeout: int) -> dict:
         stats = {k: int(v) for k, v in _STATS.findall(log.split("Memory analysis:")[-1])}
     out = {"command": " ".join(cmd[1:]), "wall_seconds": round(time.time() - start), "returncode": proc.returncode}
     if stats:
-        out.update(argument_bytes=stats["argument_size_in_bytes"], output_bytes=stats["output_size_in_bytes"],
-                   alias_bytes=stats["alias_size_in_bytes"], temp_bytes=stats["temp_size_in_bytes"])
+        out.update(
+            argument_bytes=stats["argument_size_in_bytes"],
+            output_bytes=stats["output_size_in_bytes"],
+            alias_bytes=stats["alias_size_in_bytes"],
+            temp_bytes=stats["temp_size_in_bytes"],
+        )
         out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
     else:
         oom = re.search(r"RESOURCE_EXHAUSTED[^\n]*", log)
@@ -136,8 +172,10 @@ def _gib(x) -> str:
 
 
 def table(results: dict) -> str:
-    head = ("| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
-            "MaxText args / temp / total GiB | usable HBM GiB | fits (ours / MaxText) |")
+    head = (
+        "| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
+        "MaxText args / temp / total GiB | usable HBM GiB | fits (ours / MaxText) |"
+    )
     rows = [head, "|" + "---|" * 8]
     for case in CASES:
         r = results.get(case.key, {})
@@ -152,9 +190,11 @@ def table(results: dict) -> str:
 
         hbm = ours.get("hbm_bytes")
         fits_mt = "—" if "total_bytes" not in mt or hbm is None else str(mt["total_bytes"] <= hbm).lower()
-        rows.append(f"| {case.key} | {case.model} / {case.maxtext_model} | {case.topology} ({case.chips}) | "
-                    f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {cell(mt)} | "
-                    f"{_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |")
+        rows.append(
+            f"| {case.key} | {case.model} / {case.maxtext_model} | {case.topology} ({case.chips}) | "
+            f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {cell(mt)} | "
+            f"{_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |"
+        )
     return "\n".join(rows)
 
 
@@ -164,8 +204,11 @@ def main(argv=None) -> int:
     p.add_argument("--side", choices=["both", "ours", "maxtext"], default="both")
     p.add_argument("--force", action="store_true", help="re-run cached cases")
     p.add_argument("--table", action="store_true", help="only print the cached table")
-    p.add_argument("--maxtext-python", default=os.environ.get("MAXTEXT_PYTHON"),
-                   help="python of a venv with `pip install maxtext[tpu]` (Python 3.12)")
+    p.add_argument(
+        "--maxtext-python",
+        default=os.environ.get("MAXTEXT_PYTHON"),
+        help="python of a venv with `pip install maxtext[tpu]` (Python 3.12)",
+    )
     p.add_argument("--timeout", type=int, default=3600)
     args = p.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -178,8 +221,11 @@ def main(argv=None) -> int:
                 if args.side not in ("both", side) or (side in entry and not args.force):
                     continue
                 print(f"[{case.key}] compiling ({side}) ...", file=sys.stderr, flush=True)
-                entry[side] = run_ours(case, args.timeout) if side == "ours" else \
-                    run_maxtext(case, args.maxtext_python, args.timeout)
+                entry[side] = (
+                    run_ours(case, args.timeout)
+                    if side == "ours"
+                    else run_maxtext(case, args.maxtext_python, args.timeout)
+                )
                 # Merge into what is on disk now: the two sides may run as two processes at once.
                 on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
                 on_disk.setdefault(case.key, {})[side] = entry[side]

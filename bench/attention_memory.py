@@ -85,11 +85,15 @@ def memory_table(args):
     from jax.experimental import topologies
 
     tpu = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[:1]
-    print(f"\nCompiled temp memory of one forward+backward, batch {args.batch}, heads {args.heads}/{args.kv_heads} "
-          f"(q/kv), head_dim {args.head_dim}, {args.dtype}, causal, packed segment ids. "
-          f"TPU = {tpu[0].device_kind} ({args.topology}).\n")
-    print("| seq len | reference (CPU) | blockwise (CPU) | blockwise / reference | reference (TPU) "
-          "| flash, Mosaic (TPU) | flash / reference |")
+    print(
+        f"\nCompiled temp memory of one forward+backward, batch {args.batch}, heads {args.heads}/{args.kv_heads} "
+        f"(q/kv), head_dim {args.head_dim}, {args.dtype}, causal, packed segment ids. "
+        f"TPU = {tpu[0].device_kind} ({args.topology}).\n"
+    )
+    print(
+        "| seq len | reference (CPU) | blockwise (CPU) | blockwise / reference | reference (TPU) "
+        "| flash, Mosaic (TPU) | flash / reference |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         t0 = time.time()
@@ -97,15 +101,20 @@ def memory_table(args):
         bw_cpu = temp_bytes("xla_blockwise", args, length)
         ref_tpu = temp_bytes("xla", args, length, tpu)
         flash_tpu = temp_bytes("pallas_tpu", args, length, tpu)
-        print(f"| {length} | {fmt_bytes(ref_cpu)} | {fmt_bytes(bw_cpu)} | {ratio(bw_cpu, ref_cpu)} | "
-              f"{fmt_bytes(ref_tpu)} | {fmt_bytes(flash_tpu)} | {ratio(flash_tpu, ref_tpu)} |", flush=True)
+        print(
+            f"| {length} | {fmt_bytes(ref_cpu)} | {fmt_bytes(bw_cpu)} | {ratio(bw_cpu, ref_cpu)} | "
+            f"{fmt_bytes(ref_tpu)} | {fmt_bytes(flash_tpu)} | {ratio(flash_tpu, ref_tpu)} |",
+            flush=True,
+        )
         print(f"  ({time.time() - t0:.0f}s to compile)", file=sys.stderr, flush=True)
 
 
 def time_table(args):
-    print(f"\nCPU wall time of one forward+backward ({os.cpu_count()} cores), batch {args.batch}, heads "
-          f"{args.heads}/{args.kv_heads}, head_dim {args.head_dim}, float32, causal, packed segment ids; "
-          f"best of {args.repeats}.\n")
+    print(
+        f"\nCPU wall time of one forward+backward ({os.cpu_count()} cores), batch {args.batch}, heads "
+        f"{args.heads}/{args.kv_heads}, head_dim {args.head_dim}, float32, causal, packed segment ids; "
+        f"best of {args.repeats}.\n"
+    )
     print("| seq len | reference | blockwise | blockwise/reference |")
     print("|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
@@ -124,8 +133,11 @@ def time_table(args):
                 jax.block_until_ready(fn(q, k, v, seg))
                 best = min(best, time.perf_counter() - t0)
             times[impl] = best
-        print(f"| {length} | {times['xla'] * 1e3:.0f} ms | {times['xla_blockwise'] * 1e3:.0f} ms | "
-              f"{times['xla_blockwise'] / times['xla']:.2f} |", flush=True)
+        print(
+            f"| {length} | {times['xla'] * 1e3:.0f} ms | {times['xla_blockwise'] * 1e3:.0f} ms | "
+            f"{times['xla_blockwise'] / times['xla']:.2f} |",
+            flush=True,
+        )
 
 
 def main(argv=None):

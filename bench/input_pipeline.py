@@ -68,13 +68,17 @@ def sample_corpus(shared: pathlib.Path, out: pathlib.Path, shards: int = 4) -> d
     docs["pmc_papers"] = [" ".join(ET.parse(p).getroot().itertext()) for p in papers]
     replay = []
     for name in ("valid.txt", "test.txt"):
-        replay += [a.strip() for a in (sample / "replay_general" / name).read_text(encoding="utf-8").split("\n = ")
-                   if a.strip()]
+        replay += [
+            a.strip()
+            for a in (sample / "replay_general" / name).read_text(encoding="utf-8").split("\n = ")
+            if a.strip()
+        ]
     docs["replay"] = replay
     for source, texts in docs.items():
         (out / source).mkdir(parents=True, exist_ok=True)
-        files = [open(out / source / f"train-{i:05d}-of-{shards:05d}.jsonl", "w", encoding="utf-8")
-                 for i in range(shards)]
+        files = [
+            open(out / source / f"train-{i:05d}-of-{shards:05d}.jsonl", "w", encoding="utf-8") for i in range(shards)
+        ]
         for i, text in enumerate(texts):
             files[i % shards].write(json.dumps({"id": f"{source}-{i}", "source": source, "text": text}) + "\n")
         for f in files:
@@ -101,9 +105,16 @@ def measure(name: str, seq: int, batch: int, batches: int, warmup: int) -> dict[
         slots += b["decoder_target_tokens"].size
         real += int((b["decoder_segment_ids"] > 0).sum())
     wall = time.perf_counter() - started
-    return {"build_s": built - t0, "warmup_s": started - built, "wall_s": wall,
-            "cpu_s": time.process_time() - cpu0, "slots_per_s": slots / wall, "tokens_per_s": real / wall,
-            "tokens_per_cpu_s": real / (time.process_time() - cpu0), "fill": real / slots}
+    return {
+        "build_s": built - t0,
+        "warmup_s": started - built,
+        "wall_s": wall,
+        "cpu_s": time.process_time() - cpu0,
+        "slots_per_s": slots / wall,
+        "tokens_per_s": real / wall,
+        "tokens_per_cpu_s": real / (time.process_time() - cpu0),
+        "fill": real / slots,
+    }
 
 
 def main() -> None:
@@ -130,9 +141,11 @@ def main() -> None:
         r = measure(args.mixture, args.seq, args.batch, args.batches, args.warmup)
 
     print(f"\ncpus visible: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
-    print(f"pipeline {args.mixture}: seq {args.seq}, batch {args.batch}, {args.batches} batches after "
-          f"{args.warmup} warm-up; build {r['build_s']:.1f} s, warm-up {r['warmup_s']:.1f} s, "
-          f"steady {r['wall_s']:.1f} s wall / {r['cpu_s']:.1f} s CPU, rows {r['fill']:.1%} filled\n")
+    print(
+        f"pipeline {args.mixture}: seq {args.seq}, batch {args.batch}, {args.batches} batches after "
+        f"{args.warmup} warm-up; build {r['build_s']:.1f} s, warm-up {r['warmup_s']:.1f} s, "
+        f"steady {r['wall_s']:.1f} s wall / {r['cpu_s']:.1f} s CPU, rows {r['fill']:.1%} filled\n"
+    )
     print("| delivered by this machine | tokens/s |")
     print("|---|---|")
     print(f"| packed slots (batch x seq) | {r['slots_per_s']:,.0f} |")
@@ -141,8 +154,10 @@ def main() -> None:
     print("\n| consumed per host: model | host | tokens/s | assumption | this machine / need | CPU cores needed |")
     print("|---|---|---|---|---|---|")
     for model, host, rate, note in consumption_rows():
-        print(f"| {model} | {host} | {rate:,.0f} | {note} | {r['tokens_per_s'] / rate:.2f}x "
-              f"| {rate / r['tokens_per_cpu_s']:.2f} |")
+        print(
+            f"| {model} | {host} | {rate:,.0f} | {note} | {r['tokens_per_s'] / rate:.2f}x "
+            f"| {rate / r['tokens_per_cpu_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

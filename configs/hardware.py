@@ -46,12 +46,21 @@ CHIPS: dict[str, Chip] = {
 
 # Aliases people use for the same chip (GCE accelerator types and JAX device_kind strings).
 ALIASES = {
-    "v5litepod": "v5e", "v5lite": "v5e", "tpu v5 lite": "v5e", "tpu v5e": "v5e",
-    "tpu v5": "v5p", "tpu v5p": "v5p", "v5": "v5p",
+    "v5litepod": "v5e",
+    "v5lite": "v5e",
+    "tpu v5 lite": "v5e",
+    "tpu v5e": "v5e",
+    "tpu v5": "v5p",
+    "tpu v5p": "v5p",
+    "v5": "v5p",
     "tpu v4": "v4",
-    "tpu v6 lite": "v6e", "tpu v6e": "v6e", "trillium": "v6e",
-    "a100": "a100-80gb", "nvidia a100-sxm4-80gb": "a100-80gb",
-    "h100": "h100-80gb", "nvidia h100 80gb hbm3": "h100-80gb",
+    "tpu v6 lite": "v6e",
+    "tpu v6e": "v6e",
+    "trillium": "v6e",
+    "a100": "a100-80gb",
+    "nvidia a100-sxm4-80gb": "a100-80gb",
+    "h100": "h100-80gb",
+    "nvidia h100 80gb hbm3": "h100-80gb",
     "nvidia h200": "h200",
 }
 

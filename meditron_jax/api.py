@@ -37,28 +37,51 @@ class LanguageModel:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         return np.asarray(self._logits(self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> list[str]:
         """Continuations of text prompts; greedy unless temperature > 0."""
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer; pass tokenizer_path to load()")
         if isinstance(prompts, str):
             raise TypeError("generate() takes a list of prompts, not a single string")
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate_ids(self.config, self.params, ids, max_new_tokens=max_new_tokens,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed)
+        out = generate_ids(
+            self.config,
+            self.params,
+            ids,
+            max_new_tokens=max_new_tokens,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         texts = []
         for prompt_ids, new_ids in zip(ids, out, strict=True):
             # Decode with the prompt so SentencePiece keeps the space that starts the continuation.
             prefix = self.tokenizer.decode(prompt_ids)
             full = self.tokenizer.decode(prompt_ids + new_ids)
-            texts.append(full[len(prefix):] if full.startswith(prefix) else self.tokenizer.decode(new_ids))
+            texts.append(full[len(prefix) :] if full.startswith(prefix) else self.tokenizer.decode(new_ids))
         return texts
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
-         tokenizer_path: str | None = None, **config_overrides) -> LanguageModel:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    tokenizer_path: str | None = None,
+    **config_overrides,
+) -> LanguageModel:
     """Load a Hugging Face Llama directory or a meditron_jax orbax model directory.
 
     dtype/param_dtype set the compute and storage precision ("float32", "bfloat16"); other keyword
@@ -83,8 +106,9 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str 
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
         tokenizer = Tokenizer.from_dir(tok_dir)
         if tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{config.vocab_size}")
+            raise ValueError(
+                f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}"
+            )
     elif tokenizer_path:
         raise FileNotFoundError(f"{tokenizer_path} has no tokenizer.model")
     return LanguageModel(config, params, tokenizer)

@@ -42,7 +42,8 @@ class ModelConfig:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
                     f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
-                    "set head_dim explicitly")
+                    "set head_dim explicitly"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -94,12 +95,25 @@ class ModelConfig:
 # MEDITRON's vocabulary: 32,000 Llama pieces + 5 Megatron specials + 12 marker tokens (MEDITRON.md §1).
 MEDITRON_VOCAB_SIZE = 32017
 
-_LLAMA2_7B = ModelConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                         num_kv_heads=32, max_position_embeddings=4096)
-_LLAMA2_13B = ModelConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                          num_kv_heads=40, max_position_embeddings=4096)
-_LLAMA2_70B = ModelConfig(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
-                          num_kv_heads=8, max_position_embeddings=4096)
+_LLAMA2_7B = ModelConfig(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    max_position_embeddings=4096,
+)
+_LLAMA2_13B = ModelConfig(
+    hidden_size=5120,
+    intermediate_size=13824,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=40,
+    max_position_embeddings=4096,
+)
+_LLAMA2_70B = ModelConfig(
+    hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8, max_position_embeddings=4096
+)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": _LLAMA2_7B,
@@ -109,15 +123,43 @@ PRESETS: dict[str, ModelConfig] = {
     "meditron-7b": _LLAMA2_7B.replace(vocab_size=MEDITRON_VOCAB_SIZE, max_position_embeddings=2048),
     "meditron-70b": _LLAMA2_70B.replace(vocab_size=MEDITRON_VOCAB_SIZE),
     # Test sizes: MHA, GQA and MQA, small enough for a CPU.
-    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=8,
-                        num_kv_heads=4, max_position_embeddings=1024),
-    "tiny-mha": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                            num_kv_heads=4, max_position_embeddings=1024),
-    "tiny-mqa": ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                            num_kv_heads=1, max_position_embeddings=1024),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=1024,
+    ),
+    "tiny-mha": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        max_position_embeddings=1024,
+    ),
+    "tiny-mqa": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        max_position_embeddings=1024,
+    ),
     # 100M-ish: large enough to exercise sharding and kernels for real, small enough to compile on CPU.
-    "small": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-                         num_heads=12, num_kv_heads=4, max_position_embeddings=2048),
+    "small": ModelConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        max_position_embeddings=2048,
+    ),
 }
 
 

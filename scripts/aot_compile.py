@@ -39,8 +39,13 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="full", help="remat policy: none, full, dots, dots_with_no_batch_dims, minimal")
     p.add_argument("--attention-impl", default=None, help="override ModelConfig.attention_impl")
     p.add_argument("--param-dtype", default="float32")
-    p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="ModelConfig override, e.g. num_layers=2 (a quick proxy of a big model)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ModelConfig override, e.g. num_layers=2 (a quick proxy of a big model)",
+    )
     p.add_argument("--gin-file", action="append", default=[], help="gin files (e.g. gin/parallel/*.gin)")
     p.add_argument("--gin", action="append", default=[], help="gin bindings")
     p.add_argument("--report", action="store_true", help="print the per-parameter sharding table")
@@ -70,12 +75,24 @@ def main(argv=None) -> int:
         mesh = MeshConfig() if "MeshConfig." in gin_text else MeshConfig.from_flags(args.mesh, args.dcn_mesh)
         pipeline = PipelineConfig() if "PipelineConfig." in gin_text else None
         if args.pipeline_microbatches > 0:
-            pipeline = PipelineConfig(num_microbatches=args.pipeline_microbatches, schedule=args.pipeline_schedule,
-                                      num_repeats=args.pipeline_repeats)
+            pipeline = PipelineConfig(
+                num_microbatches=args.pipeline_microbatches,
+                schedule=args.pipeline_schedule,
+                num_repeats=args.pipeline_repeats,
+            )
         training_config(args.model, **overrides)  # fail fast on a bad model/override
-        result = compile_train_step(args.model, args.topology, seq_len=args.seq_len, global_batch=args.global_batch,
-                                    mesh=mesh, num_slices=args.num_slices, grad_accum_steps=args.grad_accum,
-                                    pipeline=pipeline, model_overrides=overrides, dump_hlo=args.dump_hlo)
+        result = compile_train_step(
+            args.model,
+            args.topology,
+            seq_len=args.seq_len,
+            global_batch=args.global_batch,
+            mesh=mesh,
+            num_slices=args.num_slices,
+            grad_accum_steps=args.grad_accum,
+            pipeline=pipeline,
+            model_overrides=overrides,
+            dump_hlo=args.dump_hlo,
+        )
     except (MeshError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps({"model": args.model, "topology": args.topology, "error": str(e), "fits": False}))

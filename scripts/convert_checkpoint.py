@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert between Hugging Face Llama directories and meditron_jax orbax model directories.
 
-  python scripts/convert_checkpoint.py --to orbax --input HF_DIR --output ORBAX_DIR
-  python scripts/convert_checkpoint.py --to hf --input ORBAX_DIR --output HF_DIR [--dtype bfloat16]
+python scripts/convert_checkpoint.py --to orbax --input HF_DIR --output ORBAX_DIR
+python scripts/convert_checkpoint.py --to hf --input ORBAX_DIR --output HF_DIR [--dtype bfloat16]
 """
 
 import argparse
@@ -17,8 +17,12 @@ def main(argv=None) -> int:
     parser.add_argument("--to", choices=("orbax", "hf"), required=True, help="output format")
     parser.add_argument("--input", required=True, help="source model directory")
     parser.add_argument("--output", required=True, help="destination directory (replaced atomically)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="storage dtype of the output (default: as loaded)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="storage dtype of the output (default: as loaded)",
+    )
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size for --to hf")
     args = parser.parse_args(argv)
 
@@ -30,8 +34,14 @@ def main(argv=None) -> int:
         orbax.save_orbax(params, config, args.output, tokenizer_dir=args.input)
     else:
         params, config = orbax.load_orbax(args.input)
-        hf.save_hf(params, config, args.output, dtype=args.dtype, tokenizer_dir=args.input,
-                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+        hf.save_hf(
+            params,
+            config,
+            args.output,
+            dtype=args.dtype,
+            tokenizer_dir=args.input,
+            max_shard_bytes=int(args.max_shard_gb * 2**30),
+        )
     print(f"wrote {args.output} ({config.num_params():,} parameters)")
     return 0
 

@@ -29,8 +29,14 @@ def main(argv=None) -> int:
 
     lm = meditron_jax.load(args.model_dir, dtype=args.dtype)
     prompts = args.prompt or ["Once upon a time"]
-    outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    outs = lm.generate(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for prompt, out in zip(prompts, outs, strict=True):
         print(f"=== {prompt!r}\n{prompt}{out}\n")
     return 0

@@ -26,7 +26,7 @@ def parse_flags(argv):
     for item in rest:
         if not item.startswith("--gin.") or "=" not in item:
             parser.error(f"unrecognised argument {item!r} (expected --gin_file=..., --gin.NAME=VALUE)")
-        bindings.append(item[len("--gin."):])
+        bindings.append(item[len("--gin.") :])
     if not args.gin_file:
         parser.error("at least one --gin_file is required (e.g. gin/runs/tiny_cpu.gin)")
     return args, bindings

@@ -8,14 +8,22 @@ import torch
 import transformers
 
 
-def random_hf_llama(tmp_path, *, heads=4, kv_heads=2, layers=2, hidden=64, inter=96, vocab=200, tied=False,
-                    seed=0, max_shard_size=None):
+def random_hf_llama(
+    tmp_path, *, heads=4, kv_heads=2, layers=2, hidden=64, inter=96, vocab=200, tied=False, seed=0, max_shard_size=None
+):
     """Save a randomly initialised HF LlamaForCausalLM to ``tmp_path`` and return (path, torch model)."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                   num_hidden_layers=layers, num_attention_heads=heads,
-                                   num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     # Default init leaves norms at exactly 1; randomise them so the norm weights are really tested.
     with torch.no_grad():

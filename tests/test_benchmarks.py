@@ -17,14 +17,18 @@ MEDQA_SYSTEM = (
     "understanding of basic and clinical science, medical knowledge, and mechanisms underlying health, disease, "
     "patient care, and modes of therapy. Show your ability to apply the knowledge essential for medical practice. "
     "For the following multiple-choice question, select one correct answer from A to E. Base your answer on the "
-    "current and standard practices referenced in medical guidelines.")
+    "current and standard practices referenced in medical guidelines."
+)
 MEDMCQA_SYSTEM = (
     "You are a medical doctor answering realworld medical entrance exam questions. Based on your understanding of "
     "basic and clinical science, medical knowledge, and mechanisms underlying health, disease, patient care, and "
     "modes of therapy, answer the following multiple-choice question. Select one correct answer from A to D. Base "
-    "your answer on the current and standard practices referenced in medical guidelines.")
-PUBMEDQA_SYSTEM = ("As an expert doctor in clinical science and medical knowledge, can you tell me if the following "
-                   "statement is correct? Answer yes, no, or maybe.")
+    "your answer on the current and standard practices referenced in medical guidelines."
+)
+PUBMEDQA_SYSTEM = (
+    "As an expert doctor in clinical science and medical knowledge, can you tell me if the following "
+    "statement is correct? Answer yes, no, or maybe."
+)
 MEDQA_FIRST = (
     "Question: A junior orthopaedic surgery resident is completing a carpal tunnel repair with the department "
     "chairman as the attending physician. During the case, the resident inadvertently cuts a flexor tendon. The "
@@ -35,33 +39,44 @@ MEDQA_FIRST = (
     "A. Disclose the error to the patient and put it in the operative report\n"
     "B. Tell the attending that he cannot fail to disclose this mistake\n"
     "C. Report the physician to the ethics committee\n"
-    "D. Refuse to dictate the operative report")
+    "D. Refuse to dictate the operative report"
+)
 MEDMCQA_FIRST = (
     "Question: Which of the following is not true for myelinated nerve fibers:?\n\nOptions:\n"
     "A. Impulse through myelinated fibers is slower than non-myelinated fibers\n"
     "B. Membrane currents are generated at nodes of Ranvier\n"
     "C. Saltatory conduction of impulses is seen\n"
-    "D. Local anesthesia is effective only when the nerve is not covered by myelin sheath")
+    "D. Local anesthesia is effective only when the nerve is not covered by myelin sheath"
+)
 ANATOMY_FIRST = (
     "Question: A lesion causing compression of the facial nerve at the stylomastoid foramen will cause "
     "ipsilateral?\n\nOptions:\nA. paralysis of the facial muscles.\n"
     "B. paralysis of the facial muscles and loss of taste.\n"
     "C. paralysis of the facial muscles, loss of taste and lacrimation.\n"
-    "D. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation.")
+    "D. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation."
+)
 # PubMedQA test item 21214884 (position 279 of test_ground_truth.json), label "no".
 PUBMEDQA_21214884 = (
     "Using polymerase chain reaction techniques, we evaluated the presence of HPV infection in human breast milk "
     "collected from 21 HPV-positive and 11 HPV-negative mothers.\n"
     "Of the 32 studied human milk specimens, no 'high-risk' HPV 16, 18, 31, 33, 35, 39, 45, 51, 52, 56, 58 or 58 "
     "DNA was detected.\n"
-    "Can 'high-risk' human papillomaviruses (HPVs) be detected in human breast milk?")
+    "Can 'high-risk' human papillomaviruses (HPVs) be detected in human breast milk?"
+)
 
 # SOURCES.md §4: subject -> (test, dev, val) rows.
 MMLU_COUNTS = {
-    "anatomy": (135, 5, 14), "clinical_knowledge": (265, 5, 29), "college_biology": (144, 5, 16),
-    "college_medicine": (173, 5, 22), "medical_genetics": (100, 5, 11), "professional_medicine": (272, 5, 31),
-    "virology": (166, 5, 18), "nutrition": (306, 5, 33), "high_school_biology": (310, 5, 32),
-    "high_school_chemistry": (203, 5, 22), "college_chemistry": (100, 5, 8),
+    "anatomy": (135, 5, 14),
+    "clinical_knowledge": (265, 5, 29),
+    "college_biology": (144, 5, 16),
+    "college_medicine": (173, 5, 22),
+    "medical_genetics": (100, 5, 11),
+    "professional_medicine": (272, 5, 31),
+    "virology": (166, 5, 18),
+    "nutrition": (306, 5, 33),
+    "high_school_biology": (310, 5, 32),
+    "high_school_chemistry": (203, 5, 22),
+    "college_chemistry": (100, 5, 8),
 }
 
 
@@ -73,6 +88,7 @@ def _letters(records):
 
 
 # ------------------------------------------------------------------ counts from the real files
+
 
 def test_medqa_counts_and_answers(shared_data):
     test4 = bm.load_benchmark("medqa_4opt", "test")
@@ -122,6 +138,7 @@ def test_mmlu_counts_per_subject(shared_data):
 
 # ------------------------------------------------------------------ prompts
 
+
 def test_mcq_question_blocks(shared_data):
     assert bm.question_text(bm.load_benchmark("medqa_4opt", "test")[0]) == MEDQA_FIRST
     assert bm.question_text(bm.load_benchmark("medmcqa", "dev")[0]) == MEDMCQA_FIRST
@@ -143,8 +160,10 @@ def test_zero_shot_prompt(shared_data):
     cot = bm.render_prompt(record, "medqa_4opt", cot=True)
     assert cot == f"{MEDQA_SYSTEM}\n{MEDQA_FIRST}\nLet's think step by step.\n"
     # MMLU is asked with MedMCQA's instruction, as MEDITRON did.
-    assert bm.render_prompt(bm.load_benchmark("mmlu_anatomy", "test")[0], "mmlu_medical_anatomy") == \
-        f"{MEDMCQA_SYSTEM}\n{ANATOMY_FIRST}\nThe answer is:\n"
+    assert (
+        bm.render_prompt(bm.load_benchmark("mmlu_anatomy", "test")[0], "mmlu_medical_anatomy")
+        == f"{MEDMCQA_SYSTEM}\n{ANATOMY_FIRST}\nThe answer is:\n"
+    )
 
 
 def test_few_shot_prompt_draws_like_hf_shuffle(shared_data):
@@ -170,10 +189,12 @@ def test_chatml_prompt_and_sft_pair(shared_data):
     item = next(r for r in bm.load_benchmark("pubmedqa", "test") if r["id"] == "21214884")
     assert bm.render_sft(item, "pubmedqa")[1] == "<|im_start|>answer\nno<|im_end|>\n"
     assert bm.render_sft(item, "pubmedqa")[0] == (
-        f"<|im_start|>question\n{PUBMEDQA_SYSTEM}\n{PUBMEDQA_21214884}\nThe answer is:<|im_end|>\n")
+        f"<|im_start|>question\n{PUBMEDQA_SYSTEM}\n{PUBMEDQA_21214884}\nThe answer is:<|im_end|>\n"
+    )
 
 
 # ------------------------------------------------------------------ malformed rows
+
 
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,14 +202,18 @@ def _write(path, text):
     return path
 
 
-GOOD_MEDQA = {"question": "Q?", "answer": "b", "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
-              "meta_info": "step1", "answer_idx": "B"}
+GOOD_MEDQA = {
+    "question": "Q?",
+    "answer": "b",
+    "options": {"A": "a", "B": "b", "C": "c", "D": "d"},
+    "meta_info": "step1",
+    "answer_idx": "B",
+}
 
 
 def test_malformed_rows_name_file_line_field(tmp_path):
     root = tmp_path / "data"
-    path = _write(root / "medqa" / "phrases_no_exclude_test.jsonl",
-                  json.dumps(GOOD_MEDQA) + "\n{not json\n")
+    path = _write(root / "medqa" / "phrases_no_exclude_test.jsonl", json.dumps(GOOD_MEDQA) + "\n{not json\n")
     with pytest.raises(bm.BenchmarkFormatError, match=r"phrases_no_exclude_test\.jsonl:2: is not valid JSON"):
         bm.load_benchmark("medqa_4opt", "test", data_dir=root)
     _write(path, json.dumps(GOOD_MEDQA) + "\n" + json.dumps({**GOOD_MEDQA, "answer_idx": "E"}) + "\n")
@@ -217,6 +242,7 @@ def test_malformed_rows_name_file_line_field(tmp_path):
 
 # ------------------------------------------------------------------ hub copies (local snapshots only)
 
+
 @pytest.fixture
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any download attempt would fail loudly
@@ -231,8 +257,9 @@ def _parquet(path, rows):
 
 
 def _same_items(a, b):
-    return [(r["question"], r["options"], r["answer"]) for r in a] == \
-        [(r["question"], r["options"], r["answer"]) for r in b]
+    return [(r["question"], r["options"], r["answer"]) for r in a] == [
+        (r["question"], r["options"], r["answer"]) for r in b
+    ]
 
 
 def test_hub_medmcqa_cop_is_zero_based(shared_data, tmp_path, offline):
@@ -267,8 +294,7 @@ def test_hub_medqa_and_mmlu_layouts(shared_data, tmp_path, offline):
     # cais/mmlu: {subject}/{split}-*.parquet, choices list, answer 0..3 (dev is not validation here).
     with open(shared_data / "mmlu_medical" / "test" / "anatomy_test.csv", encoding="utf-8", newline="") as f:
         csv_rows = list(csv.reader(f))
-    cais = [{"question": r[0], "subject": "anatomy", "choices": r[1:5], "answer": "ABCD".index(r[5])}
-            for r in csv_rows]
+    cais = [{"question": r[0], "subject": "anatomy", "choices": r[1:5], "answer": "ABCD".index(r[5])} for r in csv_rows]
     _parquet(tmp_path / "cais" / "anatomy" / "test-00000-of-00001.parquet", cais)
     _parquet(tmp_path / "cais" / "anatomy" / "dev-00000-of-00001.parquet", cais[:5])
     hub_mmlu = bm.load_benchmark_from_hub("mmlu_anatomy", "test", snapshot_dir=tmp_path / "cais")
@@ -283,11 +309,19 @@ def test_hub_pubmedqa_layouts(shared_data, tmp_path, offline):
     bigbio = [dict(pqal[r["id"]]) for r in test]
     _parquet(tmp_path / "bigbio" / "pubmed_qa_labeled_fold0_source" / "test" / "0000.parquet", bigbio)
     hub = bm.load_benchmark_from_hub("pubmedqa", "test", snapshot_dir=tmp_path / "bigbio")
-    assert [(r["question"], r["context"], r["answer"]) for r in hub] == \
-        [(r["question"], r["context"], r["answer"]) for r in test]
-    qiaojin = [{"pubid": int(r["id"]), "question": pqal[r["id"]]["QUESTION"],
-                "context": {"contexts": pqal[r["id"]]["CONTEXTS"], "labels": pqal[r["id"]]["LABELS"]},
-                "long_answer": pqal[r["id"]]["LONG_ANSWER"], "final_decision": r["answer"]} for r in test]
+    assert [(r["question"], r["context"], r["answer"]) for r in hub] == [
+        (r["question"], r["context"], r["answer"]) for r in test
+    ]
+    qiaojin = [
+        {
+            "pubid": int(r["id"]),
+            "question": pqal[r["id"]]["QUESTION"],
+            "context": {"contexts": pqal[r["id"]]["CONTEXTS"], "labels": pqal[r["id"]]["LABELS"]},
+            "long_answer": pqal[r["id"]]["LONG_ANSWER"],
+            "final_decision": r["answer"],
+        }
+        for r in test
+    ]
     _parquet(tmp_path / "qiaojin" / "pqa_artificial" / "train-00000-of-00001.parquet", qiaojin)
     art = bm.load_benchmark_from_hub("pubmedqa_artificial", "train", snapshot_dir=tmp_path / "qiaojin")
     assert [r["id"] for r in art] == [r["id"] for r in test]
@@ -317,5 +351,4 @@ def test_hub_snapshot_is_the_only_network_call(monkeypatch):
 def test_exemplar_pool_must_be_large_enough():
     with pytest.raises(ValueError, match="5 exemplars requested from a pool of 3"):
         bm.select_exemplars([{}] * 3, 5, 0)
-    assert np.array_equal(np.random.default_rng(7).permutation(10)[:2],
-                          [bm.select_exemplars(list(range(10)), 2, 7)][0])
+    assert np.array_equal(np.random.default_rng(7).permutation(10)[:2], [bm.select_exemplars(list(range(10)), 2, 7)][0])

@@ -54,8 +54,12 @@ def test_orbax_round_trip_and_cli(tmp_path, shared_data):
     direct = load_hf_params(src, read_hf_config(src))
     for x, y in zip(_leaves(params), _leaves(direct), strict=True):
         assert np.array_equal(np.asarray(x), y)
-    assert convert_main(["--to", "hf", "--input", str(tmp_path / "orbax"), "--output", str(tmp_path / "hf"),
-                         "--dtype", "bfloat16"]) == 0
+    assert (
+        convert_main(
+            ["--to", "hf", "--input", str(tmp_path / "orbax"), "--output", str(tmp_path / "hf"), "--dtype", "bfloat16"]
+        )
+        == 0
+    )
     exported = _all_tensors(str(tmp_path / "hf"))
     original = _all_tensors(src)
     for name, w in original.items():

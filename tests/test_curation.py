@@ -89,14 +89,19 @@ def test_jats_reference_list_removed_and_citations_become_markers(pone):
     assert pone.id == "pmc:PMC3460867" and pone.meta["pmid"] == "23029536"
     assert text.startswith("MmPPOX Inhibits Mycobacterium tuberculosis Lipolytic Enzymes")
     # Reference 4's full title (16 words) is gone; only its 12-word prefix survives inside the markers.
-    full = ("Foamy macrophages from tuberculous patients' granulomas constitute a nutrient-rich reservoir "
-            "for M. tuberculosis persistence")
+    full = (
+        "Foamy macrophages from tuberculous patients' granulomas constitute a nutrient-rich reservoir "
+        "for M. tuberculosis persistence"
+    )
     assert full not in text
-    assert ("[bib_ref] Foamy macrophages from tuberculous patients' granulomas constitute a nutrient-rich "
-            "reservoir for M...., Peyron [/bib_ref]") in text
+    assert (
+        "[bib_ref] Foamy macrophages from tuberculous patients' granulomas constitute a nutrient-rich "
+        "reservoir for M...., Peyron [/bib_ref]"
+    ) in text
     # In-text citation [1] -> cited title + first author's surname.
-    assert ("urgently needed [bib_ref] Drug-resistant tuberculosis: an insurmountable epidemic?, Chakroborty "
-            "[/bib_ref].") in text
+    assert (
+        "urgently needed [bib_ref] Drug-resistant tuberculosis: an insurmountable epidemic?, Chakroborty [/bib_ref]."
+    ) in text
     # Reference-list-only strings (journal of ref 1, the list heading) and the citation brackets are gone.
     assert "Inflammopharmacology" not in text and "\n# References" not in text and "[1]" not in text
     assert pone.removed["reference_entries"] == 58
@@ -147,26 +152,36 @@ def test_medline_real_sample_counts_and_structured_labels(shared_data):
     assert first.id == "pubmed:17942999" and first.meta["pmcid"] == "PMC4380289"
     assert first.text.startswith(
         "Neuroplasticity in the processing of pitch dimensions: a multidimensional scaling analysis of the "
-        "mismatch negativity.\nPURPOSE: An auditory electrophysiological study was conducted")
+        "mismatch negativity.\nPURPOSE: An auditory electrophysiological study was conducted"
+    )
     assert [ln.split(":")[0] for ln in first.text.split("\n")[1:]] == ["PURPOSE", "METHODS", "RESULTS", "CONCLUSIONS"]
 
 
 def _citation(pmid, abstract="", title="A synthetic title."):
     body = f"<Abstract><AbstractText>{abstract}</AbstractText></Abstract>" if abstract else ""
-    return (f'<MedlineCitation Status="MEDLINE">\n<PMID Version="1">{pmid}</PMID>\n<Article>\n'
-            f"<ArticleTitle>{title}</ArticleTitle>\n{body}\n</Article>\n</MedlineCitation>\n")
+    return (
+        f'<MedlineCitation Status="MEDLINE">\n<PMID Version="1">{pmid}</PMID>\n<Article>\n'
+        f"<ArticleTitle>{title}</ArticleTitle>\n{body}\n</Article>\n</MedlineCitation>\n"
+    )
 
 
 def test_medline_broken_record_counted_rest_survives():
-    head = ('<?xml version="1.0"?>\n<!DOCTYPE MedlineCitationSet PUBLIC "-//NLM//DTD Medline//EN" '
-            '"https://www.nlm.nih.gov/x.dtd">\n<MedlineCitationSet>\n')
+    head = (
+        '<?xml version="1.0"?>\n<!DOCTYPE MedlineCitationSet PUBLIC "-//NLM//DTD Medline//EN" '
+        '"https://www.nlm.nih.gov/x.dtd">\n<MedlineCitationSet>\n'
+    )
     broken = _citation(2, "An abstract whose element is never <b>closed.").replace("</b>", "")
-    data = (head + _citation(1, "First abstract text.") + broken + _citation(3, "Third abstract text.")
-            + "</MedlineCitationSet>\n").encode()
+    data = (
+        head
+        + _citation(1, "First abstract text.")
+        + broken
+        + _citation(3, "Third abstract text.")
+        + "</MedlineCitationSet>\n"
+    ).encode()
     out = list(medline.read_medline("m.xml", io.BytesIO(data)))
     assert [d.id for d in out if isinstance(d, Doc)] == ["pubmed:1", "pubmed:3"]
     (bad,) = [m for m in out if isinstance(m, Malformed)]
-    offset = data.index(b"<MedlineCitation", data.index(b"<PMID Version=\"1\">1<"))
+    offset = data.index(b"<MedlineCitation", data.index(b'<PMID Version="1">1<'))
     assert bad.position["record"] == 1 and bad.position["byte_offset"] == offset
     # The record starts on line 11; expat stops on its 5th line, where </AbstractText> meets the open <b>.
     assert bad.position["line"] == data[:offset].count(b"\n") + 1 == 11
@@ -175,10 +190,13 @@ def test_medline_broken_record_counted_rest_survives():
 
 
 def test_medline_entity_bomb_in_doctype_is_not_expanded():
-    data = (b'<?xml version="1.0"?>\n<!DOCTYPE MedlineCitationSet [<!ENTITY a "aaaaaaaaaa">'
-            b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>\n<MedlineCitationSet>\n'
-            + _citation(1, "Uses &b; here.").encode() + _citation(2, "Clean abstract.").encode()
-            + b"</MedlineCitationSet>\n")
+    data = (
+        b'<?xml version="1.0"?>\n<!DOCTYPE MedlineCitationSet [<!ENTITY a "aaaaaaaaaa">'
+        b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>\n<MedlineCitationSet>\n'
+        + _citation(1, "Uses &b; here.").encode()
+        + _citation(2, "Clean abstract.").encode()
+        + b"</MedlineCitationSet>\n"
+    )
     out = list(medline.read_medline("bomb.xml", io.BytesIO(data)))
     errors = sorted(m.error for m in out if isinstance(m, Malformed))
     assert len(errors) == 2 and "undefined entity" in errors[0] and "unsafe XML" in errors[1]
@@ -212,20 +230,26 @@ def test_cdc_guideline_navigation_stripped_headings_kept(cdc_raw):
 
 
 def test_generic_guideline_lists_headings_and_menus():
-    raw = ("Home | About | Contact | Search\n## Overview\nThis guideline covers asthma in adults.\n"
-           "• Use inhaled steroids daily.\n* Review technique at every visit [3].\nFacebook\nTwitter\nLinkedIn\n"
-           "YouTube\n#### Dosing\nSee https://example.org/asthma for the table.\n12 14 16 18\nReferences\n1. Smith J.")
+    raw = (
+        "Home | About | Contact | Search\n## Overview\nThis guideline covers asthma in adults.\n"
+        "• Use inhaled steroids daily.\n* Review technique at every visit [3].\nFacebook\nTwitter\nLinkedIn\n"
+        "YouTube\n#### Dosing\nSee https://example.org/asthma for the table.\n12 14 16 18\nReferences\n1. Smith J."
+    )
     text, removed = guidelines.clean_guideline(raw)
-    assert text == ("# Overview\nThis guideline covers asthma in adults.\n- Use inhaled steroids daily.\n"
-                    "- Review technique at every visit.\n\n### Dosing\nSee for the table.")
+    assert text == (
+        "# Overview\nThis guideline covers asthma in adults.\n- Use inhaled steroids daily.\n"
+        "- Review technique at every visit.\n\n### Dosing\nSee for the table."
+    )
     assert removed["navigation"] and removed["reference_list"] and removed["urls"] and removed["bracket_refs"]
 
 
 def test_guideline_jsonl_malformed_lines_reported_rest_kept():
-    lines = [json.dumps({"id": "a", "text": "First guideline text about hypertension management in adults."}),
-             '{"id": "b", "text": "unterminated',
-             json.dumps({"id": "c", "title": "no text here"}),
-             json.dumps({"id": "d", "content": {"Scope": "Second guideline on diabetes screening in adults."}})]
+    lines = [
+        json.dumps({"id": "a", "text": "First guideline text about hypertension management in adults."}),
+        '{"id": "b", "text": "unterminated',
+        json.dumps({"id": "c", "title": "no text here"}),
+        json.dumps({"id": "d", "content": {"Scope": "Second guideline on diabetes screening in adults."}}),
+    ]
     data = ("\n".join(lines) + "\n").encode()
     out = list(guidelines.read_guidelines("guidelines_who/dump.jsonl", io.BytesIO(data)))
     assert [d.id for d in out if isinstance(d, Doc)] == ["guidelines:generic:a", "guidelines:generic:d"]
@@ -257,24 +281,33 @@ def test_minhash_separates_near_duplicates_from_distinct_documents(cdc_raw):
     assert dedup.estimated_jaccard(sig[2], h.signature(edited)) >= 0.8
     assert max(dedup.estimated_jaccard(sig[i], sig[j]) for i in range(6) for j in range(i)) < 0.2
     assert dedup.exact_key(texts[2]) == dedup.exact_key(texts[2].upper().replace(" ", "  "))
-    pairs = dedup.near_duplicate_pairs([("b", h.signature(edited)), ("a", sig[2]), ("c", sig[3])],
-                                       dedup.MinHashConfig())
+    pairs = dedup.near_duplicate_pairs(
+        [("b", h.signature(edited)), ("a", sig[2]), ("c", sig[3])], dedup.MinHashConfig()
+    )
     assert [(p[0], p[1]) for p in pairs] == [("b", "a")]
 
 
 def test_contamination_index_core_on_reference_strings():
-    q = ("A 45-year-old man presents with crushing substernal chest pain radiating to the left arm for two "
-         "hours and diaphoresis; which enzyme rises first")
-    refs = [("medqa/test:1", q), ("mmlu/test:7", "Which bone is the longest in the human body today?"),
-            ("x/test:2", "Too short a question.")]
+    q = (
+        "A 45-year-old man presents with crushing substernal chest pain radiating to the left arm for two "
+        "hours and diaphoresis; which enzyme rises first"
+    )
+    refs = [
+        ("medqa/test:1", q),
+        ("mmlu/test:7", "Which bone is the longest in the human body today?"),
+        ("x/test:2", "Too short a question."),
+    ]
     idx = contamination.ContaminationIndex.build(refs)
     assert idx.stats["too_short_to_check"] == 1 and idx.stats["checked_references"] == 2
     doc = "Review notes. " + q.upper() + " Answer: troponin rises later than myoglobin."
     assert idx.is_contaminated(doc) == (True, ["medqa/test:1"])
-    assert idx.is_contaminated("It asks which bone is the longest in the human body today, correct?")[1] == \
-        ["mmlu/test:7"]  # shorter than 13 words: matched whole
-    assert idx.is_contaminated("A 45-year-old man presents with chest pain and dyspnea after a long flight.") == \
-        (False, [])
+    assert idx.is_contaminated("It asks which bone is the longest in the human body today, correct?")[1] == [
+        "mmlu/test:7"
+    ]  # shorter than 13 words: matched whole
+    assert idx.is_contaminated("A 45-year-old man presents with chest pain and dyspnea after a long flight.") == (
+        False,
+        [],
+    )
 
 
 def test_contamination_ignores_ngrams_shared_by_many_references():

@@ -33,8 +33,10 @@ def _cli():
 
 def _citation(pmid, abstract="", title="A synthetic title."):
     body = f"<Abstract>{abstract}</Abstract>" if abstract else ""
-    return (f'<MedlineCitation Status="MEDLINE">\n<PMID Version="1">{pmid}</PMID>\n<Article>\n'
-            f"<ArticleTitle>{title}</ArticleTitle>\n{body}\n</Article>\n</MedlineCitation>\n")
+    return (
+        f'<MedlineCitation Status="MEDLINE">\n<PMID Version="1">{pmid}</PMID>\n<Article>\n'
+        f"<ArticleTitle>{title}</ArticleTitle>\n{body}\n</Article>\n</MedlineCitation>\n"
+    )
 
 
 def _plant(sample: pathlib.Path, inp: pathlib.Path) -> dict:
@@ -50,35 +52,47 @@ def _plant(sample: pathlib.Path, inp: pathlib.Path) -> dict:
     near = " ".join("mortality" if (i % 150 == 7 and w.isalpha()) else w for i, w in enumerate(words))
     medqa = load_benchmark("medqa_4opt", "test")[0]["question"]
     planted = [
-        {"id": "zz-exact-copy", "text": raw},                      # line 1: exact duplicate of CDC_URL
-        {"id": "zz-near-copy", "text": near},                      # line 2: ~0.7% of the words changed
-        {"id": "zz-medqa", "title": "Disclosure of surgical errors",  # line 3: holds a MedQA test question
-         "text": "Teaching case for residents.\n" + medqa + "\nDiscuss with the attending physician."},
+        {"id": "zz-exact-copy", "text": raw},  # line 1: exact duplicate of CDC_URL
+        {"id": "zz-near-copy", "text": near},  # line 2: ~0.7% of the words changed
+        {
+            "id": "zz-medqa",
+            "title": "Disclosure of surgical errors",  # line 3: holds a MedQA test question
+            "text": "Teaching case for residents.\n" + medqa + "\nDiscuss with the attending physician.",
+        },
     ]
     lines = [json.dumps(r) for r in planted] + ['{"id": "zz-broken", "text": "unterminated', json.dumps({"id": "x"})]
     (inp / "guidelines_cdc" / "planted.jsonl").write_text("\n".join(lines) + "\n")
 
-    pqa = next(x for s in ("test", "train", "validation") for x in load_benchmark("pubmedqa", s)
-               if x["id"] == "21645374")
+    pqa = next(
+        x for s in ("test", "train", "validation") for x in load_benchmark("pubmedqa", s) if x["id"] == "21645374"
+    )
     (inp / "replay_general" / "planted.jsonl").write_text(
-        json.dumps({"id": "zz-pubmedqa", "text": "Blog post about plants.\n" + pqa["context"]}) + "\n" + "{oops\n")
+        json.dumps({"id": "zz-pubmedqa", "text": "Blog post about plants.\n" + pqa["context"]}) + "\n" + "{oops\n"
+    )
 
     head = '<?xml version="1.0"?>\n<MedlineCitationSet>\n'
     records = [
         _citation(23029536, "<AbstractText>Abstract of pone.0046493, whose full text is in pmc_papers.</AbstractText>"),
         _citation(99000001, "<AbstractText>Never closed <i>here.</AbstractText>"),
         _citation(99000002),  # no abstract
-        _citation(99000003, '<AbstractText Label="BACKGROUND">Synthetic background sentence about sepsis care.'
-                            '</AbstractText><AbstractText Label="RESULTS">Mortality fell by a third after the '
-                            "bundle was adopted.</AbstractText>", title="Sepsis bundles in rural hospitals."),
+        _citation(
+            99000003,
+            '<AbstractText Label="BACKGROUND">Synthetic background sentence about sepsis care.'
+            '</AbstractText><AbstractText Label="RESULTS">Mortality fell by a third after the '
+            "bundle was adopted.</AbstractText>",
+            title="Sepsis bundles in rural hospitals.",
+        ),
     ]
     (inp / "pubmed_abstracts" / "planted.xml").write_text(head + "".join(records) + "</MedlineCitationSet>\n")
 
-    lol = ('<?xml version="1.0"?>\n<!DOCTYPE article [\n <!ENTITY a "aaaaaaaaaa">\n'
-           ' <!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">\n]>\n<article><body><p>&b;</p></body></article>\n')
+    lol = (
+        '<?xml version="1.0"?>\n<!DOCTYPE article [\n <!ENTITY a "aaaaaaaaaa">\n'
+        ' <!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">\n]>\n<article><body><p>&b;</p></body></article>\n'
+    )
     (inp / "pmc_papers" / "zz_billion_laughs.nxml").write_text(lol)
-    (inp / "pmc_papers" / "zz_truncated.nxml").write_bytes((sample / "pmc_papers" / "pone.0000217.nxml")
-                                                           .read_bytes()[:4000])
+    (inp / "pmc_papers" / "zz_truncated.nxml").write_bytes(
+        (sample / "pmc_papers" / "pone.0000217.nxml").read_bytes()[:4000]
+    )
     return {"medqa": medqa}
 
 
@@ -87,8 +101,20 @@ def run(shared_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("gap")
     inp, out = base / "in", base / "out"
     expected = _plant(shared_data / "gap_replay_sample", inp)
-    rc = _cli().main(["--input_dir", str(inp), "--output_dir", str(out), "--num_shards", "2",
-                      "--max_docs_per_file", str(CAP), "--runner", "DirectRunner"])
+    rc = _cli().main(
+        [
+            "--input_dir",
+            str(inp),
+            "--output_dir",
+            str(out),
+            "--num_shards",
+            "2",
+            "--max_docs_per_file",
+            str(CAP),
+            "--runner",
+            "DirectRunner",
+        ]
+    )
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
     docs = {}
@@ -109,8 +135,10 @@ def _removed(run, filt):
 def test_shards_layout(run):
     out = run["out"]
     for src in SOURCES:
-        assert sorted(p.name for p in (out / src).glob("train-*.jsonl")) == \
-            ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]
+        assert sorted(p.name for p in (out / src).glob("train-*.jsonl")) == [
+            "train-00000-of-00002.jsonl",
+            "train-00001-of-00002.jsonl",
+        ]
     assert (out / "guidelines" / "validation-00000-of-00001.jsonl").exists()
     assert not (out / "replay" / "validation-00000-of-00001.jsonl").exists()  # MEDITRON: no replay validation
 
@@ -128,8 +156,9 @@ def test_exact_and_near_duplicates_removed_and_counted(run):
 def test_contaminated_documents_removed(run):
     cont = _removed(run, "contaminated")
     assert any(b.startswith("medqa_") for b in cont["guidelines:cdc:zz-medqa"]["benchmarks"])
-    assert cont["replay:zz-pubmedqa"]["benchmarks"] and \
-        all(b.startswith("pubmedqa/") and b.endswith(":21645374") for b in cont["replay:zz-pubmedqa"]["benchmarks"])
+    assert cont["replay:zz-pubmedqa"]["benchmarks"] and all(
+        b.startswith("pubmedqa/") and b.endswith(":21645374") for b in cont["replay:zz-pubmedqa"]["benchmarks"]
+    )
     assert not any(run["medqa"][:200] in d["text"] for d in run["docs"].values())
     s = run["stats"]
     assert s["sources"]["guidelines"]["removed"]["contaminated"]["docs"] == 1
@@ -162,7 +191,8 @@ def test_abstract_filters(run):
     assert "pubmed:99000002" in _removed(run, "no_abstract")
     assert run["docs"]["pubmed:99000003"]["text"] == (
         "Sepsis bundles in rural hospitals.\nBACKGROUND: Synthetic background sentence about sepsis care.\n"
-        "RESULTS: Mortality fell by a third after the bundle was adopted.")
+        "RESULTS: Mortality fell by a third after the bundle was adopted."
+    )
 
 
 def test_paper_cleaning_survives_pipeline(run):

@@ -71,7 +71,7 @@ def _reference_pack(sequences, length, bos):
     rows = []
     for start in range(0, len(sequences), length):
         current = []
-        for seq in sequences[start:start + length]:
+        for seq in sequences[start : start + length]:
             seq = list(seq[:length])
             if sum(map(len, current)) + len(seq) > length:
                 rows.append(current)
@@ -112,8 +112,16 @@ def test_lm_packing_matches_seqio_and_the_stated_semantics(corpus):
     unpacked = task.get_dataset(sequence_length={"targets": L}, split="train", shuffle=False)
     sequences = [ex["targets"] for ex in unpacked.as_numpy_iterator()]
     assert max(map(len, sequences)) == L and len(sequences) > 24  # long documents were cut into rows
-    ours = _rows(pipeline.make_dataset("gap_replay_pubmed_abstracts", sequence_length=L, batch_size=4,
-                                       shuffle=False, num_epochs=1, drop_remainder=False))
+    ours = _rows(
+        pipeline.make_dataset(
+            "gap_replay_pubmed_abstracts",
+            sequence_length=L,
+            batch_size=4,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
+        )
+    )
     seqio_packed = seqio.LMFeatureConverter(pack=True, bos_id=LLAMA_BOS_ID)(unpacked, {"targets": L})
     theirs = [{k: ex[k] for k in MODEL_FEATURES} for ex in seqio_packed.as_numpy_iterator()]
     _assert_rows_equal(ours, theirs)
@@ -126,10 +134,12 @@ def test_lm_packing_matches_seqio_and_the_stated_semantics(corpus):
 def test_sft_packing_equals_prefix_lm_without_bidirectional_prompt(shared_data):
     task = seqio.get_mixture_or_task("medmcqa_sft")
     lengths = {"inputs": 448, "targets": 64}
-    unpacked = task.get_dataset(sequence_length=lengths, split="validation", shuffle=False,
-                                shard_info=seqio.ShardInfo(0, 200))  # 21 examples
-    ours = list(pipeline.CausalSFTFeatureConverter(pack=True, bos_id=LLAMA_BOS_ID)(unpacked, lengths)
-                .as_numpy_iterator())
+    unpacked = task.get_dataset(
+        sequence_length=lengths, split="validation", shuffle=False, shard_info=seqio.ShardInfo(0, 200)
+    )  # 21 examples
+    ours = list(
+        pipeline.CausalSFTFeatureConverter(pack=True, bos_id=LLAMA_BOS_ID)(unpacked, lengths).as_numpy_iterator()
+    )
     prefix_lm = seqio.PrefixLMFeatureConverter(pack=True, bos_id=LLAMA_BOS_ID, loss_on_targets_only=True)
     theirs = list(prefix_lm(unpacked, lengths).as_numpy_iterator())
     assert len(ours) == len(theirs) > 1
@@ -140,9 +150,13 @@ def test_sft_packing_equals_prefix_lm_without_bidirectional_prompt(shared_data):
     # The loss covers exactly the answer turn of every segment: "<|im_start|>answer\nX<|im_end|>\n".
     vocab = tasks.chat_vocabulary()
     examples = list(unpacked.as_numpy_iterator())
-    answers = [vocab.decode(o["decoder_target_tokens"][(o["decoder_segment_ids"] == j) &
-                                                        (o["decoder_loss_weights"] == 1)].tolist())
-               for o in ours for j in range(1, o["decoder_segment_ids"].max() + 1)]
+    answers = [
+        vocab.decode(
+            o["decoder_target_tokens"][(o["decoder_segment_ids"] == j) & (o["decoder_loss_weights"] == 1)].tolist()
+        )
+        for o in ours
+        for j in range(1, o["decoder_segment_ids"].max() + 1)
+    ]
     assert answers == [vocab.decode(ex["targets"].tolist()) for ex in examples]
     assert all(a.startswith("<|im_start|>answer\n") and a.endswith("<|im_end|>\n") for a in answers)
 
@@ -169,8 +183,16 @@ def test_same_seed_same_batches_and_resumption(corpus, tmp_path):
 
 def test_hosts_get_disjoint_parts_that_cover_the_split(corpus):
     def segments(host_index, host_count):
-        ds = pipeline.make_dataset("gap_replay_pmc_papers", sequence_length=L, batch_size=4, shuffle=False,
-                                   num_epochs=1, drop_remainder=False, host_index=host_index, host_count=host_count)
+        ds = pipeline.make_dataset(
+            "gap_replay_pmc_papers",
+            sequence_length=L,
+            batch_size=4,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
+            host_index=host_index,
+            host_count=host_count,
+        )
         rows = _rows(ds)
         out = []
         for r in rows:
@@ -211,38 +233,52 @@ def test_mixture_rates_are_shares_of_packed_rows(corpus, source_tokens):
 
 
 def test_validation_mixture_skips_replay(corpus, source_tokens):
-    ds = pipeline.make_dataset("gap_replay", split="validation", sequence_length=L, batch_size=4, seed=0,
-                               num_epochs=1, shuffle=False, drop_remainder=False)
+    ds = pipeline.make_dataset(
+        "gap_replay",
+        split="validation",
+        sequence_length=L,
+        batch_size=4,
+        seed=0,
+        num_epochs=1,
+        shuffle=False,
+        drop_remainder=False,
+    )
     sources = {_source_of(r["decoder_target_tokens"], source_tokens) for r in _rows(ds)}
     assert sources == {"guidelines", "pubmed_abstracts", "pmc_papers"}
 
 
 def test_batches_are_int32_and_the_seed_matters(corpus):
     def first_batches(seed):
-        it = pipeline.make_iterator("gap_replay_guidelines", sequence_length=L, batch_size=2, seed=seed,
-                                    shuffle_buffer_size=8)
+        it = pipeline.make_iterator(
+            "gap_replay_guidelines", sequence_length=L, batch_size=2, seed=seed, shuffle_buffer_size=8
+        )
         return [next(it) for _ in range(3)]
 
     batches = first_batches(0)
     assert set(batches[0]) == set(MODEL_FEATURES)
     assert all(v.dtype == np.int32 and v.shape == (2, L) for v in batches[0].values())
     other = first_batches(1)
-    assert not all(np.array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])
-                   for a, b in zip(batches, other, strict=True))
+    assert not all(
+        np.array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])
+        for a, b in zip(batches, other, strict=True)
+    )
 
 
 def test_gin_files_bind_data_settings():
     from pathlib import Path
 
     gin_dir = Path(__file__).resolve().parents[1] / "gin" / "data"
-    order = ["gap_replay.gin", "ablation_pmc_replay.gin", "ablation_no_replay.gin", "sft.gin",
-             "fewshot_from_train.gin"]
+    order = ["gap_replay.gin", "ablation_pmc_replay.gin", "ablation_no_replay.gin", "sft.gin", "fewshot_from_train.gin"]
     assert sorted(order) == sorted(f.name for f in gin_dir.glob("*.gin"))
     try:
         for name in order:
             gin.parse_config_file(str(gin_dir / name))
-        assert tasks.gap_replay_rates() == {"guidelines": 0.0, "pubmed_abstracts": 0.0, "pmc_papers": 0.872,
-                                            "replay": 0.0}  # the two ablations, applied last
+        assert tasks.gap_replay_rates() == {
+            "guidelines": 0.0,
+            "pubmed_abstracts": 0.0,
+            "pmc_papers": 0.872,
+            "replay": 0.0,
+        }  # the two ablations, applied last
         assert tasks.fewshot_pool("medqa_4opt") == ("medqa_4opt", "train")
         gin.clear_config()
         gin.parse_config_file(str(gin_dir / "gap_replay.gin"))

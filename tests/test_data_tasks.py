@@ -20,6 +20,7 @@ EOS = 2
 
 # ------------------------------------------------------------------ fixtures
 
+
 def _raw_documents(shared, per_source=4):
     """A few real documents per GAP-REPLAY source, crudely extracted from the raw sample files."""
     sample = shared / "gap_replay_sample"
@@ -44,7 +45,7 @@ def _raw_documents(shared, per_source=4):
         # Marker tokens as the curated papers carry them (MEDITRON.md §2).
         papers.append("# Introduction\n" + body[:3000] + " [bib_ref] Some cited title, Smith [/bib_ref]")
     wiki = (sample / "replay_general" / "valid.txt").read_text(encoding="utf-8").split("\n = ")
-    replay = [w.strip()[:3000] for w in wiki[1:per_source + 1]]
+    replay = [w.strip()[:3000] for w in wiki[1 : per_source + 1]]
     return {"guidelines": guidelines, "pubmed_abstracts": abstracts, "pmc_papers": papers, "replay": replay}
 
 
@@ -67,28 +68,40 @@ def curated(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(shared_data):
-    return Tokenizer(shared_data / "llama2_tokenizer" / "tokenizer.model",
-                     extra_tokens=MEDITRON_EXTRA_TOKENS + CHATML_TOKENS)
+    return Tokenizer(
+        shared_data / "llama2_tokenizer" / "tokenizer.model", extra_tokens=MEDITRON_EXTRA_TOKENS + CHATML_TOKENS
+    )
 
 
 def _examples(task_name, split, sequence_length=None, every=None):
     """The task's examples; ``every=n`` keeps examples 0, n, 2n... (before tokenizing: quicker)."""
     shard = seqio.ShardInfo(0, every) if every else None
-    ds = seqio.get_mixture_or_task(task_name).get_dataset(sequence_length=sequence_length, split=split,
-                                                          shuffle=False, shard_info=shard, try_in_mem_cache=False)
+    ds = seqio.get_mixture_or_task(task_name).get_dataset(
+        sequence_length=sequence_length, split=split, shuffle=False, shard_info=shard, try_in_mem_cache=False
+    )
     return list(ds.as_numpy_iterator())
 
 
 # ------------------------------------------------------------------ vocabulary
 
+
 def test_tf_tokenization_matches_tokenizer(tok, shared_data):
     vocab = meditron_vocabulary(chatml=True)
     assert vocab.vocab_size == 32019 and meditron_vocabulary().vocab_size == 32017
     assert (vocab.eos_id, vocab.pad_id, vocab.bos_id) == (2, 0, 1)
-    texts = ["", "plain text", " leading", "a\n\nb  c ", "naïve é😀 ½→∞",
-             "<|im_start|>question\nWhat?<|im_end|>\n<|im_start|>answer\nB<|im_end|>\n",
-             "see [bib_ref] Title, Smith [/bib_ref] and [fig_ref] Figure 1: x [/fig_ref].",
-             "[table]a[/table][formula]x^2[/formula]", "x<|im_end|>", "[/bib]ing", "<CLS><SEP>t<EOD><MASK><PAD>"]
+    texts = [
+        "",
+        "plain text",
+        " leading",
+        "a\n\nb  c ",
+        "naïve é😀 ½→∞",
+        "<|im_start|>question\nWhat?<|im_end|>\n<|im_start|>answer\nB<|im_end|>\n",
+        "see [bib_ref] Title, Smith [/bib_ref] and [fig_ref] Figure 1: x [/fig_ref].",
+        "[table]a[/table][formula]x^2[/formula]",
+        "x<|im_end|>",
+        "[/bib]ing",
+        "<CLS><SEP>t<EOD><MASK><PAD>",
+    ]
     batch = vocab.encode_tf(tf.constant(texts))
     for text, ids in zip(texts, batch, strict=True):
         assert ids.numpy().tolist() == tok.encode(text, bos=False), text
@@ -102,6 +115,7 @@ def test_tf_tokenization_matches_tokenizer(tok, shared_data):
 
 
 # ------------------------------------------------------------------ registry
+
 
 def test_registry_names():
     names = set(seqio.TaskRegistry.names())
@@ -121,8 +135,12 @@ def test_gap_replay_rates_follow_meditron_and_gin():
 
     mix = seqio.get_mixture_or_task("gap_replay")
     rates = {t.name: mix.get_rate(t) for t in mix.tasks}
-    assert rates == {"gap_replay_guidelines": 0.002, "gap_replay_pubmed_abstracts": 0.117,
-                     "gap_replay_pmc_papers": 0.872, "gap_replay_replay": 0.009}
+    assert rates == {
+        "gap_replay_guidelines": 0.002,
+        "gap_replay_pubmed_abstracts": 0.117,
+        "gap_replay_pmc_papers": 0.872,
+        "gap_replay_replay": 0.009,
+    }
     with gin.unlock_config():
         gin.bind_parameter("gap_replay_rates.replay", 0.05)
     try:
@@ -132,6 +150,7 @@ def test_gap_replay_rates_follow_meditron_and_gin():
 
 
 # ------------------------------------------------------------------ GAP-REPLAY tasks
+
 
 def test_gap_replay_task_tokenizes_appends_eos_and_splits(curated, tok):
     root, docs = curated
@@ -172,8 +191,10 @@ def test_gap_replay_tfrecord_shards_read_the_same(curated, tmp_path, monkeypatch
     (tmp_path / source).mkdir()
     with tf.io.TFRecordWriter(str(tmp_path / source / "train-00000-of-00001.tfrecord")) as w:
         for i, text in enumerate(docs[source][:-1]):
-            feats = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
-                     for k, v in (("id", str(i)), ("source", source), ("text", text))}
+            feats = {
+                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+                for k, v in (("id", str(i)), ("source", source), ("text", text))
+            }
             w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
     jsonl = [ex["targets"].tolist() for ex in _examples(f"gap_replay_{source}", "train", {"targets": 128})]
     monkeypatch.setenv(tasks.CURATED_ENV, str(tmp_path))

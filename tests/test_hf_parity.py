@@ -40,8 +40,9 @@ def test_hidden_states_per_layer_match_transformers(tmp_path):
     cfg = read_hf_config(path, scan_layers=False)
     params = load_hf_params(path, cfg)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 64))
-    _, state = Llama(cfg).apply({"params": params}, jnp.asarray(tokens), capture_intermediates=True,
-                                mutable=["intermediates"])
+    _, state = Llama(cfg).apply(
+        {"params": params}, jnp.asarray(tokens), capture_intermediates=True, mutable=["intermediates"]
+    )
     inter = state["intermediates"]
     ref = hf_hidden_states(hf, tokens)  # [embeddings, layer 0 .. layer L-2 outputs, final-norm output]
     assert len(ref) == cfg.num_layers + 1

@@ -71,7 +71,7 @@ def numpy_attention(q, k, v, *, causal, segment_ids, scale):
             allowed &= np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + (kv_len - q_len)
         if segment_ids is not None:
             seg = np.asarray(segment_ids[bi])
-            allowed &= seg[kv_len - q_len:][:, None] == seg[None, :]
+            allowed &= seg[kv_len - q_len :][:, None] == seg[None, :]
         for hi in range(heads):
             s = np.where(allowed, q[bi, :, hi] @ k[bi, :, hi // groups].T * scale, -np.inf)
             has_key = allowed.any(axis=1, keepdims=True)
@@ -89,8 +89,12 @@ def reference_vjp(q, k, v, ct, segment_ids, *, causal, scale):
 
         @jax.jit
         def both(q, k, v, ct, seg):
-            out, vjp = jax.vjp(lambda q, k, v: xla.reference_attention(
-                q, k, v, causal=causal, segment_ids=seg, softmax_scale=scale), q, k, v)
+            out, vjp = jax.vjp(
+                lambda q, k, v: xla.reference_attention(q, k, v, causal=causal, segment_ids=seg, softmax_scale=scale),
+                q,
+                k,
+                v,
+            )
             return out, vjp(ct)
 
         out, grads = both(q64, k64, v64, ct64, seg)
@@ -122,7 +126,7 @@ def rel_err(actual, expected) -> float:
 def case_reference(case: Case, seed: int = 0):
     """The float64 reference for a case's inputs (cached: several paths are checked against each case)."""
     q, k, v, ct, seg = make_inputs(case, seed)
-    return reference_vjp(q, k, v, ct, seg, causal=case.causal, scale=case.head_dim ** -0.5)
+    return reference_vjp(q, k, v, ct, seg, causal=case.causal, scale=case.head_dim**-0.5)
 
 
 def assert_matches_reference(fn, case: Case, *, fast_compile=True, seed=0):
@@ -155,12 +159,13 @@ REFERENCE_CASES = [
 @pytest.mark.parametrize("case", REFERENCE_CASES, ids=str)
 def test_reference_matches_numpy_float64(case):
     q, k, v, _, seg = make_inputs(case)
-    scale = case.head_dim ** -0.5
+    scale = case.head_dim**-0.5
     expected = numpy_attention(q, k, v, causal=case.causal, segment_ids=seg, scale=scale)
     with jax.enable_x64(True):
         q64, k64, v64 = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
-        got = jax.jit(lambda q, k, v, s: xla.reference_attention(
-            q, k, v, causal=case.causal, segment_ids=s, softmax_scale=scale))(q64, k64, v64, seg)
+        got = jax.jit(
+            lambda q, k, v, s: xla.reference_attention(q, k, v, causal=case.causal, segment_ids=s, softmax_scale=scale)
+        )(q64, k64, v64, seg)
         assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
 
@@ -222,8 +227,16 @@ def test_xla_paths_match_float64_reference(case, impl):
     sizes = BLOCKWISE if impl == "xla_blockwise" else None
 
     def fn(q, k, v, seg):
-        return kernels.attention(q, k, v, causal=case.causal, segment_ids=seg, softmax_scale=case.head_dim ** -0.5,
-                                 impl=impl, block_sizes=sizes)
+        return kernels.attention(
+            q,
+            k,
+            v,
+            causal=case.causal,
+            segment_ids=seg,
+            softmax_scale=case.head_dim**-0.5,
+            impl=impl,
+            block_sizes=sizes,
+        )
 
     out, _ = assert_matches_reference(fn, case)
     if case.q_len > case.kv_len and case.causal:
@@ -237,9 +250,14 @@ def test_blockwise_float64_is_exact():
     ref_out, ref_grads = reference_vjp(q, k, v, ct, seg, causal=True, scale=0.3)
     with jax.enable_x64(True):
         args = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, ct)]
-        out, grads = path_vjp(lambda q, k, v, s: xla.blockwise_attention(
-            q, k, v, causal=True, segment_ids=s, softmax_scale=0.3, block_sizes=BLOCKWISE), *args, seg,
-            fast_compile=True)
+        out, grads = path_vjp(
+            lambda q, k, v, s: xla.blockwise_attention(
+                q, k, v, causal=True, segment_ids=s, softmax_scale=0.3, block_sizes=BLOCKWISE
+            ),
+            *args,
+            seg,
+            fast_compile=True,
+        )
     for got, want in zip([out, *grads], [ref_out, *ref_grads], strict=True):
         assert rel_err(got, want) < 1e-12
 
@@ -291,21 +309,24 @@ GPU = dispatch.Target("gpu", "NVIDIA H100 80GB HBM3")
 CPU = dispatch.Target("cpu", "cpu")
 
 
-@pytest.mark.parametrize("problem, dtype, target, expected", [
-    (_problem(), jnp.bfloat16, TPU, "pallas_tpu"),
-    (_problem(segments=True, kv_heads=1), jnp.float32, TPU, "pallas_tpu"),
-    (_problem(q_len=1, kv_len=4096), jnp.bfloat16, TPU, "xla"),  # decode step
-    (_problem(q_len=64, kv_len=64), jnp.bfloat16, TPU, "xla"),  # short sequence
-    (_problem(head_dim=1024), jnp.bfloat16, TPU, "xla_blockwise"),  # no kernel for this head_dim
-    (_problem(), jnp.bfloat16, GPU, "cudnn"),
-    (_problem(segments=True), jnp.bfloat16, GPU, "pallas_gpu"),  # cuDNN would need a dense mask
-    (_problem(q_len=512, kv_len=1024), jnp.bfloat16, GPU, "pallas_gpu"),  # bottom-right causal
-    (_problem(), jnp.float32, GPU, "pallas_gpu"),  # cuDNN is half precision only
-    (_problem(head_dim=100), jnp.bfloat16, GPU, "pallas_gpu"),  # cuDNN needs head_dim % 8 == 0
-    (_problem(head_dim=512), jnp.bfloat16, GPU, "xla_blockwise"),
-    (_problem(q_len=256, kv_len=256, heads=4), jnp.float32, CPU, "xla"),
-    (_problem(q_len=4096, kv_len=4096), jnp.float32, CPU, "xla_blockwise"),
-])
+@pytest.mark.parametrize(
+    "problem, dtype, target, expected",
+    [
+        (_problem(), jnp.bfloat16, TPU, "pallas_tpu"),
+        (_problem(segments=True, kv_heads=1), jnp.float32, TPU, "pallas_tpu"),
+        (_problem(q_len=1, kv_len=4096), jnp.bfloat16, TPU, "xla"),  # decode step
+        (_problem(q_len=64, kv_len=64), jnp.bfloat16, TPU, "xla"),  # short sequence
+        (_problem(head_dim=1024), jnp.bfloat16, TPU, "xla_blockwise"),  # no kernel for this head_dim
+        (_problem(), jnp.bfloat16, GPU, "cudnn"),
+        (_problem(segments=True), jnp.bfloat16, GPU, "pallas_gpu"),  # cuDNN would need a dense mask
+        (_problem(q_len=512, kv_len=1024), jnp.bfloat16, GPU, "pallas_gpu"),  # bottom-right causal
+        (_problem(), jnp.float32, GPU, "pallas_gpu"),  # cuDNN is half precision only
+        (_problem(head_dim=100), jnp.bfloat16, GPU, "pallas_gpu"),  # cuDNN needs head_dim % 8 == 0
+        (_problem(head_dim=512), jnp.bfloat16, GPU, "xla_blockwise"),
+        (_problem(q_len=256, kv_len=256, heads=4), jnp.float32, CPU, "xla"),
+        (_problem(q_len=4096, kv_len=4096), jnp.float32, CPU, "xla_blockwise"),
+    ],
+)
 def test_auto_selection(problem, dtype, target, expected):
     assert dispatch.select_impl(problem, dtype, target) == expected
 
@@ -329,13 +350,16 @@ def _qkv(batch=1, length=256, heads=4, kv_heads=2, head_dim=64, dtype=jnp.float3
     return q, k, k
 
 
-@pytest.mark.parametrize("impl, kwargs, message", [
-    ("pallas_tpu", {}, "'pallas_tpu' needs a TPU backend, but the backend is 'cpu'"),
-    ("pallas_gpu", {}, "'pallas_gpu' needs a GPU backend, but the backend is 'cpu'"),
-    ("cudnn", {}, "'cudnn' needs an NVIDIA GPU backend, but the backend is 'cpu'"),
-    ("cudnn", {"interpret": True}, "cuDNN has no interpreter"),
-    ("flash", {}, "attention impl 'flash' is not one of"),
-])
+@pytest.mark.parametrize(
+    "impl, kwargs, message",
+    [
+        ("pallas_tpu", {}, "'pallas_tpu' needs a TPU backend, but the backend is 'cpu'"),
+        ("pallas_gpu", {}, "'pallas_gpu' needs a GPU backend, but the backend is 'cpu'"),
+        ("cudnn", {}, "'cudnn' needs an NVIDIA GPU backend, but the backend is 'cpu'"),
+        ("cudnn", {"interpret": True}, "cuDNN has no interpreter"),
+        ("flash", {}, "attention impl 'flash' is not one of"),
+    ],
+)
 def test_forced_kernel_on_wrong_backend_is_a_clear_error(impl, kwargs, message):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=message):
@@ -359,23 +383,42 @@ def test_forced_kernel_backend_is_checked_at_lowering_or_from_the_mesh():
         jax.eval_shape(f, q, k, v)
 
 
-@pytest.mark.parametrize("impl, inputs, kwargs, message", [
-    ("pallas_tpu", _qkv(head_dim=1024), {}, "pallas_tpu: head_dim 1024 > 512 is not supported"),
-    ("pallas_gpu", _qkv(head_dim=512), {}, "pallas_gpu: head_dim 512 > 256 is not supported"),
-    ("pallas_tpu", _qkv(heads=6, kv_heads=4), {}, r"pallas_tpu.*query heads 6 are not a multiple of kv heads 4"),
-    ("xla_blockwise", _qkv(heads=3, kv_heads=2), {}, r"query heads 3 are not a multiple of kv heads 2"),
-    ("xla", (jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 9, 2, 16))), {},
-     r"k\(1, 8, 2, 16\) and v\(1, 9, 2, 16\) must have the same shape"),
-    ("pallas_gpu", (jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 32)), jnp.zeros((1, 8, 2, 32))), {},
-     r"does not match q\(1, 8, 2, 16\) in batch or head_dim"),
-    ("xla", (jnp.zeros((8, 2, 16)),) * 3, {}, "must be \\[batch, length, heads, head_dim\\]"),
-    ("pallas_tpu", _qkv(), {"segment_ids": jnp.zeros((1, 255), jnp.int32)},
-     r"segment_ids\(1, 255\) must be \[batch, kv_len\] = \(1, 256\)"),
-    ("xla", _qkv(kv_len=128), {"segment_ids": jnp.zeros((1, 128), jnp.int32)}, "segment_ids need q_len <= kv_len"),
-    ("pallas_tpu", _qkv(), {"block_sizes": pallas_gpu.BlockSizes()},
-     "'pallas_tpu' takes meditron_jax.kernels.pallas_tpu.BlockSizes, got BlockSizes"),
-    ("xla", _qkv(), {"block_sizes": xla.BlockwiseSizes()}, "'xla' takes no block sizes"),
-])
+@pytest.mark.parametrize(
+    "impl, inputs, kwargs, message",
+    [
+        ("pallas_tpu", _qkv(head_dim=1024), {}, "pallas_tpu: head_dim 1024 > 512 is not supported"),
+        ("pallas_gpu", _qkv(head_dim=512), {}, "pallas_gpu: head_dim 512 > 256 is not supported"),
+        ("pallas_tpu", _qkv(heads=6, kv_heads=4), {}, r"pallas_tpu.*query heads 6 are not a multiple of kv heads 4"),
+        ("xla_blockwise", _qkv(heads=3, kv_heads=2), {}, r"query heads 3 are not a multiple of kv heads 2"),
+        (
+            "xla",
+            (jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 9, 2, 16))),
+            {},
+            r"k\(1, 8, 2, 16\) and v\(1, 9, 2, 16\) must have the same shape",
+        ),
+        (
+            "pallas_gpu",
+            (jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 32)), jnp.zeros((1, 8, 2, 32))),
+            {},
+            r"does not match q\(1, 8, 2, 16\) in batch or head_dim",
+        ),
+        ("xla", (jnp.zeros((8, 2, 16)),) * 3, {}, "must be \\[batch, length, heads, head_dim\\]"),
+        (
+            "pallas_tpu",
+            _qkv(),
+            {"segment_ids": jnp.zeros((1, 255), jnp.int32)},
+            r"segment_ids\(1, 255\) must be \[batch, kv_len\] = \(1, 256\)",
+        ),
+        ("xla", _qkv(kv_len=128), {"segment_ids": jnp.zeros((1, 128), jnp.int32)}, "segment_ids need q_len <= kv_len"),
+        (
+            "pallas_tpu",
+            _qkv(),
+            {"block_sizes": pallas_gpu.BlockSizes()},
+            "'pallas_tpu' takes meditron_jax.kernels.pallas_tpu.BlockSizes, got BlockSizes",
+        ),
+        ("xla", _qkv(), {"block_sizes": xla.BlockwiseSizes()}, "'xla' takes no block sizes"),
+    ],
+)
 def test_bad_inputs_are_clear_errors(impl, inputs, kwargs, message):
     with pytest.raises(ValueError, match=message):
         kernels.attention(*inputs, impl=impl, interpret=True, **kwargs)

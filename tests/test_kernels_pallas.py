@@ -38,8 +38,17 @@ SIZES = {
 @pytest.mark.parametrize("case", PALLAS_CASES, ids=str)
 def test_pallas_kernel_matches_float64_reference(case, impl):
     def fn(q, k, v, seg):
-        return kernels.attention(q, k, v, causal=case.causal, segment_ids=seg, softmax_scale=case.head_dim ** -0.5,
-                                 impl=impl, interpret=True, block_sizes=SIZES[impl])
+        return kernels.attention(
+            q,
+            k,
+            v,
+            causal=case.causal,
+            segment_ids=seg,
+            softmax_scale=case.head_dim**-0.5,
+            impl=impl,
+            interpret=True,
+            block_sizes=SIZES[impl],
+        )
 
     out, grads = assert_matches_reference(fn, case)
     if case.causal and case.q_len > case.kv_len:  # rows with no key: exactly zero, gradients finite
@@ -54,11 +63,14 @@ def _export_for_cuda(fn, *args):
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("shape, dtype, segments, causal", [
-    ((2, 1000, 8, 2, 128), jnp.bfloat16, True, True),  # GQA 4, length not a tile multiple
-    ((1, 512, 4, 4, 96), jnp.float16, False, False),  # head_dim padded to 128
-    ((1, 300, 8, 1, 64), jnp.float32, True, True),  # MQA, float32
-])
+@pytest.mark.parametrize(
+    "shape, dtype, segments, causal",
+    [
+        ((2, 1000, 8, 2, 128), jnp.bfloat16, True, True),  # GQA 4, length not a tile multiple
+        ((1, 512, 4, 4, 96), jnp.float16, False, False),  # head_dim padded to 128
+        ((1, 300, 8, 1, 64), jnp.float32, True, True),  # MQA, float32
+    ],
+)
 def test_triton_kernels_lower_for_cuda(shape, dtype, segments, causal):
     b, length, heads, kv_heads, d = shape
     q = jax.ShapeDtypeStruct((b, length, heads, d), dtype)

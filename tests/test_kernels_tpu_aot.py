@@ -88,8 +88,9 @@ def test_model_training_step_compiles_with_mosaic_attention(mesh):
 
     ints = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        lowered = jax.jit(train_step).lower(abstract(params, replicated), abstract(opt_state, replicated),
-                                            ints, ints, ints)
+        lowered = jax.jit(train_step).lower(
+            abstract(params, replicated), abstract(opt_state, replicated), ints, ints, ints
+        )
         compiled = lowered.compile()
     calls = _custom_calls(compiled.as_text())
     # Layers are scanned, so each kernel appears once in the loop body (forward) or its transpose.

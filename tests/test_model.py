@@ -40,8 +40,9 @@ def reference_loss_and_grads():
     return tokens, jax.jit(jax.value_and_grad(functools.partial(_loss, CFG)))(PARAMS, tokens)
 
 
-@pytest.mark.parametrize("remat,scan", [("none", False), ("full", True), ("dots_with_no_batch_dims", False),
-                                        ("minimal", True)])
+@pytest.mark.parametrize(
+    "remat,scan", [("none", False), ("full", True), ("dots_with_no_batch_dims", False), ("minimal", True)]
+)
 def test_remat_and_unrolled_give_the_same_loss_and_grads(reference_loss_and_grads, remat, scan):
     tokens, (base_loss, base_grads) = reference_loss_and_grads
     cfg = CFG.replace(remat_policy=remat, scan_layers=scan)
@@ -95,21 +96,25 @@ def test_kv_cache_decode_equals_full_forward_for_ragged_batch():
     tokens, real, positions = left_pad(prompts)
     model = Llama(CFG)
     cache = init_cache(CFG, len(prompts), tokens.shape[1] + steps)
-    prefill = jax.jit(lambda c, t, p, r: model.apply({"params": PARAMS, "cache": c}, t, p, r, mode="prefill",
-                                                     mutable=["cache"]))
+    prefill = jax.jit(
+        lambda c, t, p, r: model.apply({"params": PARAMS, "cache": c}, t, p, r, mode="prefill", mutable=["cache"])
+    )
     logits, state = prefill(cache, tokens, positions, real)
     got = [logits[:, -1]]
     pos = positions[:, -1:] + 1
-    decode = jax.jit(lambda c, t, p: model.apply({"params": PARAMS, "cache": c}, t, p, jnp.ones_like(p),
-                                                 mode="decode", mutable=["cache"]))
+    decode = jax.jit(
+        lambda c, t, p: model.apply(
+            {"params": PARAMS, "cache": c}, t, p, jnp.ones_like(p), mode="decode", mutable=["cache"]
+        )
+    )
     for s in range(steps):
-        step_logits, state = decode(state["cache"], jnp.asarray(follow[:, s:s + 1]), pos)
+        step_logits, state = decode(state["cache"], jnp.asarray(follow[:, s : s + 1]), pos)
         got.append(step_logits[:, -1])
         pos = pos + 1
     got = np.stack(got, 1)  # [b, steps + 1, vocab]
     for i, p in enumerate(prompts):
         full = _forward(PARAMS, jnp.asarray([p + list(follow[i])]))[0]
-        want = full[len(p) - 1:]
+        want = full[len(p) - 1 :]
         assert np.abs(got[i] - np.asarray(want)).max() <= 1e-5, f"row {i}"
 
 

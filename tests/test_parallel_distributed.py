@@ -58,11 +58,27 @@ def _free_port():
 def test_two_cpu_processes_feed_their_own_rows(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "PYTHONPATH": str(ROOT), "JAX_NUM_PROCESSES": "", "JAX_PROCESS_ID": "", "JAX_COORDINATOR_ADDRESS": ""}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(ROOT),
+        "JAX_NUM_PROCESSES": "",
+        "JAX_PROCESS_ID": "",
+        "JAX_COORDINATOR_ADDRESS": "",
+    }
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), address, str(i)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = []
     for p in procs:
         try:

@@ -30,12 +30,16 @@ def _batch(seed):
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, CFG.vocab_size, (BATCH, LENGTH + 1)).astype(np.int32)
     seg = np.ones((BATCH, LENGTH), np.int32)
-    seg[:, LENGTH // 2:] = 2
+    seg[:, LENGTH // 2 :] = 2
     seg[::3, -3:] = 0
     pos = np.tile(np.concatenate([np.arange(LENGTH // 2), np.arange(LENGTH - LENGTH // 2)]), (BATCH, 1))
-    return {"decoder_input_tokens": toks[:, :-1], "decoder_target_tokens": toks[:, 1:],
-            "decoder_loss_weights": (seg > 0).astype(np.float32), "decoder_segment_ids": seg,
-            "decoder_positions": pos.astype(np.int32)}
+    return {
+        "decoder_input_tokens": toks[:, :-1],
+        "decoder_target_tokens": toks[:, 1:],
+        "decoder_loss_weights": (seg > 0).astype(np.float32),
+        "decoder_segment_ids": seg,
+        "decoder_positions": pos.astype(np.int32),
+    }
 
 
 BATCHES = [_batch(i) for i in range(STEPS)]
@@ -46,8 +50,9 @@ def _run(mesh_kw, pipeline=None, accum=1):
     """Several sharded optimizer steps → (first step's loss and gradients, every step's loss, final params)."""
     n = int(np.prod(list(mesh_kw.values()))) if mesh_kw else 1
     mesh = create_mesh(MeshConfig(**{"ici_fsdp": 1, "dcn_data": 1, **mesh_kw}), jax.devices()[:n])
-    step = TrainStep(CFG, mesh, OPT, pipeline=pipeline, grad_accum_steps=accum, return_grads=True,
-                     compiler_options=FAST_COMPILE)
+    step = TrainStep(
+        CFG, mesh, OPT, pipeline=pipeline, grad_accum_steps=accum, return_grads=True, compiler_options=FAST_COMPILE
+    )
     state = step.state_from_params(PARAMS)
     losses, first_grads = [], None
     for b in BATCHES:
@@ -84,8 +89,11 @@ CASES = {
     # combinations, with the sequence (context) axis, gradient accumulation and the circular schedule
     "fsdp2_sequence2_tensor2": ({"ici_fsdp": 2, "ici_sequence": 2, "ici_tensor": 2}, None, 1),
     "fsdp4_tensor2_accum2": ({"ici_fsdp": 4, "ici_tensor": 2}, None, 2),
-    "data2_pipeline2_tensor2_circular": ({"ici_data": 2, "ici_stage": 2, "ici_tensor": 2},
-                                         PipelineConfig(num_microbatches=2, schedule="circular", num_repeats=2), 1),
+    "data2_pipeline2_tensor2_circular": (
+        {"ici_data": 2, "ici_stage": 2, "ici_tensor": 2},
+        PipelineConfig(num_microbatches=2, schedule="circular", num_repeats=2),
+        1,
+    ),
 }
 
 

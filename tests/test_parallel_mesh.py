@@ -36,11 +36,14 @@ def test_minus_one_takes_the_rest_of_the_devices():
     assert (ici["fsdp"], ici["tensor"], dcn["data"], dcn["stage"]) == (4, 4, 2, 2)
 
 
-@pytest.mark.parametrize("cfg, devices, slices, message", [
-    (MeshConfig(ici_fsdp=2, ici_tensor=2), 8, 1, "ici_fsdp=2 × ici_tensor=2 multiplies to 4, but there are 8"),
-    (MeshConfig(ici_fsdp=-1, ici_tensor=3), 8, 1, "do not divide|does not divide"),
-    (MeshConfig(ici_fsdp=-1, dcn_data=3), 8, 2, "dcn_data=3 multiplies to 3, but there are 2 slices"),
-])
+@pytest.mark.parametrize(
+    "cfg, devices, slices, message",
+    [
+        (MeshConfig(ici_fsdp=2, ici_tensor=2), 8, 1, "ici_fsdp=2 × ici_tensor=2 multiplies to 4, but there are 8"),
+        (MeshConfig(ici_fsdp=-1, ici_tensor=3), 8, 1, "do not divide|does not divide"),
+        (MeshConfig(ici_fsdp=-1, dcn_data=3), 8, 2, "dcn_data=3 multiplies to 3, but there are 2 slices"),
+    ],
+)
 def test_shape_errors_name_the_fields_and_numbers(cfg, devices, slices, message):
     with pytest.raises(MeshError, match=message):
         resolve_shape(cfg, devices, slices)
@@ -171,12 +174,15 @@ def test_batch_divisibility_errors():
     step.check_batch(16, 16)
 
 
-@pytest.mark.parametrize("name, slices, want", [
-    ("fsdp.gin", 1, {"fsdp": 128}),
-    ("fsdp_tp4.gin", 1, {"fsdp": 32, "tensor": 4}),
-    ("meditron70b_tp8_pp8_dp2.gin", 1, {"data": 2, "stage": 8, "tensor": 8}),
-    ("multislice_2x_fsdp.gin", 2, {"data": 2, "fsdp": 64}),
-])
+@pytest.mark.parametrize(
+    "name, slices, want",
+    [
+        ("fsdp.gin", 1, {"fsdp": 128}),
+        ("fsdp_tp4.gin", 1, {"fsdp": 32, "tensor": 4}),
+        ("meditron70b_tp8_pp8_dp2.gin", 1, {"data": 2, "stage": 8, "tensor": 8}),
+        ("multislice_2x_fsdp.gin", 2, {"data": 2, "fsdp": 64}),
+    ],
+)
 def test_gin_mesh_presets_on_a_v5p_256(name, slices, want):
     devices = parse_topology("v5p-128" if slices == 2 else "v5p-256", num_slices=slices).devices()
     with gin.unlock_config():

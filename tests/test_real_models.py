@@ -23,8 +23,9 @@ def stories(shared_data):
 def stories_hf(shared_data):
     import transformers
 
-    return transformers.LlamaForCausalLM.from_pretrained(str(shared_data / "stories260K_hf"),
-                                                         dtype=torch.float32).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(
+        str(shared_data / "stories260K_hf"), dtype=torch.float32
+    ).eval()
 
 
 def test_stories260k_logits_match_transformers(stories, stories_hf):
@@ -38,8 +39,9 @@ def test_stories260k_logits_match_transformers(stories, stories_hf):
 def test_stories260k_greedy_continuation_matches_transformers(stories, stories_hf):
     prompt = stories.tokenizer.encode("Once upon a time")
     with torch.no_grad():
-        ref = stories_hf.generate(torch.tensor([prompt]), max_new_tokens=60, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        ref = stories_hf.generate(
+            torch.tensor([prompt]), max_new_tokens=60, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     ours = generate_ids(stories.config, stories.params, [prompt], max_new_tokens=60, eos_id=-1)[0]
     assert ours == ref
 
@@ -58,8 +60,7 @@ def test_generate_batch_of_text_prompts(stories):
     assert outs[1] == alone[0]  # padding in a batch changes nothing
     sampled = stories.generate(["Once upon a time"] * 2, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=1)
     assert sampled != [outs[0], outs[0]]
-    assert sampled == stories.generate(["Once upon a time"] * 2, max_new_tokens=20, temperature=1.0, top_p=0.9,
-                                       seed=1)
+    assert sampled == stories.generate(["Once upon a time"] * 2, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=1)
 
 
 def test_api_errors(stories, tmp_path):
@@ -90,8 +91,9 @@ def test_meditron_added_tokens(shared_data):
     assert ids.count(32000 + MEDITRON_EXTRA_TOKENS.index("[bib_ref]")) == 1
     assert ids.count(32000 + MEDITRON_EXTRA_TOKENS.index("[/bib_ref]")) == 1
     assert tok.decode(ids) == "see [bib_ref] Smith [/bib_ref] here"
-    chat = Tokenizer(shared_data / "llama2_tokenizer" / "tokenizer.model",
-                     extra_tokens=MEDITRON_EXTRA_TOKENS + CHATML_TOKENS)
+    chat = Tokenizer(
+        shared_data / "llama2_tokenizer" / "tokenizer.model", extra_tokens=MEDITRON_EXTRA_TOKENS + CHATML_TOKENS
+    )
     text = "<|im_start|>question\nWhat is 2+2?<|im_end|>\n<|im_start|>answer\n"
     chat_ids = chat.encode(text, bos=False)
     assert chat_ids[0] == 32017 and chat_ids.count(32018) == 1 and chat.decode(chat_ids) == text

@@ -44,8 +44,11 @@ def test_meditron_schedule_warmup_then_half_a_cosine():
 
 
 def test_adamw_hyperparameters_decay_mask_and_clipping():
-    params = {"layers": {"attention_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"gate": jnp.ones((2, 4, 8))}},
-              "final_norm": {"scale": jnp.ones(4)}, "embedding": jnp.ones((16, 4))}
+    params = {
+        "layers": {"attention_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"gate": jnp.ones((2, 4, 8))}},
+        "final_norm": {"scale": jnp.ones(4)},
+        "embedding": jnp.ones((16, 4)),
+    }
     mask = decay_mask(params)
     assert mask["embedding"] and mask["layers"]["mlp"]["gate"]
     assert not mask["final_norm"]["scale"] and not mask["layers"]["attention_norm"]["scale"]

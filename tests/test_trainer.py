@@ -30,11 +30,20 @@ def _run(model_dir, curated, *extra):
     train_main = load_script("train").main
     gin.clear_config()
     try:
-        return train_main([
-            "--gin_file=runs/tiny_cpu.gin", f"--gin.MODEL_DIR='{model_dir}'",
-            f"--gin.curated_data_dir.path='{curated}'", "--gin.TrainConfig.mixture='gap_replay_replay'",
-            "--gin.SEQUENCE_LENGTH=64", f"--gin.TRAIN_STEPS={STEPS}", "--gin.TrainConfig.checkpoint_every=2",
-            "--gin.TrainConfig.log_every=1", "--gin.OptimizerConfig.warmup_steps=1", *extra])
+        return train_main(
+            [
+                "--gin_file=runs/tiny_cpu.gin",
+                f"--gin.MODEL_DIR='{model_dir}'",
+                f"--gin.curated_data_dir.path='{curated}'",
+                "--gin.TrainConfig.mixture='gap_replay_replay'",
+                "--gin.SEQUENCE_LENGTH=64",
+                f"--gin.TRAIN_STEPS={STEPS}",
+                "--gin.TrainConfig.checkpoint_every=2",
+                "--gin.TrainConfig.log_every=1",
+                "--gin.OptimizerConfig.warmup_steps=1",
+                *extra,
+            ]
+        )
     finally:
         gin.clear_config()
 
@@ -102,8 +111,9 @@ def test_init_from_hf_extends_the_vocabulary(tmp_path):
     params = _initial_params(cfg, model_cfg)
     original = load_hf_params(src, read_hf_config(src))
     np.testing.assert_array_equal(params["embedding"][:200], original["embedding"][:200])
-    np.testing.assert_allclose(params["embedding"][200:217], np.broadcast_to(
-        original["embedding"][:200].mean(0), (17, 64)), rtol=1e-6)
+    np.testing.assert_allclose(
+        params["embedding"][200:217], np.broadcast_to(original["embedding"][:200].mean(0), (17, 64)), rtol=1e-6
+    )
     np.testing.assert_array_equal(params["lm_head"][:, :200], original["lm_head"][:, :200])
     assert not params["embedding"][217:].any()
     shrink = TrainConfig(model_dir=str(tmp_path / "run"), init_from=src, model_overrides={"vocab_size": 100})
@@ -115,7 +125,8 @@ def test_out_of_range_token_ids_are_refused():
     from meditron_jax.train.trainer import check_token_ids
 
     batch = {"decoder_input_tokens": np.array([[1, 32005]]), "decoder_target_tokens": np.array([[32005, 2]])}
-    with pytest.raises(ValueError, match="produced token id 32005 in decoder_input_tokens, but the model's "
-                                         "vocabulary has 32000 tokens"):
+    with pytest.raises(
+        ValueError, match="produced token id 32005 in decoder_input_tokens, but the model's vocabulary has 32000 tokens"
+    ):
         check_token_ids(batch, 32000, "gap_replay")
     check_token_ids(batch, 32017, "gap_replay")

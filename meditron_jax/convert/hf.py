@@ -19,19 +19,45 @@ from meditron_jax.convert.files import atomic_directory, copy_tokenizer_files
 
 # config.json keys we translate, keys that must hold a given value, and keys that do not change the math.
 _TRANSLATED = {
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-    "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
-    "max_position_embeddings": "max_position_embeddings", "rms_norm_eps": "rms_norm_eps",
-    "tie_word_embeddings": "tie_word_embeddings", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
     "rope_theta": "rope_theta",
 }
 _REQUIRED_VALUES = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 _IGNORED = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "pad_token_id",
-    "initializer_range", "pretraining_tp", "attention_dropout", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "rope_scaling", "rope_parameters", "auto_map", "is_decoder",
-    "tokenizer_class", "id2label", "label2id", "problem_type", "max_sequence_length", "_attn_implementation",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "pad_token_id",
+    "initializer_range",
+    "pretraining_tp",
+    "attention_dropout",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "rope_scaling",
+    "rope_parameters",
+    "auto_map",
+    "is_decoder",
+    "tokenizer_class",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "max_sequence_length",
+    "_attn_implementation",
     "layer_types",
 }
 # Non-parameter buffers some old checkpoints carry.
@@ -76,16 +102,31 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
-        "torch_dtype": dtype, "dtype": dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
 
 
@@ -107,8 +148,10 @@ class TensorReader:
     def __init__(self, path: str):
         self.path = path
         self._where: dict[str, str] = {}
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
             index = os.path.join(path, index_name)
             if os.path.isfile(index):
                 with open(index) as f:
@@ -182,14 +225,27 @@ def _hf_names(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | No
 
 
 def _hf_shape(cfg: ModelConfig, ours: tuple[str, ...]) -> tuple[int, ...]:
-    d, f, h, kvh, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                           cfg.head_dim, cfg.vocab_size)
+    d, f, h, kvh, hd, v = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    )
     return {
-        ("embedding",): (v, d), ("lm_head",): (v, d), ("final_norm", "scale"): (d,),
-        ("attention", "query"): (h * hd, d), ("attention", "key"): (kvh * hd, d),
-        ("attention", "value"): (kvh * hd, d), ("attention", "out"): (d, h * hd),
-        ("mlp", "gate"): (f, d), ("mlp", "up"): (f, d), ("mlp", "down"): (d, f),
-        ("attention_norm", "scale"): (d,), ("mlp_norm", "scale"): (d,),
+        ("embedding",): (v, d),
+        ("lm_head",): (v, d),
+        ("final_norm", "scale"): (d,),
+        ("attention", "query"): (h * hd, d),
+        ("attention", "key"): (kvh * hd, d),
+        ("attention", "value"): (kvh * hd, d),
+        ("attention", "out"): (d, h * hd),
+        ("mlp", "gate"): (f, d),
+        ("mlp", "up"): (f, d),
+        ("mlp", "down"): (d, f),
+        ("attention_norm", "scale"): (d,),
+        ("mlp_norm", "scale"): (d,),
     }[ours]
 
 
@@ -255,8 +311,9 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
         w = reader.get(name)
         want = _hf_shape(cfg, ours)
         if tuple(w.shape) != want:
-            raise ConversionError(f"{path}: tensor {name!r} has shape {tuple(w.shape)}, expected {want} "
-                                  f"for the config in config.json")
+            raise ConversionError(
+                f"{path}: tensor {name!r} has shape {tuple(w.shape)}, expected {want} for the config in config.json"
+            )
         tree, idx = _layer_dict(params, cfg, i)
         target = _get(tree, ours)
         value = _to_ours(cfg, ours, w).astype(dtype)
@@ -265,11 +322,18 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
         else:
             target[idx] = value
         used.add(name)
-    extra = sorted(k for k in reader.keys() if k not in used and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and k == "lm_head.weight"))
+    extra = sorted(
+        k
+        for k in reader.keys()
+        if k not in used
+        and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
+        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    )
     if extra:
-        raise ConversionError(f"{path}: unexpected tensors {extra[:8]}{' …' if len(extra) > 8 else ''} "
-                              "(not part of a Llama model with this config)")
+        raise ConversionError(
+            f"{path}: unexpected tensors {extra[:8]}{' …' if len(extra) > 8 else ''} "
+            "(not part of a Llama model with this config)"
+        )
     return params
 
 
@@ -279,8 +343,15 @@ def _map_tree(tree, fn):
     return fn(tree)
 
 
-def save_hf(params: dict, cfg: ModelConfig, out_dir: str, *, dtype: str | None = None,
-            tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(
+    params: dict,
+    cfg: ModelConfig,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    tokenizer_dir: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
     """Write ``params`` as an HF Llama directory. Written to a temporary folder, then renamed into place."""
     from safetensors.numpy import save_file
 

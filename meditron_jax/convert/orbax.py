@@ -61,5 +61,7 @@ def _check_matches(path: str, stored, target) -> None:
         if key not in want:
             raise ValueError(f"{path}: checkpoint does not match the model config: unexpected parameter {key}")
         if tuple(have[key].shape) != tuple(want[key].shape):
-            raise ValueError(f"{path}: checkpoint does not match the model config: parameter {key} has shape "
-                             f"{tuple(have[key].shape)}, the config needs {tuple(want[key].shape)}")
+            raise ValueError(
+                f"{path}: checkpoint does not match the model config: parameter {key} has shape "
+                f"{tuple(have[key].shape)}, the config needs {tuple(want[key].shape)}"
+            )

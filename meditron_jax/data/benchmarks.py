@@ -43,8 +43,16 @@ PUBMEDQA_LABELS = ("yes", "no", "maybe")
 
 # MEDITRON `MMLU.subsets_medical`, in its order (the few-shot pool is aggregated in this order).
 MMLU_MEDICAL_SUBJECTS = (
-    "anatomy", "college_biology", "college_medicine", "professional_medicine", "medical_genetics",
-    "virology", "clinical_knowledge", "high_school_biology", "high_school_chemistry", "nutrition",
+    "anatomy",
+    "college_biology",
+    "college_medicine",
+    "professional_medicine",
+    "medical_genetics",
+    "virology",
+    "clinical_knowledge",
+    "high_school_biology",
+    "high_school_chemistry",
+    "nutrition",
     "college_chemistry",
 )
 # The 9 subjects MEDITRON scores (MEDITRON.md §5): the two chemistry subjects are loaded, then dropped.
@@ -72,6 +80,7 @@ class BenchmarkFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Local files
 # ----------------------------------------------------------------------------------------------
+
 
 def _open_text(path: pathlib.Path):
     if path.suffix == ".gz":
@@ -129,15 +138,25 @@ def _medqa_rows(rows: Iterable[tuple[int, Mapping]], path, split: str, n_options
                 raise BenchmarkFormatError(path, line, "options", "list entries need 'key' and 'value'") from e
         options = {str(k): v for k, v in raw.items() if v is not None}
         if sorted(options) != list(LETTERS[:n_options]):
-            raise BenchmarkFormatError(path, line, "options", f"has letters {sorted(options)}, expected "
-                                                               f"{list(LETTERS[:n_options])}")
+            raise BenchmarkFormatError(
+                path, line, "options", f"has letters {sorted(options)}, expected {list(LETTERS[:n_options])}"
+            )
         letter = _check_answer(_field(obj, "answer_idx", path, line), options, path, line, "answer_idx")
         text = obj.get("answer")
         if text is not None and text != options[letter]:
-            raise BenchmarkFormatError(path, line, "answer", f"{text!r} differs from option {letter} "
-                                                             f"{options[letter]!r}")
-        out.append(_mcq_record(f"{split}-{i:05d}", question, options, letter,
-                               meta_info=obj.get("meta_info", ""), source=f"{path}:{line}"))
+            raise BenchmarkFormatError(
+                path, line, "answer", f"{text!r} differs from option {letter} {options[letter]!r}"
+            )
+        out.append(
+            _mcq_record(
+                f"{split}-{i:05d}",
+                question,
+                options,
+                letter,
+                meta_info=obj.get("meta_info", ""),
+                source=f"{path}:{line}",
+            )
+        )
     return out
 
 
@@ -160,13 +179,23 @@ def _medmcqa_rows(rows: Iterable[tuple[int, Mapping]], path, *, cop_base: int, l
                 raise BenchmarkFormatError(path, line, "cop", f"is {cop!r}, expected an integer")
             index = cop - cop_base
             if not 0 <= index < 4:
-                raise BenchmarkFormatError(path, line, "cop", f"{cop} is outside {cop_base}..{cop_base + 3} "
-                                                              f"(cop_base={cop_base})")
+                raise BenchmarkFormatError(
+                    path, line, "cop", f"{cop} is outside {cop_base}..{cop_base + 3} (cop_base={cop_base})"
+                )
             answer = "ABCD"[index]
-        out.append(_mcq_record(
-            str(_field(obj, "id", path, line)), question, options, answer,
-            subject=obj.get("subject_name") or "", topic=obj.get("topic_name") or "",
-            choice_type=obj.get("choice_type") or "", explanation=obj.get("exp"), source=f"{path}:{line}"))
+        out.append(
+            _mcq_record(
+                str(_field(obj, "id", path, line)),
+                question,
+                options,
+                answer,
+                subject=obj.get("subject_name") or "",
+                topic=obj.get("topic_name") or "",
+                choice_type=obj.get("choice_type") or "",
+                explanation=obj.get("exp"),
+                source=f"{path}:{line}",
+            )
+        )
     return out
 
 
@@ -182,8 +211,16 @@ def read_mmlu_csv(path: str | os.PathLike, subject: str, split: str) -> list[dic
                 raise BenchmarkFormatError(path, line, None, f"has {len(row)} columns, expected 6")
             options = dict(zip("ABCD", row[1:5], strict=True))
             answer = _check_answer(row[5].strip(), options, path, line, "answer")
-            out.append(_mcq_record(f"{subject}-{split}-{len(out):04d}", row[0], options, answer,
-                                   subject=subject, source=f"{path}:{line}"))
+            out.append(
+                _mcq_record(
+                    f"{subject}-{split}-{len(out):04d}",
+                    row[0],
+                    options,
+                    answer,
+                    subject=subject,
+                    source=f"{path}:{line}",
+                )
+            )
     return out
 
 
@@ -196,9 +233,17 @@ def _pubmedqa_record(pmid: str, obj: Mapping, path, line=None, answer: str | Non
     answer = answer if answer is not None else decision
     if answer not in PUBMEDQA_LABELS:
         raise BenchmarkFormatError(path, line, "final_decision", f"item {pmid}: {answer!r} is not yes/no/maybe")
-    return {"id": str(pmid), "question": question, "options": {}, "answer": answer,
-            "context": "\n".join(contexts), "contexts": list(contexts), "labels": list(obj.get("LABELS") or []),
-            "long_answer": obj.get("LONG_ANSWER") or "", "source": f"{path}:{pmid}"}
+    return {
+        "id": str(pmid),
+        "question": question,
+        "options": {},
+        "answer": answer,
+        "context": "\n".join(contexts),
+        "contexts": list(contexts),
+        "labels": list(obj.get("LABELS") or []),
+        "long_answer": obj.get("LONG_ANSWER") or "",
+        "source": f"{path}:{pmid}",
+    }
 
 
 def _pubmedqa_splits(pqal: Mapping[str, Mapping]) -> dict[str, list[str]]:
@@ -219,8 +264,9 @@ def _pubmedqa_splits(pqal: Mapping[str, Mapping]) -> dict[str, list[str]]:
         for label, pmids in by_label.items():
             rng.shuffle(pmids)
             size = math.ceil(len(pmids) / fold)
-            parts[label] = [pmids[i * size:] if i == fold - 1 else pmids[i * size:(i + 1) * size]
-                            for i in range(fold)]
+            parts[label] = [
+                pmids[i * size :] if i == fold - 1 else pmids[i * size : (i + 1) * size] for i in range(fold)
+            ]
         out = [{p: dataset[p] for label in by_label for p in parts[label][i]} for i in range(fold)]
         if len(out[-1]) != len(out[0]):
             for i in range(fold - 1):
@@ -230,8 +276,7 @@ def _pubmedqa_splits(pqal: Mapping[str, Mapping]) -> dict[str, list[str]]:
 
     cv, test = split(dict(pqal), 2)
     folds = split(cv, 10)
-    return {"test": list(test), "validation": list(folds[0]),
-            "train": [p for i in range(1, 10) for p in folds[i]]}
+    return {"test": list(test), "validation": list(folds[0]), "train": [p for i in range(1, 10) for p in folds[i]]}
 
 
 def _pqaa_split(pmids: list[str], split: str) -> list[str]:
@@ -243,8 +288,11 @@ def _pqaa_split(pmids: list[str], split: str) -> list[str]:
 
 # Benchmark -> split -> file under the shared data folder (MEDITRON's split names; "dev" = "validation").
 _MEDQA_FILES = {
-    "medqa_4opt": {"test": "phrases_no_exclude_test.jsonl", "validation": "phrases_no_exclude_dev.jsonl",
-                   "train": "phrases_no_exclude_train.jsonl"},
+    "medqa_4opt": {
+        "test": "phrases_no_exclude_test.jsonl",
+        "validation": "phrases_no_exclude_dev.jsonl",
+        "train": "phrases_no_exclude_train.jsonl",
+    },
     "medqa_5opt": {"test": "test.jsonl", "validation": "dev.jsonl", "train": "train.jsonl"},
 }
 _SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation"}
@@ -274,7 +322,8 @@ def benchmark_family(name: str) -> str:
 def _missing(path: pathlib.Path, name: str, split: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{path} does not exist: the {name!r} {split!r} split is not in the shared data "
-        f"({shared_data_dir()}); put the file there or use load_benchmark_from_hub({name!r}, {split!r})")
+        f"({shared_data_dir()}); put the file there or use load_benchmark_from_hub({name!r}, {split!r})"
+    )
 
 
 def load_benchmark(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -357,8 +406,12 @@ def _load_pubmedqa(folder: pathlib.Path, split: str) -> list[dict]:
         truth = json.load(f)
     splits = _pubmedqa_splits(pqal)
     if splits["test"] != list(truth):
-        raise BenchmarkFormatError(gt_path, None, None, "the replayed PQA-L split does not give these test ids; "
-                                                        "is ori_pqal.json the original 1000-item file?")
+        raise BenchmarkFormatError(
+            gt_path,
+            None,
+            None,
+            "the replayed PQA-L split does not give these test ids; is ori_pqal.json the original 1000-item file?",
+        )
     if split not in splits:
         raise KeyError(f"pubmedqa has splits {sorted(splits)}, not {split!r}")
     out = []
@@ -366,8 +419,9 @@ def _load_pubmedqa(folder: pathlib.Path, split: str) -> list[dict]:
         answer = truth.get(pmid) if split == "test" else None
         rec = _pubmedqa_record(pmid, pqal[pmid], pqal_path, answer=answer)
         if answer is not None and pqal[pmid].get("final_decision") != answer:
-            raise BenchmarkFormatError(gt_path, None, pmid, f"label {answer!r} differs from ori_pqal's "
-                                                            f"{pqal[pmid].get('final_decision')!r}")
+            raise BenchmarkFormatError(
+                gt_path, None, pmid, f"label {answer!r} differs from ori_pqal's {pqal[pmid].get('final_decision')!r}"
+            )
         out.append(rec)
     return out
 
@@ -398,8 +452,13 @@ def hub_snapshot(name: str, *, revision: str | None = None, cache_dir: str | Non
     # Only the folders read: bigbio's parquet branch and cais/mmlu hold many other configs.
     folders = _mmlu_subjects(name) if name.startswith("mmlu") else ((folder,) if folder else ("",))
     patterns = [f"{f}/*{e}" if f else f"*{e}" for f in folders for e in _HUB_EXTENSIONS]
-    path = snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or default_revision,
-                             cache_dir=cache_dir, allow_patterns=patterns)
+    path = snapshot_download(
+        repo_id=repo,
+        repo_type="dataset",
+        revision=revision or default_revision,
+        cache_dir=cache_dir,
+        allow_patterns=patterns,
+    )
     return pathlib.Path(path)
 
 
@@ -408,8 +467,14 @@ def _hub_key(name: str) -> str:
     return "mmlu" if name.startswith("mmlu") else name
 
 
-def load_benchmark_from_hub(name: str, split: str, *, snapshot_dir: str | os.PathLike | None = None,
-                            revision: str | None = None, cache_dir: str | None = None) -> list[dict]:
+def load_benchmark_from_hub(
+    name: str,
+    split: str,
+    *,
+    snapshot_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+) -> list[dict]:
     """Records of ``name`` / ``split`` from the hub copy MEDITRON used, normalised like ``load_benchmark``.
 
     ``snapshot_dir``: an already-downloaded snapshot (tests pass a local copy, so nothing is fetched).
@@ -420,8 +485,11 @@ def load_benchmark_from_hub(name: str, split: str, *, snapshot_dir: str | os.Pat
     name = canonical_name(name)
     split = _canonical_split(name, split)
     key = _hub_key(name)
-    root = pathlib.Path(snapshot_dir) if snapshot_dir is not None else hub_snapshot(
-        name, revision=revision, cache_dir=cache_dir)
+    root = (
+        pathlib.Path(snapshot_dir)
+        if snapshot_dir is not None
+        else hub_snapshot(name, revision=revision, cache_dir=cache_dir)
+    )
     folder = HUB_SOURCES[key][2]
     if key == "mmlu":
         out: list[dict] = []
@@ -447,8 +515,7 @@ def _where(files: Sequence[pathlib.Path]) -> str:
     return files[0] if len(files) == 1 else ",".join(str(f) for f in files)
 
 
-def _hub_files(root: pathlib.Path, split: str, subfolder: str | None, dev_is_validation: bool
-               ) -> list[pathlib.Path]:
+def _hub_files(root: pathlib.Path, split: str, subfolder: str | None, dev_is_validation: bool) -> list[pathlib.Path]:
     """Data files of ``split`` in a snapshot: ``{split}-*.parquet``, ``{split}/*.parquet`` (parquet
     export), ``*_{split}.jsonl`` (GBaker), ``data/{split}-*`` ... under ``subfolder`` when given."""
     base = root / subfolder if subfolder else root
@@ -490,9 +557,14 @@ def _normalise_pubmedqa(obj: Mapping) -> dict:
     if "QUESTION" in obj:
         return dict(obj)
     ctx = obj.get("context") or {}
-    return {"QUESTION": obj.get("question"), "CONTEXTS": list(ctx.get("contexts") or []),
-            "LABELS": list(ctx.get("labels") or []), "final_decision": obj.get("final_decision"),
-            "LONG_ANSWER": obj.get("long_answer"), "pubid": obj.get("pubid")}
+    return {
+        "QUESTION": obj.get("question"),
+        "CONTEXTS": list(ctx.get("contexts") or []),
+        "LABELS": list(ctx.get("labels") or []),
+        "final_decision": obj.get("final_decision"),
+        "LONG_ANSWER": obj.get("long_answer"),
+        "pubid": obj.get("pubid"),
+    }
 
 
 def _hub_mmlu(files: Sequence[pathlib.Path], subject: str, split: str) -> list[dict]:
@@ -511,14 +583,18 @@ def _hub_mmlu(files: Sequence[pathlib.Path], subject: str, split: str) -> list[d
                 options = {k: _field(obj, k, f, n) for k in "ABCD"}
                 letter, question = _field(obj, "target", f, n), _field(obj, "input", f, n)
             _check_answer(letter, options, f, n, "answer")
-            out.append(_mcq_record(f"{subject}-{split}-{len(out):04d}", question, options, letter,
-                                   subject=subject, source=f"{f}:{n}"))
+            out.append(
+                _mcq_record(
+                    f"{subject}-{split}-{len(out):04d}", question, options, letter, subject=subject, source=f"{f}:{n}"
+                )
+            )
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------
+
 
 def format_mcq(question: str, options: Mapping[str, str] | Sequence[str]) -> str:
     """MEDITRON's ``format_mcq``, character for character (no stripping: its inputs were not stripped)."""
@@ -544,8 +620,7 @@ def _instructions(path: str) -> dict:
 
 def instruction(benchmark: str, *, cot: bool = False, path: str | os.PathLike | None = None) -> dict[str, str]:
     """``{"system", "user"}`` from MEDITRON's instructions.json (MMLU uses MedMCQA's, as MEDITRON did)."""
-    path = os.fspath(path) if path is not None else os.fspath(shared_data_dir() / "meditron_eval" /
-                                                              "instructions.json")
+    path = os.fspath(path) if path is not None else os.fspath(shared_data_dir() / "meditron_eval" / "instructions.json")
     key = _INSTRUCTION_KEY[benchmark_family(benchmark)] + ("_cot" if cot else "")
     table = _instructions(path)
     if key not in table:
@@ -565,8 +640,14 @@ def fewshot_block(exemplars: Sequence[Mapping]) -> str:
     return "\n\n".join(f"{question_text(r)}\n{CUE} {r['answer']}" for r in exemplars)
 
 
-def render_prompt(record: Mapping, benchmark: str, *, exemplars: Sequence[Mapping] = (), cot: bool = False,
-                  instructions_path: str | os.PathLike | None = None) -> str:
+def render_prompt(
+    record: Mapping,
+    benchmark: str,
+    *,
+    exemplars: Sequence[Mapping] = (),
+    cot: bool = False,
+    instructions_path: str | os.PathLike | None = None,
+) -> str:
     """The prompt MEDITRON gives a raw (not finetuned) model: instruction, [exemplars,] item, cue."""
     inst = instruction(benchmark, cot=cot, path=instructions_path)
     body = question_text(record)
@@ -581,27 +662,34 @@ def chatml_turn(role: str, text: str) -> str:
     return f"{CHATML_START}{role}\n{text}{CHATML_END}\n"
 
 
-def render_chat_question(record: Mapping, benchmark: str, *, cot: bool = False,
-                         instructions_path: str | os.PathLike | None = None) -> str:
+def render_chat_question(
+    record: Mapping, benchmark: str, *, cot: bool = False, instructions_path: str | os.PathLike | None = None
+) -> str:
     """The question turn of a finetuned model (MEDITRON.md §4): instruction, item and cue."""
     inst = instruction(benchmark, cot=cot, path=instructions_path)
     return chatml_turn("question", f"{inst['system']}\n{question_text(record)}\n{inst['user']}")
 
 
-def render_chat_prompt(record: Mapping, benchmark: str, *, cot: bool = False,
-                       instructions_path: str | os.PathLike | None = None) -> str:
+def render_chat_prompt(
+    record: Mapping, benchmark: str, *, cot: bool = False, instructions_path: str | os.PathLike | None = None
+) -> str:
     """Inference prompt of a finetuned model: the question turn, then the open answer header."""
-    return render_chat_question(record, benchmark, cot=cot, instructions_path=instructions_path) + \
-        f"{CHATML_START}answer\n"
+    return (
+        render_chat_question(record, benchmark, cot=cot, instructions_path=instructions_path)
+        + f"{CHATML_START}answer\n"
+    )
 
 
-def render_sft(record: Mapping, benchmark: str, *, instructions_path: str | os.PathLike | None = None
-               ) -> tuple[str, str]:
+def render_sft(
+    record: Mapping, benchmark: str, *, instructions_path: str | os.PathLike | None = None
+) -> tuple[str, str]:
     """(prompt, target) of one SFT example; the loss goes on the target (the whole answer turn)."""
     if record.get("answer") is None:
         raise ValueError(f"{benchmark} item {record.get('id')} has no answer; it cannot be an SFT example")
-    return (render_chat_question(record, benchmark, instructions_path=instructions_path),
-            chatml_turn("answer", str(record["answer"])))
+    return (
+        render_chat_question(record, benchmark, instructions_path=instructions_path),
+        chatml_turn("answer", str(record["answer"])),
+    )
 
 
 def has_explanation(record: Mapping) -> bool:
@@ -611,9 +699,29 @@ def has_explanation(record: Mapping) -> bool:
 
 
 __all__ = [
-    "BenchmarkFormatError", "CUE", "COT_CUE", "HUB_SOURCES", "MEDITRON_SEEDS", "MMLU_MEDICAL_SCORED",
-    "MMLU_MEDICAL_SUBJECTS", "benchmark_family", "canonical_name", "chatml_turn", "fewshot_block",
-    "format_mcq", "has_explanation", "hub_snapshot", "instruction", "load_benchmark", "load_benchmark_from_hub",
-    "question_text", "read_jsonl", "read_mmlu_csv", "render_chat_prompt", "render_chat_question",
-    "render_prompt", "render_sft", "select_exemplars",
+    "BenchmarkFormatError",
+    "CUE",
+    "COT_CUE",
+    "HUB_SOURCES",
+    "MEDITRON_SEEDS",
+    "MMLU_MEDICAL_SCORED",
+    "MMLU_MEDICAL_SUBJECTS",
+    "benchmark_family",
+    "canonical_name",
+    "chatml_turn",
+    "fewshot_block",
+    "format_mcq",
+    "has_explanation",
+    "hub_snapshot",
+    "instruction",
+    "load_benchmark",
+    "load_benchmark_from_hub",
+    "question_text",
+    "read_jsonl",
+    "read_mmlu_csv",
+    "render_chat_prompt",
+    "render_chat_question",
+    "render_prompt",
+    "render_sft",
+    "select_exemplars",
 ]

@@ -18,6 +18,6 @@ def shared_path(*parts: str, must_exist: bool = True) -> pathlib.Path:
     path = shared_data_dir().joinpath(*parts)
     if must_exist and not path.exists():
         raise FileNotFoundError(
-            f"{path} does not exist; set {ENV_VAR} to the folder holding the shared data "
-            f"(now {shared_data_dir()})")
+            f"{path} does not exist; set {ENV_VAR} to the folder holding the shared data (now {shared_data_dir()})"
+        )
     return path

@@ -33,8 +33,13 @@ import seqio
 import tensorflow as tf
 
 LLAMA_BOS_ID = 1
-MODEL_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-                  "decoder_segment_ids", "decoder_positions")
+MODEL_FEATURES = (
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 
 # Packing drops zeros from the end of a row to find its length, so the mask must never be 0 on tokens.
 _PROMPT, _ANSWER = 1, 2
@@ -54,20 +59,27 @@ class CausalSFTFeatureConverter(seqio.FeatureConverter):
         decoder_positions     [0, 1, 2, 3, 0, 1, 0]
     """
 
-    TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
-                     "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
-    MODEL_FEATURES = {"decoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
-                      "decoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
-                      "decoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+    TASK_FEATURES = {
+        "inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
+    MODEL_FEATURES = {
+        "decoder_target_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "decoder_input_tokens": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+        "decoder_loss_weights": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+    }
     PACKING_FEATURE_DTYPES = {"decoder_segment_ids": tf.int32, "decoder_positions": tf.int32}
 
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
         length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
 
         def concat(ex):
-            return {"tokens": tf.concat([ex["inputs"], ex["targets"]], 0),
-                    "role": tf.concat([tf.fill(tf.shape(ex["inputs"]), _PROMPT),
-                                       tf.fill(tf.shape(ex["targets"]), _ANSWER)], 0)}
+            return {
+                "tokens": tf.concat([ex["inputs"], ex["targets"]], 0),
+                "role": tf.concat(
+                    [tf.fill(tf.shape(ex["inputs"]), _PROMPT), tf.fill(tf.shape(ex["targets"]), _ANSWER)], 0
+                ),
+            }
 
         ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE)
         lengths = {"tokens": length, "role": length}
@@ -82,7 +94,8 @@ class CausalSFTFeatureConverter(seqio.FeatureConverter):
             out = {
                 "decoder_target_tokens": tokens,
                 "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
-                    tokens, sequence_id=segments, bos_id=self.bos_id),
+                    tokens, sequence_id=segments, bos_id=self.bos_id
+                ),
                 "decoder_loss_weights": tf.cast(tf.equal(ex["role"], _ANSWER), tf.int32),
             }
             if self.pack:
@@ -102,8 +115,9 @@ def _is_sft(provider: seqio.DatasetProviderBase) -> bool:
     return "inputs" in provider.output_features
 
 
-def task_feature_lengths(provider: seqio.DatasetProviderBase, sequence_length: int, answer_length: int
-                         ) -> dict[str, int]:
+def task_feature_lengths(
+    provider: seqio.DatasetProviderBase, sequence_length: int, answer_length: int
+) -> dict[str, int]:
     """Per-feature lengths whose packed rows are ``sequence_length`` long."""
     if _is_sft(provider):
         if not 0 < answer_length < sequence_length:
@@ -118,20 +132,48 @@ def feature_converter(provider: seqio.DatasetProviderBase, pack: bool = True) ->
     return seqio.LMFeatureConverter(pack=pack, bos_id=LLAMA_BOS_ID)
 
 
-def _packed(task: seqio.Task, *, lengths: Mapping[str, int], split: str, shuffle: bool, seed: int,
-            shard: seqio.ShardInfo, num_epochs: int | None, pack: bool, shuffle_buffer_size: int | None
-            ) -> tf.data.Dataset:
-    ds = task.get_dataset(sequence_length=dict(lengths), split=split, shuffle=shuffle, seed=seed,
-                          shard_info=shard, num_epochs=num_epochs, try_in_mem_cache=False,
-                          shuffle_buffer_size=shuffle_buffer_size)
+def _packed(
+    task: seqio.Task,
+    *,
+    lengths: Mapping[str, int],
+    split: str,
+    shuffle: bool,
+    seed: int,
+    shard: seqio.ShardInfo,
+    num_epochs: int | None,
+    pack: bool,
+    shuffle_buffer_size: int | None,
+) -> tf.data.Dataset:
+    ds = task.get_dataset(
+        sequence_length=dict(lengths),
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        shard_info=shard,
+        num_epochs=num_epochs,
+        try_in_mem_cache=False,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
     return feature_converter(task, pack)(ds, lengths)
 
 
 @gin.configurable(denylist=["host_index", "host_count"])
-def make_dataset(name: str, *, sequence_length: int = 2048, batch_size: int = 8, split: str = "train",
-                 seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, host_index: int = 0,
-                 host_count: int = 1, pack: bool = True, answer_length: int = 64,
-                 shuffle_buffer_size: int | None = None, drop_remainder: bool = True) -> tf.data.Dataset:
+def make_dataset(
+    name: str,
+    *,
+    sequence_length: int = 2048,
+    batch_size: int = 8,
+    split: str = "train",
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    host_index: int = 0,
+    host_count: int = 1,
+    pack: bool = True,
+    answer_length: int = 64,
+    shuffle_buffer_size: int | None = None,
+    drop_remainder: bool = True,
+) -> tf.data.Dataset:
     """Batches of task or mixture ``name`` for host ``host_index`` of ``host_count``.
 
     ``batch_size`` is the global batch; each host gets ``batch_size // host_count`` rows, built only
@@ -149,8 +191,15 @@ def make_dataset(name: str, *, sequence_length: int = 2048, batch_size: int = 8,
     provider = seqio.get_mixture_or_task(name)
     lengths = task_feature_lengths(provider, sequence_length, answer_length)
     shard = seqio.ShardInfo(index=host_index, num_shards=host_count)
-    common = dict(lengths=lengths, split=split, shuffle=shuffle, shard=shard, num_epochs=num_epochs, pack=pack,
-                  shuffle_buffer_size=shuffle_buffer_size)
+    common = dict(
+        lengths=lengths,
+        split=split,
+        shuffle=shuffle,
+        shard=shard,
+        num_epochs=num_epochs,
+        pack=pack,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
     if isinstance(provider, seqio.Mixture):
         tasks = [t for t in provider.tasks if split in t.splits]
         rates = np.array([provider.get_rate(t) for t in tasks], dtype=np.float64)
@@ -161,8 +210,9 @@ def make_dataset(name: str, *, sequence_length: int = 2048, batch_size: int = 8,
         # Distinct seeds per task: equal seeds would shuffle same-sized sources identically.
         parts = [_packed(t, seed=seed + 1000 * (i + 1), **common) for i, t in enumerate(tasks)]
         # With a finite epoch count every part is drained (validation reads all of it).
-        ds = tf.data.Dataset.sample_from_datasets(parts, weights=(rates / rates.sum()).tolist(), seed=seed,
-                                                  stop_on_empty_dataset=False)
+        ds = tf.data.Dataset.sample_from_datasets(
+            parts, weights=(rates / rates.sum()).tolist(), seed=seed, stop_on_empty_dataset=False
+        )
     else:
         ds = _packed(provider, seed=seed, **common)
     ds = ds.batch(batch_size // host_count, drop_remainder=drop_remainder)
@@ -208,8 +258,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
 
 @gin.configurable(denylist=["host_index", "host_count"])
-def make_iterator(name: str, *, host_index: int = 0, host_count: int = 1, restore_from: str | None = None,
-                  **dataset_kwargs) -> BatchIterator:
+def make_iterator(
+    name: str, *, host_index: int = 0, host_count: int = 1, restore_from: str | None = None, **dataset_kwargs
+) -> BatchIterator:
     """:func:`make_dataset` wrapped in a :class:`BatchIterator`, optionally restored from a save."""
     it = BatchIterator(make_dataset(name, host_index=host_index, host_count=host_count, **dataset_kwargs))
     if restore_from:

@@ -58,21 +58,23 @@ def curated_data_dir(path: str | None = None) -> pathlib.Path:
 
 
 @gin.configurable
-def curated_shard_patterns(source: str, split: str,
-                           patterns: Sequence[str] = ("{source}/{split}-*", "{source}/{split}.*")) -> list[str]:
+def curated_shard_patterns(
+    source: str, split: str, patterns: Sequence[str] = ("{source}/{split}-*", "{source}/{split}.*")
+) -> list[str]:
     """Glob patterns (relative to the curated folder) of one source's split; the curation pipeline's
     layout is ``{source}/{split}-NNNNN-of-NNNNN.jsonl`` (``.jsonl.gz`` and ``.tfrecord`` also read)."""
     return [p.format(source=source, split=split) for p in patterns]
 
 
 @gin.configurable
-def gap_replay_rates(guidelines: float = MEDITRON_TOKEN_SHARES["guidelines"],
-                     pubmed_abstracts: float = MEDITRON_TOKEN_SHARES["pubmed_abstracts"],
-                     pmc_papers: float = MEDITRON_TOKEN_SHARES["pmc_papers"],
-                     replay: float = MEDITRON_TOKEN_SHARES["replay"]) -> dict[str, float]:
+def gap_replay_rates(
+    guidelines: float = MEDITRON_TOKEN_SHARES["guidelines"],
+    pubmed_abstracts: float = MEDITRON_TOKEN_SHARES["pubmed_abstracts"],
+    pmc_papers: float = MEDITRON_TOKEN_SHARES["pmc_papers"],
+    replay: float = MEDITRON_TOKEN_SHARES["replay"],
+) -> dict[str, float]:
     """Mixing rates of the ``gap_replay`` mixture (normalised when sampling)."""
-    rates = {"guidelines": guidelines, "pubmed_abstracts": pubmed_abstracts, "pmc_papers": pmc_papers,
-             "replay": replay}
+    rates = {"guidelines": guidelines, "pubmed_abstracts": pubmed_abstracts, "pmc_papers": pmc_papers, "replay": replay}
     if any(r < 0 for r in rates.values()) or sum(rates.values()) <= 0:
         raise ValueError(f"mixing rates must be non-negative with a positive sum, got {rates}")
     return rates
@@ -80,9 +82,13 @@ def gap_replay_rates(guidelines: float = MEDITRON_TOKEN_SHARES["guidelines"],
 
 # Where few-shot exemplars come from. MEDITRON drew them from each benchmark's train split; MedQA's
 # train split (10,178 rows) is not in the shared data, so its dev split stands in by default.
-DEFAULT_FEWSHOT_POOLS = {"medqa_4opt": ("medqa_4opt", "dev"), "medqa_5opt": ("medqa_5opt", "dev"),
-                         "medmcqa": ("medmcqa", "train"), "pubmedqa": ("pubmedqa", "train"),
-                         "mmlu": ("mmlu_medical_all", "dev")}
+DEFAULT_FEWSHOT_POOLS = {
+    "medqa_4opt": ("medqa_4opt", "dev"),
+    "medqa_5opt": ("medqa_5opt", "dev"),
+    "medmcqa": ("medmcqa", "train"),
+    "pubmedqa": ("pubmedqa", "train"),
+    "mmlu": ("mmlu_medical_all", "dev"),
+}
 
 
 @gin.configurable
@@ -170,22 +176,33 @@ class CuratedShardsSource(seqio.FileDataSource):
 
     def list_shards(self, split: str) -> list[str]:
         root = curated_data_dir()
-        files = sorted({str(p) for pat in curated_shard_patterns(self._source, split) for p in root.glob(pat)
-                        if p.is_file()})
+        files = sorted(
+            {str(p) for pat in curated_shard_patterns(self._source, split) for p in root.glob(pat) if p.is_file()}
+        )
         if not files:
-            raise FileNotFoundError(f"no curated shards for {self._source!r} split {split!r} under {root} "
-                                    f"(patterns {curated_shard_patterns(self._source, split)})")
+            raise FileNotFoundError(
+                f"no curated shards for {self._source!r} split {split!r} under {root} "
+                f"(patterns {curated_shard_patterns(self._source, split)})"
+            )
         return files
 
-    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, **kwargs) -> tf.data.Dataset:
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = True,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        **kwargs,
+    ) -> tf.data.Dataset:
         kinds = {_shard_kind(f) for f in self.list_shards(split)}
         if len(kinds) != 1:
             raise ValueError(f"{self._source} {split}: shards mix formats {sorted(kinds)}")
         kind = kinds.pop()
-        self._reader = {"jsonl": functools.partial(_read_jsonl, compression=""),
-                        "jsonl.gz": functools.partial(_read_jsonl, compression="GZIP"),
-                        "tfrecord": _read_tfrecord}[kind]
+        self._reader = {
+            "jsonl": functools.partial(_read_jsonl, compression=""),
+            "jsonl.gz": functools.partial(_read_jsonl, compression="GZIP"),
+            "tfrecord": _read_tfrecord,
+        }[kind]
         return super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
 
 
@@ -205,8 +222,7 @@ def _text_to_targets(ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return {"targets": ex["text"]}
 
 
-def split_to_sequence_length(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None
-                             ) -> tf.data.Dataset:
+def split_to_sequence_length(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None) -> tf.data.Dataset:
     """Cut each document's tokens into consecutive pieces of at most ``sequence_length["targets"]``.
 
     Every piece becomes its own packed segment (positions restart), so no token is trimmed away. A
@@ -225,7 +241,8 @@ def split_to_sequence_length(dataset: tf.data.Dataset, sequence_length: Mapping[
         lone_eos = tf.cast(tf.logical_and(tf.equal(n % length, 1), count > 1), tf.int32)
         bounds = bounds - lone_eos * tf.one_hot(count - 1, count + 1, dtype=tf.int32)
         return tf.data.Dataset.range(tf.cast(count, tf.int64)).map(
-            lambda i: {"targets": tokens[bounds[tf.cast(i, tf.int32)]:bounds[tf.cast(i, tf.int32) + 1]]})
+            lambda i: {"targets": tokens[bounds[tf.cast(i, tf.int32)] : bounds[tf.cast(i, tf.int32) + 1]]}
+        )
 
     return dataset.flat_map(pieces)
 
@@ -262,8 +279,12 @@ def _rate_of(source: str) -> Callable[[seqio.Task], float]:
 # Benchmarks: evaluation and SFT
 # ----------------------------------------------------------------------------------------------
 
-BENCHMARK_SPLITS = {"medqa_4opt": ("test", "validation"), "medqa_5opt": ("test", "validation"),
-                    "medmcqa": ("validation",), "pubmedqa": ("test", "validation", "train")}
+BENCHMARK_SPLITS = {
+    "medqa_4opt": ("test", "validation"),
+    "medqa_5opt": ("test", "validation"),
+    "medmcqa": ("validation",),
+    "pubmedqa": ("test", "validation", "train"),
+}
 EVAL_SPLIT = {"medqa_4opt": "test", "medqa_5opt": "test", "medmcqa": "validation", "pubmedqa": "test"}
 for _subject in bm.MMLU_MEDICAL_SUBJECTS:
     BENCHMARK_SPLITS[f"mmlu_medical_{_subject}"] = ("test", "validation")
@@ -281,8 +302,9 @@ def _exemplars(benchmark: str, shots: int, seed: int) -> list[dict]:
     return bm.select_exemplars(bm.load_benchmark(pool_name, pool_split), shots, seed)
 
 
-def eval_rows(benchmark: str, split: str, *, shots: int = 0, seed: int = 1234, cot: bool = False,
-              chat: bool = False) -> list[dict[str, str]]:
+def eval_rows(
+    benchmark: str, split: str, *, shots: int = 0, seed: int = 1234, cot: bool = False, chat: bool = False
+) -> list[dict[str, str]]:
     """Rendered evaluation examples: ``id``, ``inputs`` (prompt), ``targets`` and ``answer`` (gold)."""
     records = bm.load_benchmark(benchmark, split)
     exemplars = _exemplars(benchmark, shots, seed) if shots else ()
@@ -315,8 +337,10 @@ def _eval_variants() -> list[tuple[str, dict]]:
 def _register_benchmarks() -> None:
     for suffix, render in _eval_variants():
         vocab = chat_vocabulary() if render.get("chat") else pretrain_vocabulary()
-        features = {"inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
-                    "targets": seqio.Feature(vocabulary=vocab, add_eos=False)}
+        features = {
+            "inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
+            "targets": seqio.Feature(vocabulary=vocab, add_eos=False),
+        }
         for benchmark, splits in BENCHMARK_SPLITS.items():
             seqio.TaskRegistry.add(
                 f"{benchmark}{suffix}_eval",
@@ -356,9 +380,12 @@ def sft_rows(name: str, split: str) -> list[dict[str, str]]:
 
 def _register_sft() -> None:
     vocab = chat_vocabulary()
-    features = {"inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
-                "targets": seqio.Feature(vocabulary=vocab, add_eos=False)}
+    features = {
+        "inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
+        "targets": seqio.Feature(vocabulary=vocab, add_eos=False),
+    }
     for name in SFT_SOURCES:
+
         def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, _name=name) -> tf.data.Dataset:
             del shuffle_files, seed
             return _examples_dataset(sft_rows(_name, split), ("id", "inputs", "targets"))

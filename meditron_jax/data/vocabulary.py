@@ -14,8 +14,20 @@ from collections.abc import Sequence
 
 # MEDITRON.md §1: the 17 ids after the 32,000 Llama pieces, in order, then the two ChatML tokens of SFT.
 MEGATRON_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>")
-MARKER_TOKENS = ("[bib_ref]", "[/bib_ref]", "[fig_ref]", "[/fig_ref]", "[bib]", "[/bib]", "[fig]", "[/fig]",
-                 "[table]", "[/table]", "[formula]", "[/formula]")
+MARKER_TOKENS = (
+    "[bib_ref]",
+    "[/bib_ref]",
+    "[fig_ref]",
+    "[/fig_ref]",
+    "[bib]",
+    "[/bib]",
+    "[fig]",
+    "[/fig]",
+    "[table]",
+    "[/table]",
+    "[formula]",
+    "[/formula]",
+)
 MEDITRON_EXTRA_TOKENS = MEGATRON_SPECIALS + MARKER_TOKENS
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
@@ -37,9 +49,11 @@ class Tokenizer:
         if len(set(self.extra_tokens)) != len(self.extra_tokens):
             raise ValueError(f"duplicate added tokens in {self.extra_tokens}")
         self._extra_to_id = {t: self.base_vocab_size + i for i, t in enumerate(self.extra_tokens)}
-        self._split = (re.compile("(" + "|".join(re.escape(t) for t in sorted(self.extra_tokens, key=len,
-                                                                                reverse=True)) + ")")
-                       if self.extra_tokens else None)
+        self._split = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(self.extra_tokens, key=len, reverse=True)) + ")")
+            if self.extra_tokens
+            else None
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -25,8 +25,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     real = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        real[i, width - len(p):] = 1
+        tokens[i, width - len(p) :] = p
+        real[i, width - len(p) :] = 1
     positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
     return tokens, real, positions
 
@@ -50,13 +50,26 @@ def sample_logits(logits, rng, temperature: float, top_k: int | None, top_p: flo
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(params, tokens, real, positions, rng, *, config: ModelConfig, max_new_tokens: int,
-              temperature: float, top_k, top_p, eos_id):
+def _generate(
+    params,
+    tokens,
+    real,
+    positions,
+    rng,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    temperature: float,
+    top_k,
+    top_p,
+    eos_id,
+):
     model = Llama(config)
     b, width = tokens.shape
     cache = init_cache(config, b, width + max_new_tokens)
-    logits, state = model.apply({"params": params, "cache": cache}, tokens, positions, real, mode="prefill",
-                                mutable=["cache"])
+    logits, state = model.apply(
+        {"params": params, "cache": cache}, tokens, positions, real, mode="prefill", mutable=["cache"]
+    )
     next_pos = positions[:, -1:] + 1
 
     def step(carry, _):
@@ -65,8 +78,9 @@ def _generate(params, tokens, real, positions, rng, *, config: ModelConfig, max_
         tok = sample_logits(last_logits, sub, temperature, top_k, top_p)
         tok = jnp.where(done, eos_id, tok)
         done = done | (tok == eos_id)
-        logits, state = model.apply({"params": params, "cache": cache}, tok[:, None], pos,
-                                    jnp.ones_like(pos), mode="decode", mutable=["cache"])
+        logits, state = model.apply(
+            {"params": params, "cache": cache}, tok[:, None], pos, jnp.ones_like(pos), mode="decode", mutable=["cache"]
+        )
         return (state["cache"], logits[:, -1], pos + 1, done, rng), tok
 
     init = (state["cache"], logits[:, -1], next_pos, jnp.zeros((b,), jnp.bool_), rng)
@@ -74,9 +88,19 @@ def _generate(params, tokens, real, positions, rng, *, config: ModelConfig, max_
     return out.T  # [b, max_new_tokens]
 
 
-def generate_ids(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 eos_id: int | None = None, pad_id: int = 0, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0) -> list[list[int]]:
+def generate_ids(
+    config: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
     """New token ids per prompt, cut after the first EOS (which is kept)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
@@ -86,11 +110,23 @@ def generate_ids(config: ModelConfig, params, prompts: Sequence[Sequence[int]], 
     tokens, real, positions = left_pad(prompts, pad_id)
     total = tokens.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:
-        raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {config.max_position_embeddings}")
-    out = _generate(params, jnp.asarray(tokens), jnp.asarray(real), jnp.asarray(positions),
-                    jax.random.PRNGKey(seed), config=config, max_new_tokens=max_new_tokens,
-                    temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
+        raise ValueError(
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"model's context of {config.max_position_embeddings}"
+        )
+    out = _generate(
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(real),
+        jnp.asarray(positions),
+        jax.random.PRNGKey(seed),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+    )
     result = []
     for row in np.asarray(out).tolist():
         result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)

@@ -48,8 +48,10 @@ class Problem:
 def check_inputs(q, k, v, segment_ids, *, causal: bool, who: str = "attention") -> Problem:
     """Shape/dtype checks with messages that name the caller and the offending shapes."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"{who}: q, k, v must be [batch, length, heads, head_dim]; "
-                         f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+        raise ValueError(
+            f"{who}: q, k, v must be [batch, length, heads, head_dim]; "
+            f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+        )
     b, q_len, heads, d = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{who}: k{tuple(k.shape)} and v{tuple(v.shape)} must have the same shape")
@@ -64,11 +66,12 @@ def check_inputs(q, k, v, segment_ids, *, causal: bool, who: str = "attention") 
         raise ValueError(f"{who}: q, k, v must be floating point, got {q.dtype}")
     if segment_ids is not None:
         if tuple(segment_ids.shape) != (b, kv_len):
-            raise ValueError(f"{who}: segment_ids{tuple(segment_ids.shape)} must be [batch, kv_len] = "
-                             f"{(b, kv_len)}")
+            raise ValueError(f"{who}: segment_ids{tuple(segment_ids.shape)} must be [batch, kv_len] = {(b, kv_len)}")
         if q_len > kv_len:
-            raise ValueError(f"{who}: segment_ids need q_len <= kv_len (queries take the last q_len ids); "
-                             f"got q_len {q_len}, kv_len {kv_len}")
+            raise ValueError(
+                f"{who}: segment_ids need q_len <= kv_len (queries take the last q_len ids); "
+                f"got q_len {q_len}, kv_len {kv_len}"
+            )
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"{who}: segment_ids must be integers, got {segment_ids.dtype}")
     return Problem(b, q_len, kv_len, heads, kv_heads, d, bool(causal), segment_ids is not None)
@@ -102,7 +105,7 @@ def split_segments(segment_ids, p: Problem, q_pad: int, kv_pad: int):
     if segment_ids is None:
         return None, None
     seg = segment_ids.astype(jnp.int32)
-    q_seg = pad_axis(seg[:, p.kv_len - p.q_len:], 1, q_pad)
+    q_seg = pad_axis(seg[:, p.kv_len - p.q_len :], 1, q_pad)
     kv_seg = pad_axis(seg, 1, kv_pad)
     return q_seg, kv_seg
 

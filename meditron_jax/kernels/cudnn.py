@@ -38,8 +38,14 @@ def cudnn_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale):
         mask = make_mask(p.q_len, p.kv_len, causal=causal, segment_ids=segment_ids)
         mask = jnp.broadcast_to(mask, (p.batch, p.q_len, p.kv_len))
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=None if mask is None else mask[:, None], scale=softmax_scale,
-        is_causal=causal and mask is None, implementation="cudnn")
+        q,
+        k,
+        v,
+        mask=None if mask is None else mask[:, None],
+        scale=softmax_scale,
+        is_causal=causal and mask is None,
+        implementation="cudnn",
+    )
     if mask is not None:  # same empty-row convention as every other path
         out = out * jnp.any(mask, axis=-1)[:, :, None, None].astype(out.dtype)
     return out

@@ -63,8 +63,9 @@ def _normalise(platform: str) -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
-def attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, impl="auto", interpret=False,
-              block_sizes=None):
+def attention(
+    q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, impl="auto", interpret=False, block_sizes=None
+):
     """Multi-head / grouped-query attention.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
@@ -95,8 +96,9 @@ def attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, imp
     flash = pallas_tpu.flash_attention if chosen == "pallas_tpu" else pallas_gpu.flash_attention
 
     def kernel(q, k, v, segment_ids):
-        return flash(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale, block_sizes=sizes,
-                     interpret=interpret)
+        return flash(
+            q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale, block_sizes=sizes, interpret=interpret
+        )
 
     mesh = jax.sharding.get_abstract_mesh()
     partition = None if interpret else sharding.kernel_partition(mesh, p.batch, p.heads, p.kv_heads)
@@ -107,10 +109,14 @@ def attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale=None, imp
 
 def _wrong_backend(impl: str, platform: str) -> str:
     if impl == "cudnn":
-        return (f"attention impl 'cudnn' needs an NVIDIA GPU backend, but the backend is {platform!r} "
-                "(cuDNN has no interpreter)")
-    return (f"attention impl {impl!r} needs a {_BACKEND_OF[impl].upper()} backend, but the backend is "
-            f"{platform!r}; use interpret=True to run it in the Pallas interpreter")
+        return (
+            f"attention impl 'cudnn' needs an NVIDIA GPU backend, but the backend is {platform!r} "
+            "(cuDNN has no interpreter)"
+        )
+    return (
+        f"attention impl {impl!r} needs a {_BACKEND_OF[impl].upper()} backend, but the backend is "
+        f"{platform!r}; use interpret=True to run it in the Pallas interpreter"
+    )
 
 
 def check_runnable(impl: str, q, k, v, segment_ids, *, causal: bool, target: Target, interpret: bool):
@@ -190,5 +196,12 @@ def _block_sizes_for(impl: str, block_sizes, target: Target):
     return None
 
 
-__all__ = ["CPU_REFERENCE_MAX_SCORE_BYTES", "MIN_KERNEL_Q_LEN", "Target", "attention", "check_runnable",
-           "current_target", "select_impl"]
+__all__ = [
+    "CPU_REFERENCE_MAX_SCORE_BYTES",
+    "MIN_KERNEL_Q_LEN",
+    "Target",
+    "attention",
+    "check_runnable",
+    "current_target",
+    "select_impl",
+]

@@ -86,8 +86,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, block_sizes=None,
-                    interpret=False):
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, block_sizes=None, interpret=False):
     """q: [b, q_len, heads, d]; k, v: [b, kv_len, kv_heads, d] → [b, q_len, heads, d]."""
     p = check_supported(q, k, v, segment_ids, causal=causal)
     bs = block_sizes or BlockSizes()
@@ -97,11 +96,22 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, bl
     q_pad = round_up(p.q_len, max(bq, bq_bwd))  # powers of two: the larger is a multiple of the smaller
     kv_pad = round_up(p.kv_len, max(bk, bk_bwd))
     d_pad = max(MIN_BLOCK, _pow2(p.head_dim))
-    cfg = _Config(causal=p.causal, scale=float(softmax_scale), offset=p.offset, kv_len=p.kv_len,
-                  kv_padded=kv_pad != p.kv_len, groups=p.groups, head_dim=d_pad, block_q=bq, block_kv=bk,
-                  block_q_bwd=bq_bwd, block_kv_bwd=bk_bwd,
-                  num_warps=bs.num_warps or (4 if d_pad <= 64 else 8), num_stages=bs.num_stages,
-                  interpret=interpret)
+    cfg = _Config(
+        causal=p.causal,
+        scale=float(softmax_scale),
+        offset=p.offset,
+        kv_len=p.kv_len,
+        kv_padded=kv_pad != p.kv_len,
+        groups=p.groups,
+        head_dim=d_pad,
+        block_q=bq,
+        block_kv=bk,
+        block_q_bwd=bq_bwd,
+        block_kv_bwd=bk_bwd,
+        num_warps=bs.num_warps or (4 if d_pad <= 64 else 8),
+        num_stages=bs.num_stages,
+        interpret=interpret,
+    )
     segs = split_segments(segment_ids, p, q_pad, kv_pad) if segment_ids is not None else None
 
     def pad(x, length):
@@ -121,8 +131,9 @@ def _compiler_params(cfg: _Config):
 
 
 def _mask(cfg: _Config, q_idx, kv_idx, q_seg=None, kv_seg=None):
-    mask = position_mask(q_idx, kv_idx, causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len,
-                         kv_padded=cfg.kv_padded)
+    mask = position_mask(
+        q_idx, kv_idx, causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len, kv_padded=cfg.kv_padded
+    )
     if q_seg is not None:
         mask = and_masks(mask, q_seg == kv_seg)
     return mask
@@ -149,9 +160,13 @@ def _fwd_kernel(*refs, cfg: _Config, has_seg: bool, save_lse: bool, num_kv: int)
         start = pl.multiple_of(j * bk, bk)
         s = _dot(q, k_ref[pl.ds(start, bk), :], trans_b=True) * cfg.scale
         cols = start + jnp.arange(bk)
-        mask = _mask(cfg, rows[:, None], cols[None, :],
-                     None if q_seg is None else q_seg[:, None],
-                     None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)][None, :])
+        mask = _mask(
+            cfg,
+            rows[:, None],
+            cols[None, :],
+            None if q_seg is None else q_seg[:, None],
+            None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)][None, :],
+        )
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -163,8 +178,7 @@ def _fwd_kernel(*refs, cfg: _Config, has_seg: bool, save_lse: bool, num_kv: int)
         return acc, m_new, denom
 
     hi = causal_kv_blocks(i, bq, bk, cfg.offset, num_kv) if cfg.causal else num_kv
-    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
-            jnp.zeros((bq,), jnp.float32))
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
     acc, m, denom = lax.fori_loop(0, hi, body, init)
     out, lse = finish_rows(acc, m, denom)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -185,8 +199,10 @@ def _forward(cfg: _Config, q, k, v, segs, save_lse: bool):
     ]
     args = [q, k, v]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_pad), lambda i, bi, hi: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+            pl.BlockSpec((None, kv_pad), lambda i, bi, hi: (bi, 0)),
+        ]
         args += list(segs)
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, i, hi, 0))]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
@@ -235,8 +251,9 @@ def _dkv_kernel(*refs, cfg: _Config, has_seg: bool, num_q: int):
             q, do = q_ref[cols, heads], do_ref[cols, heads]
             st = _dot(k, q, trans_b=True) * cfg.scale  # (bk, bq)
             q_idx = start + jnp.arange(bq)
-            mask = _mask(cfg, q_idx[None, :], kv_rows[:, None],
-                         None if qseg_ref is None else qseg_ref[cols][None, :], kv_seg)
+            mask = _mask(
+                cfg, q_idx[None, :], kv_rows[:, None], None if qseg_ref is None else qseg_ref[cols][None, :], kv_seg
+            )
             if mask is not None:
                 st = jnp.where(mask, st, MASK_VALUE)
             pt = jnp.exp(st - lse_ref[gi, cols][None, :])
@@ -272,8 +289,13 @@ def _dq_kernel(*refs, cfg: _Config, has_seg: bool, num_kv: int):
         k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
         s = _dot(q, k, trans_b=True) * cfg.scale
         cols = start + jnp.arange(bk)
-        mask = _mask(cfg, rows[:, None], cols[None, :], q_seg,
-                     None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)][None, :])
+        mask = _mask(
+            cfg,
+            rows[:, None],
+            cols[None, :],
+            q_seg,
+            None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)][None, :],
+        )
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         pr = jnp.exp(s - lse)
@@ -304,11 +326,12 @@ def _backward(cfg: _Config, q, k, v, segs, out, lse, do):
         pl.BlockSpec((None, None, g, q_pad), lambda j, bi, hk: (bi, hk, 0, 0)),
         pl.BlockSpec((None, None, g, q_pad), lambda j, bi, hk: (bi, hk, 0, 0)),
     ]
-    args = [q.reshape(grouped), k, v, do.reshape(grouped), lse.reshape(b, kvh, g, q_pad),
-            di.reshape(b, kvh, g, q_pad)]
+    args = [q.reshape(grouped), k, v, do.reshape(grouped), lse.reshape(b, kvh, g, q_pad), di.reshape(b, kvh, g, q_pad)]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, q_pad), lambda j, bi, hk: (bi, 0)),
-                     pl.BlockSpec((None, bk), lambda j, bi, hk: (bi, j))]
+        in_specs += [
+            pl.BlockSpec((None, q_pad), lambda j, bi, hk: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda j, bi, hk: (bi, j)),
+        ]
         args += list(segs)
     kv_out = pl.BlockSpec((None, bk, None, d), lambda j, bi, hk: (bi, j, hk, 0))
     dk, dv = pl.pallas_call(
@@ -331,8 +354,10 @@ def _backward(cfg: _Config, q, k, v, segs, out, lse, do):
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, di]
     if has_seg:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, kv_pad), lambda i, bi, hi: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, i)),
+            pl.BlockSpec((None, kv_pad), lambda i, bi, hi: (bi, 0)),
+        ]
         args += list(segs)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg, num_kv=num_kv),

@@ -81,22 +81,32 @@ def padded_head_dim(head_dim: int) -> int:
 def check_supported(q, k, v, segment_ids, *, causal: bool):
     p = check_inputs(q, k, v, segment_ids, causal=causal, who="pallas_tpu")
     if p.head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"pallas_tpu: head_dim {p.head_dim} > {MAX_HEAD_DIM} is not supported "
-                         "(tiles would not fit in VMEM)")
+        raise ValueError(
+            f"pallas_tpu: head_dim {p.head_dim} > {MAX_HEAD_DIM} is not supported (tiles would not fit in VMEM)"
+        )
     return p
 
 
-def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, block_sizes=None,
-                    interpret=False):
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, block_sizes=None, interpret=False):
     """q: [b, q_len, heads, d]; k, v: [b, kv_len, kv_heads, d] → [b, q_len, heads, d]."""
     p = check_supported(q, k, v, segment_ids, causal=causal)
     bs = block_sizes or BlockSizes()
     q_pad, (bq, bq_bwd) = _tiles(p.q_len, bs.block_q, bs.block_q_bwd)
     kv_pad, (bk, bk_bwd) = _tiles(p.kv_len, bs.block_kv, bs.block_kv_bwd)
     d_pad = padded_head_dim(p.head_dim)
-    cfg = _Config(causal=p.causal, scale=float(softmax_scale), offset=p.offset, kv_len=p.kv_len,
-                  kv_padded=kv_pad != p.kv_len, groups=p.groups, block_q=bq, block_kv=bk,
-                  block_q_bwd=bq_bwd, block_kv_bwd=bk_bwd, interpret=interpret)
+    cfg = _Config(
+        causal=p.causal,
+        scale=float(softmax_scale),
+        offset=p.offset,
+        kv_len=p.kv_len,
+        kv_padded=kv_pad != p.kv_len,
+        groups=p.groups,
+        block_q=bq,
+        block_kv=bk,
+        block_q_bwd=bq_bwd,
+        block_kv_bwd=bk_bwd,
+        interpret=interpret,
+    )
 
     def to_kernel_layout(x, length):
         return pad_axis(pad_axis(x, 1, length), 3, d_pad).transpose(0, 2, 1, 3)
@@ -105,8 +115,7 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, bl
     if segment_ids is not None:
         q_seg, kv_seg = split_segments(segment_ids, p, q_pad, kv_pad)
         segs = _segment_layouts(q_seg, kv_seg)
-    out = _flash(cfg, to_kernel_layout(q, q_pad), to_kernel_layout(k, kv_pad), to_kernel_layout(v, kv_pad),
-                 segs)
+    out = _flash(cfg, to_kernel_layout(q, q_pad), to_kernel_layout(k, kv_pad), to_kernel_layout(v, kv_pad), segs)
     return out.transpose(0, 2, 1, 3)[:, : p.q_len, :, : p.head_dim]
 
 
@@ -117,8 +126,7 @@ def _tiles(length: int, *blocks: int):
     (e.g. 1500 tokens with tiles 1024 and 512 pad to 1536 and use tiles 768 and 512, not 2048).
     """
     padded = round_up(length, min(min(blocks), round_up(length, NUM_LANES)))
-    tiles = tuple(max(t for t in range(NUM_LANES, min(b, padded) + 1, NUM_LANES) if padded % t == 0)
-                  for b in blocks)
+    tiles = tuple(max(t for t in range(NUM_LANES, min(b, padded) + 1, NUM_LANES) if padded % t == 0) for b in blocks)
     return padded, tiles
 
 
@@ -166,8 +174,9 @@ def _tile_mask(cfg: _Config, row_start, col_start, shape, row_seg=None, col_seg=
     rows = lax.broadcasted_iota(jnp.int32, shape, 0) + row_start
     cols = lax.broadcasted_iota(jnp.int32, shape, 1) + col_start
     q_idx, kv_idx = (cols, rows) if transposed else (rows, cols)
-    mask = position_mask(q_idx, kv_idx, causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len,
-                         kv_padded=cfg.kv_padded)
+    mask = position_mask(
+        q_idx, kv_idx, causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len, kv_padded=cfg.kv_padded
+    )
     if row_seg is not None:
         ids_rows = _lanes(row_seg, shape[1])  # (rows, cols), from (rows, 128)
         ids_cols = col_seg[:1, :]  # (1, cols), from (8, cols)
@@ -225,9 +234,14 @@ def _fwd_kernel(*refs, cfg: _Config, has_seg: bool, save_lse: bool, num_kv: int)
     @pl.when(_runs(cfg, i, j, bq, bk))
     def _step():
         s = lax.dot_general(q_ref[...], k_ref[...], NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
-        mask = _tile_mask(cfg, i * bq, j * bk, (bq, bk),
-                          None if qseg_ref is None else qseg_ref[...],
-                          None if kvseg_ref is None else kvseg_ref[...])
+        mask = _tile_mask(
+            cfg,
+            i * bq,
+            j * bk,
+            (bq, bk),
+            None if qseg_ref is None else qseg_ref[...],
+            None if kvseg_ref is None else kvseg_ref[...],
+        )
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]  # (bq, 128), lane-replicated
@@ -306,8 +320,7 @@ def _forward(cfg: _Config, q, k, v, segs, save_lse: bool):
 def _dkv_kernel(*refs, cfg: _Config, has_seg: bool, num_q: int):
     """Tiles are transposed (keys as rows) so the per-query lse/di vectors are lane-dense rows."""
     if has_seg:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, kvseg_ref, qseg_ref,
-         dk_ref, dv_ref, dk_scr, dv_scr) = refs
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, kvseg_ref, qseg_ref, dk_ref, dv_ref, dk_scr, dv_scr) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
         kvseg_ref = qseg_ref = None
@@ -323,9 +336,15 @@ def _dkv_kernel(*refs, cfg: _Config, has_seg: bool, num_q: int):
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         st = lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale  # (bk, bq)
-        mask = _tile_mask(cfg, j * bk, i * bq, (bk, bq),
-                          None if kvseg_ref is None else kvseg_ref[...],
-                          None if qseg_ref is None else qseg_ref[...], transposed=True)
+        mask = _tile_mask(
+            cfg,
+            j * bk,
+            i * bq,
+            (bk, bq),
+            None if kvseg_ref is None else kvseg_ref[...],
+            None if qseg_ref is None else qseg_ref[...],
+            transposed=True,
+        )
         if mask is not None:
             st = jnp.where(mask, st, MASK_VALUE)
         pt = jnp.exp(st - lse_ref[...])  # lse: (1, bq)
@@ -357,9 +376,14 @@ def _dq_kernel(*refs, cfg: _Config, has_seg: bool, num_kv: int):
     def _step():
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * cfg.scale
-        mask = _tile_mask(cfg, i * bq, j * bk, (bq, bk),
-                          None if qseg_ref is None else qseg_ref[...],
-                          None if kvseg_ref is None else kvseg_ref[...])
+        mask = _tile_mask(
+            cfg,
+            i * bq,
+            j * bk,
+            (bq, bk),
+            None if qseg_ref is None else qseg_ref[...],
+            None if kvseg_ref is None else kvseg_ref[...],
+        )
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         lse = jnp.expand_dims(lse_ref[0], -1)  # (1, bq) row -> (bq, 1) column
@@ -408,8 +432,9 @@ def _backward(cfg: _Config, q, k, v, segs, out, lse, do):
     if has_seg:
         in_specs += [
             pl.BlockSpec((None, bk, NUM_LANES), lambda bi, hk, j, gi, i: (bi, j, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bq),
-                         lambda bi, hk, j, gi, i: (bi, 0, _q_index(cfg, i, j, bq, bk, num_q))),
+            pl.BlockSpec(
+                (None, NUM_SUBLANES, bq), lambda bi, hk, j, gi, i: (bi, 0, _q_index(cfg, i, j, bq, bk, num_q))
+            ),
         ]
         args += [segs[2], segs[3]]
     dk, dv = pl.pallas_call(

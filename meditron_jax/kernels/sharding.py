@@ -78,5 +78,6 @@ def shard_kernel(kernel, q, k, v, segment_ids, partition, mesh):
     # Every not-yet-manual axis goes manual: XLA rejects a Mosaic call left with any automatic axis.
     manual = set(getattr(mesh, "manual_axes", ()))
     free = frozenset(a for a in mesh.axis_names if a not in manual)
-    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=qkv_spec,
-                         axis_names=free, check_vma=False)(*args)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=tuple(in_specs), out_specs=qkv_spec, axis_names=free, check_vma=False
+    )(*args)

@@ -24,8 +24,14 @@ from meditron_jax.kernels.common import (
     split_segments,
 )
 
-__all__ = ["MASK_VALUE", "BlockwiseSizes", "blockwise_attention", "make_mask", "masked_attention",
-           "reference_attention"]
+__all__ = [
+    "MASK_VALUE",
+    "BlockwiseSizes",
+    "blockwise_attention",
+    "make_mask",
+    "masked_attention",
+    "reference_attention",
+]
 
 
 def make_mask(q_len: int, kv_len: int, *, causal: bool, segment_ids=None, kv_segment_ids=None):
@@ -107,8 +113,15 @@ def blockwise_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale
     block_q = min(bs.block_q, round_up(p.q_len, 8))
     block_kv = min(bs.block_kv, round_up(p.kv_len, 8))
     q_pad, kv_pad = round_up(p.q_len, block_q), round_up(p.kv_len, block_kv)
-    st = _Static(causal=p.causal, scale=float(softmax_scale), offset=p.offset, kv_len=p.kv_len,
-                 kv_padded=kv_pad != p.kv_len, block_q=block_q, block_kv=block_kv)
+    st = _Static(
+        causal=p.causal,
+        scale=float(softmax_scale),
+        offset=p.offset,
+        kv_len=p.kv_len,
+        kv_padded=kv_pad != p.kv_len,
+        block_q=block_q,
+        block_kv=block_kv,
+    )
     q_seg, kv_seg = split_segments(segment_ids, p, q_pad, kv_pad)
     qg = pad_axis(q, 1, q_pad).reshape(p.batch, q_pad, p.kv_heads, p.groups, p.head_dim)
     segs = None if q_seg is None else (q_seg, kv_seg)
@@ -120,8 +133,7 @@ def _tile_mask(st: _Static, q_start, kv_start, q_seg_blk, kv_seg_blk):
     """[b or 1, 1, 1, block_q, block_kv] mask for one tile, or None."""
     rows = q_start + jnp.arange(st.block_q)[:, None]
     cols = kv_start + jnp.arange(st.block_kv)[None, :]
-    mask = position_mask(rows, cols, causal=st.causal, offset=st.offset, kv_len=st.kv_len,
-                         kv_padded=st.kv_padded)
+    mask = position_mask(rows, cols, causal=st.causal, offset=st.offset, kv_len=st.kv_len, kv_padded=st.kv_padded)
     if mask is not None:
         mask = mask[None]
     if q_seg_blk is not None:
@@ -164,8 +176,10 @@ def _forward(st: _Static, qg, k, v, segs, save_lse: bool):
         def kv_step(j, carry):
             m, denom, acc = carry
             kv_start = j * st.block_kv
-            s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, _slice(k, kv_start, st.block_kv),
-                           preferred_element_type=adt) * st.scale
+            s = (
+                jnp.einsum("bqhgd,bkhd->bhgqk", qb, _slice(k, kv_start, st.block_kv), preferred_element_type=adt)
+                * st.scale
+            )
             mask = _tile_mask(st, q_start, kv_start, qs, _seg_slice(kv_seg, kv_start, st.block_kv))
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
@@ -174,13 +188,16 @@ def _forward(st: _Static, qg, k, v, segs, save_lse: bool):
             pr = jnp.exp(s - m_new[..., None])
             denom = alpha * denom + pr.sum(axis=-1)
             vb = _slice(v, kv_start, st.block_kv)
-            acc = alpha[..., None] * acc + jnp.einsum("bhgqk,bkhd->bhgqd", pr.astype(v.dtype), vb,
-                                                      preferred_element_type=adt)
+            acc = alpha[..., None] * acc + jnp.einsum(
+                "bhgqk,bkhd->bhgqd", pr.astype(v.dtype), vb, preferred_element_type=adt
+            )
             return m_new, denom, acc
 
-        init = (jnp.full((b, kvh, g, st.block_q), MASK_VALUE, adt),
-                jnp.zeros((b, kvh, g, st.block_q), adt),
-                jnp.zeros((b, kvh, g, st.block_q, d), adt))
+        init = (
+            jnp.full((b, kvh, g, st.block_q), MASK_VALUE, adt),
+            jnp.zeros((b, kvh, g, st.block_q), adt),
+            jnp.zeros((b, kvh, g, st.block_q, d), adt),
+        )
         lo, hi = _kv_range(st, i, num_kv)
         m, denom, acc = lax.fori_loop(lo, hi, kv_step, init)
         out, lse = finish_rows(acc, m, denom)
@@ -215,12 +232,10 @@ def _backward(st: _Static, qg, k, v, segs, out, lse, dout):
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
             pr = jnp.exp(s - _slice(lse, q_start, st.block_q, axis=3)[..., None])
-            dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", pr.astype(dout.dtype), dob,
-                                 preferred_element_type=adt)
+            dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", pr.astype(dout.dtype), dob, preferred_element_type=adt)
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=adt)
             ds = pr * (dp - _slice(di, q_start, st.block_q, axis=3)[..., None]) * st.scale
-            dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qg.dtype), qb,
-                                 preferred_element_type=adt)
+            dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qg.dtype), qb, preferred_element_type=adt)
             dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k.dtype), kb, preferred_element_type=adt)
             dq = lax.dynamic_update_slice_in_dim(dq, _slice(dq, q_start, st.block_q) + dq_blk, q_start, axis=1)
             return dq, dk, dv

@@ -100,11 +100,12 @@ class Attention(nn.Module):
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        scale = hd ** -0.5
+        scale = hd**-0.5
 
         if self.mode == "train":
-            out = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale,
-                                    impl=cfg.attention_impl)
+            out = kernels.attention(
+                q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale, impl=cfg.attention_impl
+            )
         else:
             out = self._cached_attention(q, k, v, segment_ids, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
@@ -129,8 +130,9 @@ class Attention(nn.Module):
             cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, 0, 0, 0))
             valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, 0))
             index.value = jnp.asarray(length, jnp.int32)
-            return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale,
-                                     impl=self.config.attention_impl)
+            return kernels.attention(
+                q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale, impl=self.config.attention_impl
+            )
         # decode: `length` new tokens (usually 1) at cache slots [index, index + length)
         i = index.value
         ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))

@@ -23,9 +23,14 @@ def layer_stack(config: ModelConfig, mode: str):
     if config.remat_policy != "none":
         cls = nn.remat(cls, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
     if config.scan_layers:
-        cls = nn.scan(cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=config.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+        cls = nn.scan(
+            cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=config.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
     return cls
 
 
@@ -47,8 +52,9 @@ class Llama(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         tokens = constrain(tokens, ("batch", "length"))
-        embedding = param(self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                          WEIGHT_INIT, pdt)
+        embedding = param(
+            self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), WEIGHT_INIT, pdt
+        )
         x = jnp.take(embedding, tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "length", "embed"))
 
@@ -63,8 +69,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             head = embedding.T
         else:
-            head = param(self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
-                         WEIGHT_INIT, pdt)
+            head = param(
+                self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"), WEIGHT_INIT, pdt
+            )
         logits = jnp.einsum("bld,dv->blv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits[..., : cfg.vocab_size]

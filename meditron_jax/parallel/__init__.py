@@ -4,5 +4,15 @@ from meditron_jax.parallel.mesh import MESH_AXES, MeshConfig, MeshError, create_
 from meditron_jax.parallel.pipeline import PipelineConfig
 from meditron_jax.parallel.rules import DEFAULT_RULES, logical_axis_rules, resolve_rules, sharding_report
 
-__all__ = ["DEFAULT_RULES", "MESH_AXES", "MeshConfig", "MeshError", "PipelineConfig", "create_mesh",
-           "logical_axis_rules", "resolve_rules", "resolve_shape", "sharding_report"]
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "MeshConfig",
+    "MeshError",
+    "PipelineConfig",
+    "create_mesh",
+    "logical_axis_rules",
+    "resolve_rules",
+    "resolve_shape",
+    "sharding_report",
+]

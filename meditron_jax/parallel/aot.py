@@ -24,10 +24,25 @@ from meditron_jax.train.optimizer import make_optimizer
 from meditron_jax.train.step import TrainStep
 
 # Chip grid by chip count: 3D tori (v4, v5p) and 2D tori (v5e, v6e); the Cloud TPU standard slice shapes.
-SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-             192: (4, 4, 12), 256: (4, 8, 8), 384: (4, 8, 12), 512: (8, 8, 8), 768: (8, 8, 12),
-             1024: (8, 8, 16), 1536: (8, 12, 16), 2048: (8, 16, 16), 3072: (12, 16, 16), 4096: (16, 16, 16),
-             6144: (16, 16, 24)}
+SHAPES_3D = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    192: (4, 4, 12),
+    256: (4, 8, 8),
+    384: (4, 8, 12),
+    512: (8, 8, 8),
+    768: (8, 8, 12),
+    1024: (8, 8, 16),
+    1536: (8, 12, 16),
+    2048: (8, 16, 16),
+    3072: (12, 16, 16),
+    4096: (16, 16, 16),
+    6144: (16, 16, 24),
+}
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 # libtpu's name for each chip in a topology string.
 LIBTPU_NAMES = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v6e": "v6e"}
@@ -65,9 +80,13 @@ class Topology:
         else:
             wrap = tuple(d == 16 for d in self.shape) + (False,)
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=self.libtpu_name,
+            platform="tpu",
+            topology_name=self.libtpu_name,
             chip_config_name="megacore" if megacore else "default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=self.num_slices, wrap=wrap)
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=self.num_slices,
+            wrap=wrap,
+        )
         devices = list(desc.devices)
         if len(devices) != self.num_chips:
             raise RuntimeError(f"libtpu gave {len(devices)} devices for {self.name}, expected {self.num_chips}")
@@ -84,19 +103,25 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     else:
         m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text)
         if not m:
-            raise ValueError(f"topology {name!r}: expected an accelerator type like v5p-128, v4-256, v5e-16, "
-                             "v6e-64 or an explicit shape like v5p:4x4x8")
+            raise ValueError(
+                f"topology {name!r}: expected an accelerator type like v5p-128, v4-256, v5e-16, "
+                "v6e-64 or an explicit shape like v5p:4x4x8"
+            )
         chip = get_chip(m.group(1))
         count = int(m.group(2))
         if count % chip.cores_per_chip:
-            raise ValueError(f"topology {name!r}: {chip.name} names count TensorCores ({chip.cores_per_chip} per "
-                             f"chip); {count} is not a multiple of {chip.cores_per_chip}")
+            raise ValueError(
+                f"topology {name!r}: {chip.name} names count TensorCores ({chip.cores_per_chip} per "
+                f"chip); {count} is not a multiple of {chip.cores_per_chip}"
+            )
         chips = count // chip.cores_per_chip
         table = SHAPES_3D if chip.torus_dims == 3 else SHAPES_2D
         if chips not in table:
-            raise ValueError(f"topology {name!r} ({chips} chips): no standard {chip.name} slice shape known; "
-                             f"give it explicitly, e.g. {chip.name}:{'x'.join(['4'] * chip.torus_dims)}. "
-                             f"Known chip counts: {sorted(table)}")
+            raise ValueError(
+                f"topology {name!r} ({chips} chips): no standard {chip.name} slice shape known; "
+                f"give it explicitly, e.g. {chip.name}:{'x'.join(['4'] * chip.torus_dims)}. "
+                f"Known chip counts: {sorted(table)}"
+            )
         shape = table[chips]
     if chip.kind != "tpu":
         raise ValueError(f"topology {name!r}: AOT compilation through libtpu needs a TPU chip, not {chip.name}")
@@ -135,20 +160,22 @@ class AotResult:
 
     def summary(self) -> str:
         gib = 1 << 30
-        return "\n".join([
-            f"model {self.model}  topology {self.topology} ({self.num_chips} chips, {self.num_slices} slice(s))",
-            f"mesh {self.mesh}",
-            f"sequence {self.seq_len}  global batch {self.global_batch}  grad accumulation {self.grad_accum_steps}"
-            + (f"  pipeline {self.pipeline}" if self.pipeline else ""),
-            f"per-chip memory: arguments {self.argument_bytes / gib:.2f} GiB (params "
-            f"{self.params_bytes_per_chip / gib:.2f}, optimizer {self.opt_state_bytes_per_chip / gib:.2f}), "
-            f"outputs {self.output_bytes / gib:.2f} GiB (aliased {self.alias_bytes / gib:.2f}), "
-            f"temporaries {self.temp_bytes / gib:.2f} GiB, code {self.generated_code_bytes / gib:.3f} GiB",
-            f"total {self.total_bytes / gib:.2f} GiB of {self.hbm_bytes / gib:.2f} GiB usable HBM "
-            f"({self.total_bytes / self.hbm_bytes:.0%}) -> {'fits' if self.fits else 'DOES NOT FIT'}",
-            *(f"note: {n}" for n in self.notes),
-            f"compiled in {self.compile_seconds:.0f} s",
-        ])
+        return "\n".join(
+            [
+                f"model {self.model}  topology {self.topology} ({self.num_chips} chips, {self.num_slices} slice(s))",
+                f"mesh {self.mesh}",
+                f"sequence {self.seq_len}  global batch {self.global_batch}  grad accumulation {self.grad_accum_steps}"
+                + (f"  pipeline {self.pipeline}" if self.pipeline else ""),
+                f"per-chip memory: arguments {self.argument_bytes / gib:.2f} GiB (params "
+                f"{self.params_bytes_per_chip / gib:.2f}, optimizer {self.opt_state_bytes_per_chip / gib:.2f}), "
+                f"outputs {self.output_bytes / gib:.2f} GiB (aliased {self.alias_bytes / gib:.2f}), "
+                f"temporaries {self.temp_bytes / gib:.2f} GiB, code {self.generated_code_bytes / gib:.3f} GiB",
+                f"total {self.total_bytes / gib:.2f} GiB of {self.hbm_bytes / gib:.2f} GiB usable HBM "
+                f"({self.total_bytes / self.hbm_bytes:.0%}) -> {'fits' if self.fits else 'DOES NOT FIT'}",
+                *(f"note: {n}" for n in self.notes),
+                f"compiled in {self.compile_seconds:.0f} s",
+            ]
+        )
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -163,17 +190,35 @@ def training_config(model: str, **overrides) -> ModelConfig:
     return get_config(model, **base)
 
 
-def compile_train_step(model: str, topology: str, *, seq_len: int, global_batch: int,
-                       mesh: MeshConfig | None = None, num_slices: int = 1, grad_accum_steps: int = 1,
-                       pipeline: PipelineConfig | None = None, model_overrides: dict | None = None,
-                       optimizer=None, rules=None, dump_hlo: str | None = None) -> AotResult:
+def compile_train_step(
+    model: str,
+    topology: str,
+    *,
+    seq_len: int,
+    global_batch: int,
+    mesh: MeshConfig | None = None,
+    num_slices: int = 1,
+    grad_accum_steps: int = 1,
+    pipeline: PipelineConfig | None = None,
+    model_overrides: dict | None = None,
+    optimizer=None,
+    rules=None,
+    dump_hlo: str | None = None,
+) -> AotResult:
     """Lower and compile forward + backward + optimizer update for ``topology``; memory from XLA's analysis."""
     topo = parse_topology(topology, num_slices)
     config = training_config(model, **(model_overrides or {}))
     mesh_cfg = MeshConfig() if mesh is None else mesh
     device_mesh = create_mesh(mesh_cfg, topo.devices())
-    step = TrainStep(config, device_mesh, optimizer or make_optimizer(), rules=rules, pipeline=pipeline,
-                     grad_accum_steps=grad_accum_steps, model_name=model)
+    step = TrainStep(
+        config,
+        device_mesh,
+        optimizer or make_optimizer(),
+        rules=rules,
+        pipeline=pipeline,
+        grad_accum_steps=grad_accum_steps,
+        model_name=model,
+    )
     report = step.report(include_optimizer=True)
     n_params = len(jax.tree.leaves(step.abstract_state.params))
     params_bytes = sum(leaf.bytes_per_device for leaf in report.leaves[:n_params])
@@ -194,12 +239,18 @@ def compile_train_step(model: str, topology: str, *, seq_len: int, global_batch:
         state_bytes = params_bytes + opt_bytes + 4  # + the step counter
         batch_bytes = sum(_shard_bytes(x) for x in step.abstract_batch(global_batch, seq_len).values())
         # Arguments: state + batch; outputs alias the donated state.
-        mem = _Memory(argument_size_in_bytes=state_bytes + batch_bytes, output_size_in_bytes=state_bytes,
-                      alias_size_in_bytes=state_bytes, temp_size_in_bytes=oom.get("required", -1),
-                      generated_code_size_in_bytes=0)
+        mem = _Memory(
+            argument_size_in_bytes=state_bytes + batch_bytes,
+            output_size_in_bytes=state_bytes,
+            alias_size_in_bytes=state_bytes,
+            temp_size_in_bytes=oom.get("required", -1),
+            generated_code_size_in_bytes=0,
+        )
         if oom.get("available") and abs(oom["available"] - hbm) > (64 << 20):
-            notes.append(f"libtpu reports {oom['available'] / (1 << 30):.2f} GiB usable HBM per chip "
-                         f"(configs/hardware.py says {hbm / (1 << 30):.2f} GiB)")
+            notes.append(
+                f"libtpu reports {oom['available'] / (1 << 30):.2f} GiB usable HBM per chip "
+                f"(configs/hardware.py says {hbm / (1 << 30):.2f} GiB)"
+            )
     seconds = time.perf_counter() - start
     if dump_hlo and compiled is not None:
         with open(dump_hlo, "w") as f:
@@ -209,15 +260,30 @@ def compile_train_step(model: str, topology: str, *, seq_len: int, global_batch:
     # MaxText's accounting (train_compile): arguments + outputs − aliased (donated state) + temporaries.
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     return AotResult(
-        model=model, topology=topo.name, num_chips=topo.num_chips, num_slices=num_slices,
-        mesh=describe(device_mesh), seq_len=seq_len, global_batch=global_batch, grad_accum_steps=grad_accum_steps,
+        model=model,
+        topology=topo.name,
+        num_chips=topo.num_chips,
+        num_slices=num_slices,
+        mesh=describe(device_mesh),
+        seq_len=seq_len,
+        global_batch=global_batch,
+        grad_accum_steps=grad_accum_steps,
         pipeline=None if pipeline is None else pipeline.describe(dict(device_mesh.shape)["stage"]),
-        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-        generated_code_bytes=int(mem.generated_code_size_in_bytes), total_bytes=int(total),
-        hbm_bytes=int(hbm), hbm_physical_bytes=topo.chip.hbm_bytes, fits=compiled is not None and bool(total <= hbm),
-        params_bytes_per_chip=int(params_bytes), opt_state_bytes_per_chip=int(opt_bytes),
-        compile_seconds=round(seconds, 1), notes=notes, sharding_table=step.report().table())
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        generated_code_bytes=int(mem.generated_code_size_in_bytes),
+        total_bytes=int(total),
+        hbm_bytes=int(hbm),
+        hbm_physical_bytes=topo.chip.hbm_bytes,
+        fits=compiled is not None and bool(total <= hbm),
+        params_bytes_per_chip=int(params_bytes),
+        opt_state_bytes_per_chip=int(opt_bytes),
+        compile_seconds=round(seconds, 1),
+        notes=notes,
+        sharding_table=step.report().table(),
+    )
 
 
 @dataclasses.dataclass

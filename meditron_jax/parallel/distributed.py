@@ -65,24 +65,39 @@ def initialize(config: DistributedConfig | None = None) -> bool:
     pid = config.process_id if config.process_id is not None else _env_int("JAX_PROCESS_ID")
     explicit = address is not None or num is not None or pid is not None
     if explicit:
-        missing = [n for n, v in (("coordinator_address / JAX_COORDINATOR_ADDRESS", address),
-                                  ("num_processes / JAX_NUM_PROCESSES", num),
-                                  ("process_id / JAX_PROCESS_ID", pid)) if v is None]
+        missing = [
+            n
+            for n, v in (
+                ("coordinator_address / JAX_COORDINATOR_ADDRESS", address),
+                ("num_processes / JAX_NUM_PROCESSES", num),
+                ("process_id / JAX_PROCESS_ID", pid),
+            )
+            if v is None
+        ]
         if missing:
             raise ValueError(f"multi-process start-up is missing {missing} (DistributedConfig or environment)")
         if num == 1:
             return False
         if "cpu" in os.environ.get("JAX_PLATFORMS", "") and config.cpu_collectives:
             jax.config.update("jax_cpu_collectives_implementation", config.cpu_collectives)
-        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
-                                   local_device_ids=config.local_device_ids,
-                                   initialization_timeout=config.initialization_timeout)
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=num,
+            process_id=pid,
+            local_device_ids=config.local_device_ids,
+            initialization_timeout=config.initialization_timeout,
+        )
     elif _on_multihost_tpu() or (_env_int("SLURM_NTASKS") or 1) > 1 or (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         jax.distributed.initialize(initialization_timeout=config.initialization_timeout)
     else:
         return False
-    log.info("JAX distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "JAX distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -102,10 +117,11 @@ def process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slic
     lo, hi = min(starts), max(stops)
     covered = np.zeros(hi - lo, bool)
     for a, b in zip(starts, stops, strict=True):
-        covered[a - lo:b - lo] = True
+        covered[a - lo : b - lo] = True
     if not covered.all():
-        raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows "
-                         f"{sorted(zip(starts, stops, strict=True))}")
+        raise ValueError(
+            f"process {jax.process_index()} holds non-contiguous batch rows {sorted(zip(starts, stops, strict=True))}"
+        )
     return slice(lo, hi)
 
 
@@ -117,8 +133,10 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, globa
         shape = (global_batch_size,) + v.shape[1:]
         rows = process_rows(sharding, shape)
         if v.shape[0] != rows.stop - rows.start:
-            raise ValueError(f"batch key {k!r}: this process must supply rows {rows.start}:{rows.stop} "
-                             f"({rows.stop - rows.start} rows) of the global batch {global_batch_size}, "
-                             f"got {v.shape[0]}")
+            raise ValueError(
+                f"batch key {k!r}: this process must supply rows {rows.start}:{rows.stop} "
+                f"({rows.stop - rows.start} rows) of the global batch {global_batch_size}, "
+                f"got {v.shape[0]}"
+            )
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out

@@ -63,8 +63,9 @@ class MeshConfig:
         return {a: getattr(self, f"{kind}_{a}") for a in MESH_AXES}
 
     @classmethod
-    def from_flags(cls, ici: str | Mapping[str, int] | None = None, dcn: str | Mapping[str, int] | None = None,
-                   **kwargs) -> MeshConfig:
+    def from_flags(
+        cls, ici: str | Mapping[str, int] | None = None, dcn: str | Mapping[str, int] | None = None, **kwargs
+    ) -> MeshConfig:
         """From ``"fsdp=-1,tensor=4"``-style strings (the CLI). Axes not named are 1 (ICI) / 1 (DCN).
 
         With an ICI string and no -1 in it, nothing takes the rest: the product must match exactly.
@@ -111,12 +112,16 @@ def _fill(shape: dict[str, int], total: int, kind: str, what: str) -> dict[str, 
     if -1 in shape.values():
         axis = next(a for a, n in shape.items() if n == -1)
         if total % fixed:
-            raise MeshError(f"{named}: the fixed sizes multiply to {fixed}, which does not divide the {total} "
-                            f"{what}, so {kind}_{axis}=-1 cannot take the rest")
+            raise MeshError(
+                f"{named}: the fixed sizes multiply to {fixed}, which does not divide the {total} "
+                f"{what}, so {kind}_{axis}=-1 cannot take the rest"
+            )
         return {a: (total // fixed if n == -1 else n) for a, n in shape.items()}
     if fixed != total:
-        raise MeshError(f"{named} multiplies to {fixed}, but there are {total} {what}; "
-                        f"make the product {total} or set one {kind} axis to -1")
+        raise MeshError(
+            f"{named} multiplies to {fixed}, but there are {total} {what}; "
+            f"make the product {total} or set one {kind} axis to -1"
+        )
     return dict(shape)
 
 
@@ -125,8 +130,12 @@ def resolve_shape(config: MeshConfig, num_devices: int, num_slices: int = 1) -> 
     if num_devices % num_slices:
         raise MeshError(f"{num_devices} devices do not split evenly into {num_slices} slices")
     dcn = _fill(config.shape("dcn"), num_slices, "dcn", "slices (DCN granules)")
-    ici = _fill(config.shape("ici"), num_devices // num_slices, "ici", f"devices per slice ({num_devices} devices "
-                f"in {num_slices} slice{'s' if num_slices > 1 else ''})")
+    ici = _fill(
+        config.shape("ici"),
+        num_devices // num_slices,
+        "ici",
+        f"devices per slice ({num_devices} devices in {num_slices} slice{'s' if num_slices > 1 else ''})",
+    )
     return ici, dcn
 
 
@@ -137,8 +146,9 @@ def num_slices_of(devices: Sequence) -> int:
     return max(1, len(ids))
 
 
-def create_mesh(config: MeshConfig | None = None, devices: Sequence | None = None, *,
-                dcn_granule: str = "auto") -> Mesh:
+def create_mesh(
+    config: MeshConfig | None = None, devices: Sequence | None = None, *, dcn_granule: str = "auto"
+) -> Mesh:
     """A `Mesh` over ``devices`` (default: all) with axes `MESH_AXES`.
 
     Slow links go on the outside: with several slices (TPU multi-slice) or, for ``dcn_granule="process"``,
@@ -150,8 +160,10 @@ def create_mesh(config: MeshConfig | None = None, devices: Sequence | None = Non
     if dcn_granule not in ("auto", "slice", "process"):
         raise MeshError(f"dcn_granule {dcn_granule!r} must be auto, slice or process")
     by_process = dcn_granule == "process" or (
-        dcn_granule == "auto" and num_slices_of(devices) == 1 and math.prod(
-            n for n in config.shape("dcn").values() if n != -1) > 1)
+        dcn_granule == "auto"
+        and num_slices_of(devices) == 1
+        and math.prod(n for n in config.shape("dcn").values() if n != -1) > 1
+    )
     if by_process:
         granules = len({d.process_index for d in devices})
     else:
@@ -161,16 +173,23 @@ def create_mesh(config: MeshConfig | None = None, devices: Sequence | None = Non
     dcn_shape = [dcn[a] for a in MESH_AXES]
     if granules > 1:
         grid = mesh_utils.create_hybrid_device_mesh(
-            ici_shape, dcn_shape, devices, process_is_granule=by_process,
-            allow_split_physical_axes=config.allow_split_physical_axes)
+            ici_shape,
+            dcn_shape,
+            devices,
+            process_is_granule=by_process,
+            allow_split_physical_axes=config.allow_split_physical_axes,
+        )
     else:
         try:
-            grid = mesh_utils.create_device_mesh(ici_shape, devices,
-                                                 allow_split_physical_axes=config.allow_split_physical_axes)
+            grid = mesh_utils.create_device_mesh(
+                ici_shape, devices, allow_split_physical_axes=config.allow_split_physical_axes
+            )
         except (AssertionError, NotImplementedError, ValueError) as e:
-            raise MeshError(f"cannot lay mesh {dict(zip(MESH_AXES, ici_shape, strict=True))} onto the physical "
-                            f"topology of {len(devices)} {devices[0].device_kind} devices ({e}); try another "
-                            "shape or MeshConfig.allow_split_physical_axes = True") from e
+            raise MeshError(
+                f"cannot lay mesh {dict(zip(MESH_AXES, ici_shape, strict=True))} onto the physical "
+                f"topology of {len(devices)} {devices[0].device_kind} devices ({e}); try another "
+                "shape or MeshConfig.allow_split_physical_axes = True"
+            ) from e
     return Mesh(np.asarray(grid), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 

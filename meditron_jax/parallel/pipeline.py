@@ -74,29 +74,38 @@ class PipelineConfig:
         """Share of stage-iterations that compute nothing useful."""
         return (num_stages - 1) / self.iterations(num_stages)
 
-    def validate(self, config: ModelConfig, num_stages: int, batch: int | None = None,
-                 batch_shards: int = 1) -> None:
+    def validate(self, config: ModelConfig, num_stages: int, batch: int | None = None, batch_shards: int = 1) -> None:
         r = self.repeats
         if not config.scan_layers:
             raise MeshError("pipeline parallelism needs stacked layers: set ModelConfig.scan_layers=True")
         if config.num_layers % (num_stages * r):
-            raise MeshError(f"num_layers={config.num_layers} is not divisible by stage={num_stages} × "
-                            f"repeats={r} (PipelineConfig.schedule={self.schedule!r})")
+            raise MeshError(
+                f"num_layers={config.num_layers} is not divisible by stage={num_stages} × "
+                f"repeats={r} (PipelineConfig.schedule={self.schedule!r})"
+            )
         if r > 1 and self.num_microbatches < num_stages:
-            raise MeshError(f"the circular schedule needs PipelineConfig.num_microbatches >= stage: "
-                            f"{self.num_microbatches} < {num_stages}")
+            raise MeshError(
+                f"the circular schedule needs PipelineConfig.num_microbatches >= stage: "
+                f"{self.num_microbatches} < {num_stages}"
+            )
         if batch is not None:
             if batch % self.num_microbatches:
-                raise MeshError(f"batch of {batch} sequences per step does not split into "
-                                f"PipelineConfig.num_microbatches={self.num_microbatches}")
+                raise MeshError(
+                    f"batch of {batch} sequences per step does not split into "
+                    f"PipelineConfig.num_microbatches={self.num_microbatches}"
+                )
             mb = batch // self.num_microbatches
             if mb % batch_shards:
-                raise MeshError(f"microbatch of {mb} sequences (batch {batch} / {self.num_microbatches} "
-                                f"microbatches) does not split over the {batch_shards} batch shards (data × fsdp)")
+                raise MeshError(
+                    f"microbatch of {mb} sequences (batch {batch} / {self.num_microbatches} "
+                    f"microbatches) does not split over the {batch_shards} batch shards (data × fsdp)"
+                )
 
     def describe(self, num_stages: int) -> str:
-        return (f"{self.schedule} stages={num_stages} repeats={self.repeats} microbatches={self.num_microbatches} "
-                f"iterations={self.iterations(num_stages)} bubble={self.bubble_fraction(num_stages):.1%}")
+        return (
+            f"{self.schedule} stages={num_stages} repeats={self.repeats} microbatches={self.num_microbatches} "
+            f"iterations={self.iterations(num_stages)} bubble={self.bubble_fraction(num_stages):.1%}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,6 +114,7 @@ class PipelineConfig:
 
 def to_pipeline_params(params, num_stages: int, repeats: int):
     """Model parameters → pipeline layout (only ``params["layers"]`` changes; works on boxed trees too)."""
+
     def split(x):
         if isinstance(x, nn.LogicallyPartitioned):
             return x.replace(value=split(x.value), names=("repeats", "stages") + tuple(x.names))
@@ -177,8 +187,7 @@ def merge_microbatches(x):
     return jnp.swapaxes(x, 0, 1).reshape((m * mb,) + x.shape[2:])
 
 
-def run_stages(config: ModelConfig, pipe: PipelineConfig, num_stages: int, layer_params, x, positions,
-               segment_ids):
+def run_stages(config: ModelConfig, pipe: PipelineConfig, num_stages: int, layer_params, x, positions, segment_ids):
     """The decoder layers of the pipeline: x [B, L, d] → [B, L, d]. ``layer_params`` in pipeline layout."""
     s_count, r, m = num_stages, pipe.repeats, pipe.num_microbatches
     lpr = config.num_layers // (s_count * r)
@@ -243,7 +252,8 @@ def run_stages(config: ModelConfig, pipe: PipelineConfig, num_stages: int, layer
         seg_s = None if seg_mb is None else seg_mb[mb_idx]
 
         new_state = vmap_stages(apply, (1, 0, 0, 0, None if seg_s is None else 0))(
-            layer_params, rep_idx, inputs, pos_s, seg_s)
+            layer_params, rep_idx, inputs, pos_s, seg_s
+        )
         return (constrain(new_state, state_axes), buf), None
 
     state0 = constrain(jnp.zeros((s_count,) + xs.shape[1:], xs.dtype), state_axes)

@@ -94,8 +94,9 @@ class ResolvedRules:
     notes: tuple[str, ...]  # how conflicts were resolved (e.g. KV heads replicated over part of tensor)
 
 
-def resolve_rules(rules: Sequence[Rule], config: ModelConfig, mesh_shape: dict[str, int],
-                  model_name: str = "the model") -> ResolvedRules:
+def resolve_rules(
+    rules: Sequence[Rule], config: ModelConfig, mesh_shape: dict[str, int], model_name: str = "the model"
+) -> ResolvedRules:
     """Check every parameter dimension divides by its mesh axes; resolve what can be resolved.
 
     * ``kv_heads`` over more tensor shards than there are KV heads (70B: 8 KV heads, tensor=16) is resolved
@@ -122,14 +123,18 @@ def resolve_rules(rules: Sequence[Rule], config: ModelConfig, mesh_shape: dict[s
             continue
         mesh_desc = "×".join(f"{a}={mesh_shape.get(a, 1)}" for a in _axes_tuple(axes))
         if name == "kv_heads" and ways % size == 0:
-            notes.append(f"{mesh_desc} > {field}={size} of {model_name}: K/V projections are replicated over "
-                         f"{mesh_desc} (each KV head held by {ways // size} tensor shards), query heads stay split")
+            notes.append(
+                f"{mesh_desc} > {field}={size} of {model_name}: K/V projections are replicated over "
+                f"{mesh_desc} (each KV head held by {ways // size} tensor shards), query heads stay split"
+            )
             used_for[name] = None
             out.append((name, None))
             continue
         fits = [d for d in range(1, 2 * ways + 1) if size % d == 0]
-        raise MeshError(f"{mesh_desc} does not divide {field}={size} of {model_name} (logical axis {name!r} → "
-                        f"mesh {axes!r}); sizes up to {2 * ways} that divide it: {fits}")
+        raise MeshError(
+            f"{mesh_desc} does not divide {field}={size} of {model_name} (logical axis {name!r} → "
+            f"mesh {axes!r}); sizes up to {2 * ways} that divide it: {fits}"
+        )
     return ResolvedRules(tuple(out), tuple(notes))
 
 
@@ -147,8 +152,9 @@ def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh_shape: dict[
     for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)):
         ways = mesh_axis_size(mesh_shape, axes)
         if dim % ways:
-            raise MeshError(f"{what}: dimension {i} of size {dim} is split over {axes!r} ({ways} ways), "
-                            "which does not divide it")
+            raise MeshError(
+                f"{what}: dimension {i} of size {dim} is split over {axes!r} ({ways} ways), which does not divide it"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,24 +199,32 @@ class ShardingReport:
     def check(self, max_overhead: float = 0.10) -> None:
         """Fail when replicated parameters cost more than ``max_overhead`` × the ideal per-device bytes."""
         if self.replication_overhead > max_overhead:
-            worst = sorted(self.leaves, key=lambda x: x.bytes_per_device - x.bytes_total / self.sharding_ways,
-                           reverse=True)[:5]
-            lines = "; ".join(f"{w.path} {w.shape} spec {w.spec} ({w.shard_ways}/{self.sharding_ways} ways)"
-                              for w in worst)
-            raise MeshError(f"too much of the model is replicated: {_fmt(self.bytes_per_device)} per device vs "
-                            f"{_fmt(self.ideal_bytes_per_device)} if fully sharded over {self.sharding_ways} "
-                            f"devices (+{self.replication_overhead:.0%} > allowed +{max_overhead:.0%}); "
-                            f"largest replicated: {lines}")
+            worst = sorted(
+                self.leaves, key=lambda x: x.bytes_per_device - x.bytes_total / self.sharding_ways, reverse=True
+            )[:5]
+            lines = "; ".join(
+                f"{w.path} {w.shape} spec {w.spec} ({w.shard_ways}/{self.sharding_ways} ways)" for w in worst
+            )
+            raise MeshError(
+                f"too much of the model is replicated: {_fmt(self.bytes_per_device)} per device vs "
+                f"{_fmt(self.ideal_bytes_per_device)} if fully sharded over {self.sharding_ways} "
+                f"devices (+{self.replication_overhead:.0%} > allowed +{max_overhead:.0%}); "
+                f"largest replicated: {lines}"
+            )
 
     def table(self, max_rows: int | None = None) -> str:
         rows = [f"{'parameter':<44} {'shape':<24} {'dtype':<9} {'mesh spec':<36} {'per device':>11} {'ways':>5}"]
         leaves = self.leaves if max_rows is None else self.leaves[:max_rows]
         for leaf in leaves:
-            rows.append(f"{leaf.path:<44} {str(leaf.shape):<24} {leaf.dtype:<9} {leaf.spec:<36} "
-                        f"{_fmt(leaf.bytes_per_device):>11} {leaf.shard_ways:>5}")
-        rows.append(f"total {_fmt(self.bytes_total)}; per device {_fmt(self.bytes_per_device)} "
-                    f"(ideal {_fmt(self.ideal_bytes_per_device)} over {self.sharding_ways} sharding devices of "
-                    f"{self.num_devices}; replication overhead {self.replication_overhead:+.1%})")
+            rows.append(
+                f"{leaf.path:<44} {str(leaf.shape):<24} {leaf.dtype:<9} {leaf.spec:<36} "
+                f"{_fmt(leaf.bytes_per_device):>11} {leaf.shard_ways:>5}"
+            )
+        rows.append(
+            f"total {_fmt(self.bytes_total)}; per device {_fmt(self.bytes_per_device)} "
+            f"(ideal {_fmt(self.ideal_bytes_per_device)} over {self.sharding_ways} sharding devices of "
+            f"{self.num_devices}; replication overhead {self.replication_overhead:+.1%})"
+        )
         rows.extend(f"note: {n}" for n in self.notes)
         return "\n".join(rows)
 
@@ -240,7 +254,16 @@ def sharding_report(tree, shardings, mesh: Mesh, notes: Sequence[str] = ()) -> S
             shard_shape = sh.shard_shape(shape)
             per_dev = int(np.prod(shard_shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
             ways = math.prod(mesh_axis_size(mesh_shape, a) for a in spec)
-        leaves.append(LeafReport(jax.tree_util.keystr(path, simple=True, separator="/"), shape,
-                                 np.dtype(leaf.dtype).name, str(tuple(spec)), nbytes, per_dev, ways))
+        leaves.append(
+            LeafReport(
+                jax.tree_util.keystr(path, simple=True, separator="/"),
+                shape,
+                np.dtype(leaf.dtype).name,
+                str(tuple(spec)),
+                nbytes,
+                per_dev,
+                ways,
+            )
+        )
     sharding_ways = math.prod(n for a, n in mesh_shape.items() if a != "data")
     return ShardingReport(tuple(leaves), mesh.devices.size, sharding_ways, tuple(notes))

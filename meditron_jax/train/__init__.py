@@ -3,5 +3,12 @@
 from meditron_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from meditron_jax.train.step import BATCH_KEYS, TrainState, TrainStep, cross_entropy_sums
 
-__all__ = ["BATCH_KEYS", "OptimizerConfig", "TrainState", "TrainStep", "cross_entropy_sums",
-           "learning_rate_schedule", "make_optimizer"]
+__all__ = [
+    "BATCH_KEYS",
+    "OptimizerConfig",
+    "TrainState",
+    "TrainStep",
+    "cross_entropy_sums",
+    "learning_rate_schedule",
+    "make_optimizer",
+]

@@ -40,8 +40,9 @@ class OptimizerConfig:
         if self.warmup_steps < 0 or self.train_steps <= 0:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be >= 0 and train_steps {self.train_steps} > 0")
         if self.horizon_steps < self.warmup_steps:
-            raise ValueError(f"cosine horizon {self.horizon_steps} steps is shorter than warmup_steps "
-                             f"{self.warmup_steps}")
+            raise ValueError(
+                f"cosine horizon {self.horizon_steps} steps is shorter than warmup_steps {self.warmup_steps}"
+            )
 
     @property
     def horizon_steps(self) -> int:
@@ -67,8 +68,12 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     if config.warmup_steps == 0 and config.horizon_steps == 0:
         return optax.constant_schedule(config.peak_lr)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.peak_lr, warmup_steps=config.warmup_steps,
-        decay_steps=max(config.horizon_steps, config.warmup_steps + 1), end_value=config.end_lr)
+        init_value=0.0,
+        peak_value=config.peak_lr,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.horizon_steps, config.warmup_steps + 1),
+        end_value=config.end_lr,
+    )
 
 
 def decay_mask(params):
@@ -85,7 +90,15 @@ def make_optimizer(config: OptimizerConfig | None = None) -> optax.GradientTrans
     chain = []
     if config.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(config.clip_norm))
-    chain.append(optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                             weight_decay=config.weight_decay, mask=decay_mask,
-                             mu_dtype=None if config.mu_dtype is None else jnp.dtype(config.mu_dtype)))
+    chain.append(
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+            mu_dtype=None if config.mu_dtype is None else jnp.dtype(config.mu_dtype),
+        )
+    )
     return optax.chain(*chain)

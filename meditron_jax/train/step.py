@@ -47,8 +47,13 @@ from meditron_jax.parallel.rules import (
     sharding_report,
 )
 
-BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
-              "decoder_positions")
+BATCH_KEYS = (
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 REQUIRED_KEYS = ("decoder_input_tokens", "decoder_target_tokens")
 
 
@@ -117,11 +122,22 @@ class TrainStep:
     with `model_params` before exporting.
     """
 
-    def __init__(self, config: ModelConfig, mesh: Mesh, optimizer: optax.GradientTransformation, *,
-                 rules: Sequence | None = None, pipeline: pp.PipelineConfig | None = None,
-                 grad_accum_steps: int = 1, lr_schedule: Callable | None = None, model_name: str = "the model",
-                 donate: bool = True, max_replication_overhead: float | None = None, return_grads: bool = False,
-                 compiler_options: dict | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        mesh: Mesh,
+        optimizer: optax.GradientTransformation,
+        *,
+        rules: Sequence | None = None,
+        pipeline: pp.PipelineConfig | None = None,
+        grad_accum_steps: int = 1,
+        lr_schedule: Callable | None = None,
+        model_name: str = "the model",
+        donate: bool = True,
+        max_replication_overhead: float | None = None,
+        return_grads: bool = False,
+        compiler_options: dict | None = None,
+    ):
         self.config = config
         self.mesh = mesh
         self.optimizer = optimizer
@@ -132,13 +148,16 @@ class TrainStep:
         self.mesh_shape = dict(mesh.shape)
         self.num_stages = self.mesh_shape.get("stage", 1)
         if pipeline is None and self.num_stages > 1:
-            raise MeshError(f"mesh has stage={self.num_stages} but no PipelineConfig: set the pipeline "
-                            "microbatches (PipelineConfig.num_microbatches) or make the stage axis 1")
+            raise MeshError(
+                f"mesh has stage={self.num_stages} but no PipelineConfig: set the pipeline "
+                "microbatches (PipelineConfig.num_microbatches) or make the stage axis 1"
+            )
         self.pipeline = pipeline
         if pipeline is not None:
             pipeline.validate(config, self.num_stages)
-        resolved: ResolvedRules = resolve_rules(logical_axis_rules() if rules is None else rules, config,
-                                                self.mesh_shape, model_name)
+        resolved: ResolvedRules = resolve_rules(
+            logical_axis_rules() if rules is None else rules, config, self.mesh_shape, model_name
+        )
         self.rules = resolved.rules
         self.notes = list(resolved.notes)
         if pipeline is not None:
@@ -148,13 +167,16 @@ class TrainStep:
         if pipeline is not None:
             boxed = pp.to_pipeline_params(boxed, self.num_stages, pipeline.repeats)
         boxed_opt = jax.eval_shape(optimizer.init, boxed)
-        logical = TrainState(step=PartitionSpec(), params=nn.get_partition_spec(boxed),
-                             opt_state=nn.get_partition_spec(boxed_opt))
+        logical = TrainState(
+            step=PartitionSpec(), params=nn.get_partition_spec(boxed), opt_state=nn.get_partition_spec(boxed_opt)
+        )
         self.state_shardings = nn.logical_to_mesh_sharding(logical, mesh, self.rules)
-        abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.meta.unbox(boxed),
-                              opt_state=nn.meta.unbox(boxed_opt))
+        abstract = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=nn.meta.unbox(boxed), opt_state=nn.meta.unbox(boxed_opt)
+        )
         self.abstract_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, self.state_shardings)
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, self.state_shardings
+        )
         self.batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), self.rules))
         self.batch_shards = mesh_axis_size(self.mesh_shape, self.batch_sharding.spec[0])
         self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -184,9 +206,11 @@ class TrainStep:
         if self.pipeline is not None:
             self.pipeline.validate(self.config, self.num_stages, per_step, self.batch_shards)
         elif per_step % self.batch_shards:
-            raise MeshError(f"batch of {per_step} sequences per accumulation step (global {batch_size} / "
-                            f"grad_accum_steps={a}) does not split over the {self.batch_shards} batch shards "
-                            f"({self.batch_sharding.spec[0]})")
+            raise MeshError(
+                f"batch of {per_step} sequences per accumulation step (global {batch_size} / "
+                f"grad_accum_steps={a}) does not split over the {self.batch_shards} batch shards "
+                f"({self.batch_sharding.spec[0]})"
+            )
         seq_ways = mesh_axis_size(self.mesh_shape, self.batch_sharding.spec[1])
         if length % seq_ways:
             raise MeshError(f"sequence length {length} is not divisible by the {seq_ways}-way sequence axis")
@@ -194,8 +218,10 @@ class TrainStep:
     def abstract_batch(self, batch_size: int, length: int, keys: Sequence[str] = BATCH_KEYS) -> dict:
         self.check_batch(batch_size, length)
         dtypes = {"decoder_loss_weights": jnp.float32}
-        return {k: jax.ShapeDtypeStruct((batch_size, length), dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
-                for k in keys}
+        return {
+            k: jax.ShapeDtypeStruct((batch_size, length), dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
+            for k in keys
+        }
 
     # -- state ----------------------------------------------------------------------------------------
 
@@ -213,6 +239,7 @@ class TrainStep:
 
     def init_state(self, rng) -> TrainState:
         """Fresh random parameters and optimizer state, created directly in their shardings."""
+
         def init(key):
             tokens = jnp.zeros((1, 8), jnp.int32)
             params = self._to_layout(nn.meta.unbox(Llama(self.config).init(key, tokens)["params"]))
@@ -227,6 +254,7 @@ class TrainStep:
         Host (numpy) arrays are copied shard by shard (`jax.make_array_from_callback`), so no device ever
         holds a whole 70B tree and, with several processes, each host transfers only its own shards.
         """
+
         def put(x, sharding):
             if isinstance(x, jax.Array):
                 return jax.device_put(x, sharding)
@@ -237,12 +265,17 @@ class TrainStep:
 
     def state_from_params(self, params) -> TrainState:
         """A step-0 state from model-layout parameters (e.g. a converted checkpoint), born sharded."""
+
         def make(p):
             return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p))
 
         with jax.set_mesh(self.mesh):
-            return jax.jit(make, in_shardings=(self.state_shardings.params,), out_shardings=self.state_shardings,
-                           compiler_options=self._compiler_options)(self.shard_params(params))
+            return jax.jit(
+                make,
+                in_shardings=(self.state_shardings.params,),
+                out_shardings=self.state_shardings,
+                compiler_options=self._compiler_options,
+            )(self.shard_params(params))
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict:
         """Place a host batch (the full global batch, single process) on the mesh."""
@@ -280,8 +313,12 @@ class TrainStep:
             (loss_sum, w_sum), g_sum = grad_fn(params, batch)
         else:
             micro = {k: pp.split_microbatches(v, a) for k, v in batch.items()}
-            micro = {k: jax.lax.with_sharding_constraint(
-                v, NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))) for k, v in micro.items()}
+            micro = {
+                k: jax.lax.with_sharding_constraint(
+                    v, NamedSharding(self.mesh, PartitionSpec(None, *self.batch_sharding.spec))
+                )
+                for k, v in micro.items()
+            }
             g_shard = self.state_shardings.params
 
             def body(carry, mb):
@@ -315,10 +352,13 @@ class TrainStep:
             if self._return_grads:
                 names = ["loss", "grad_norm", "tokens"] + (["learning_rate"] if self.lr_schedule else [])
                 metrics_sh = {**{k: self._replicated for k in names}, "grads": self.state_shardings.params}
-            self._jitted[keys] = jax.jit(self._step, in_shardings=(self.state_shardings, batch_sh),
-                                         out_shardings=(self.state_shardings, metrics_sh),
-                                         donate_argnums=(0,) if self._donate else (),
-                                         compiler_options=self._compiler_options)
+            self._jitted[keys] = jax.jit(
+                self._step,
+                in_shardings=(self.state_shardings, batch_sh),
+                out_shardings=(self.state_shardings, metrics_sh),
+                donate_argnums=(0,) if self._donate else (),
+                compiler_options=self._compiler_options,
+            )
         return self._jitted[keys]
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any]):

@@ -65,7 +65,8 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 
     if orbax.is_orbax_model(cfg.init_from):
         return ModelConfig.from_json(os.path.join(cfg.init_from, orbax.CONFIG_FILE)).replace(
-            **dict(cfg.model_overrides))
+            **dict(cfg.model_overrides)
+        )
     return hf.read_hf_config(cfg.init_from, **dict(cfg.model_overrides))
 
 
@@ -90,16 +91,19 @@ def extend_vocab(params, old: ModelConfig, new: ModelConfig):
     if new.vocab_size == old.vocab_size:
         return params
     if new.vocab_size < old.vocab_size:
-        raise ValueError(f"model_overrides vocab_size {new.vocab_size} is smaller than the checkpoint's "
-                         f"{old.vocab_size}; shrinking a vocabulary would drop trained rows")
+        raise ValueError(
+            f"model_overrides vocab_size {new.vocab_size} is smaller than the checkpoint's "
+            f"{old.vocab_size}; shrinking a vocabulary would drop trained rows"
+        )
     out = dict(params)
     emb = np.asarray(params["embedding"])[: old.vocab_size]
     grown = np.concatenate([emb, np.repeat(emb.mean(0, keepdims=True), new.vocab_size - old.vocab_size, 0)])
     out["embedding"] = np.pad(grown, ((0, new.padded_vocab_size - new.vocab_size), (0, 0)))
     if "lm_head" in params:
         head = np.asarray(params["lm_head"])[:, : old.vocab_size]
-        grown = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), new.vocab_size - old.vocab_size, 1)],
-                               axis=1)
+        grown = np.concatenate(
+            [head, np.repeat(head.mean(1, keepdims=True), new.vocab_size - old.vocab_size, 1)], axis=1
+        )
         out["lm_head"] = np.pad(grown, ((0, 0), (0, new.padded_vocab_size - new.vocab_size)))
     return out
 
@@ -109,8 +113,10 @@ def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, mixture: s
     for key in ("decoder_input_tokens", "decoder_target_tokens"):
         top = int(np.max(batch[key]))
         if top >= vocab_size:
-            raise ValueError(f"mixture {mixture!r} produced token id {top} in {key}, but the model's vocabulary "
-                             f"has {vocab_size} tokens; set model_overrides vocab_size (MEDITRON: 32017)")
+            raise ValueError(
+                f"mixture {mixture!r} produced token id {top} in {key}, but the model's vocabulary "
+                f"has {vocab_size} tokens; set model_overrides vocab_size (MEDITRON: 32017)"
+            )
 
 
 class Checkpoints:
@@ -123,7 +129,8 @@ class Checkpoints:
         self.state_dir = os.path.join(os.path.abspath(model_dir), "checkpoints")
         self.input_dir = os.path.join(os.path.abspath(model_dir), "input_state")
         self.manager = ocp.CheckpointManager(
-            self.state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -162,9 +169,13 @@ def _as_dict(state: TrainState) -> dict:
 
 
 @gin.configurable
-def train(config: TrainConfig = gin.REQUIRED, mesh_config: MeshConfig | None = None,
-          optimizer_config: OptimizerConfig | None = None, pipeline_config: PipelineConfig | None = None,
-          max_steps_this_run: int | None = None) -> dict:
+def train(
+    config: TrainConfig = gin.REQUIRED,
+    mesh_config: MeshConfig | None = None,
+    optimizer_config: OptimizerConfig | None = None,
+    pipeline_config: PipelineConfig | None = None,
+    max_steps_this_run: int | None = None,
+) -> dict:
     """Train to ``config.train_steps`` (or stop after ``max_steps_this_run`` more); returns the last metrics.
 
     ``max_steps_this_run`` exists to stop early on purpose (tests of resumption, time-limited jobs).
@@ -176,15 +187,25 @@ def train(config: TrainConfig = gin.REQUIRED, mesh_config: MeshConfig | None = N
     model_cfg = model_config(config)
     mesh = create_mesh(mesh_config or MeshConfig())
     opt_cfg = dataclasses.replace(optimizer_config or OptimizerConfig(), train_steps=config.train_steps)
-    step_fn = TrainStep(model_cfg, mesh, make_optimizer(opt_cfg),
-                        pipeline=(pipeline_config or PipelineConfig()) if config.use_pipeline else None,
-                        grad_accum_steps=config.grad_accum_steps, lr_schedule=learning_rate_schedule(opt_cfg),
-                        model_name=config.model)
+    step_fn = TrainStep(
+        model_cfg,
+        mesh,
+        make_optimizer(opt_cfg),
+        pipeline=(pipeline_config or PipelineConfig()) if config.use_pipeline else None,
+        grad_accum_steps=config.grad_accum_steps,
+        lr_schedule=learning_rate_schedule(opt_cfg),
+        model_name=config.model,
+    )
     step_fn.check_batch(config.global_batch, config.sequence_length)
     ckpts = Checkpoints(config.model_dir, config.keep_checkpoints)
     start = ckpts.latest_step()
-    data_kwargs = dict(sequence_length=config.sequence_length, batch_size=config.global_batch, seed=config.seed,
-                       host_index=jax.process_index(), host_count=jax.process_count())
+    data_kwargs = dict(
+        sequence_length=config.sequence_length,
+        batch_size=config.global_batch,
+        seed=config.seed,
+        host_index=jax.process_index(),
+        host_count=jax.process_count(),
+    )
     if start is not None:
         state = ckpts.restore(start, step_fn.abstract_state)
         iterator = make_iterator(config.mixture, restore_from=ckpts.input_path(start), **data_kwargs)
@@ -217,8 +238,13 @@ def train(config: TrainConfig = gin.REQUIRED, mesh_config: MeshConfig | None = N
             if jax.process_index() == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
-                log.info("step %d loss %.4f grad_norm %.3f lr %.3g", done, last["loss"], last["grad_norm"],
-                         last.get("learning_rate", float("nan")))
+                log.info(
+                    "step %d loss %.4f grad_norm %.3f lr %.3g",
+                    done,
+                    last["loss"],
+                    last["grad_norm"],
+                    last.get("learning_rate", float("nan")),
+                )
         if done % config.checkpoint_every == 0 or done == end:
             ckpts.save(done, state, iterator)
     ckpts.close()

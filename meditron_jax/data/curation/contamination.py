@@ -25,23 +25,36 @@ from . import hashing
 from .text import words
 
 NGRAM = 13
-DEFAULT_REFERENCES = ("medqa_4opt/test", "medqa_5opt/test", "medmcqa/validation", "mmlu_medical/test",
-                      "pubmedqa/test", "pubmedqa/train", "pubmedqa/validation")
+DEFAULT_REFERENCES = (
+    "medqa_4opt/test",
+    "medqa_5opt/test",
+    "medmcqa/validation",
+    "mmlu_medical/test",
+    "pubmedqa/test",
+    "pubmedqa/train",
+    "pubmedqa/validation",
+)
 
 
 @dataclasses.dataclass
 class ContaminationIndex:
     n: int
-    lengths: tuple[int, ...]          # window lengths to scan: n, plus whole-reference lengths below n
-    hashes: dict[int, np.ndarray]     # window length -> sorted unique n-gram hashes
-    owners: dict[int, np.ndarray]     # window length -> index into ``labels`` (first reference with that gram)
+    lengths: tuple[int, ...]  # window lengths to scan: n, plus whole-reference lengths below n
+    hashes: dict[int, np.ndarray]  # window length -> sorted unique n-gram hashes
+    owners: dict[int, np.ndarray]  # window length -> index into ``labels`` (first reference with that gram)
     labels: list[str]
     stats: dict[str, int]
     min_hits: int = 1
 
     @classmethod
-    def build(cls, references: Iterable[tuple[str, str]], n: int = NGRAM, min_ref_words: int = 8,
-              max_ref_df: int = 10, min_hits: int = 1) -> ContaminationIndex:
+    def build(
+        cls,
+        references: Iterable[tuple[str, str]],
+        n: int = NGRAM,
+        min_ref_words: int = 8,
+        max_ref_df: int = 10,
+        min_hits: int = 1,
+    ) -> ContaminationIndex:
         labels: list[str] = []
         seen: set[str] = set()
         stats: Counter = Counter()
@@ -66,11 +79,11 @@ class ContaminationIndex:
         owner_of = np.repeat(np.arange(len(spans), dtype=np.int64), [ln for _, ln in spans])
         grams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         h = hashing.ngram_hashes(wh, n)
-        valid = owner_of[:len(h)] == owner_of[n - 1:]  # windows inside one reference
-        grams[n] = (h[valid], owner_of[:len(h)][valid])
+        valid = owner_of[: len(h)] == owner_of[n - 1 :]  # windows inside one reference
+        grams[n] = (h[valid], owner_of[: len(h)][valid])
         for i, (start, ln) in enumerate(spans):  # shorter than n: the whole reference is one gram
             if ln < n:
-                g = hashing.ngram_hashes(wh[start:start + ln], ln)
+                g = hashing.ngram_hashes(wh[start : start + ln], ln)
                 hs, os_ = grams.get(ln, (np.empty(0, np.uint64), np.empty(0, np.int64)))
                 grams[ln] = (np.append(hs, g), np.append(os_, i))
         hashes, owners = {}, {}
@@ -88,8 +101,15 @@ class ContaminationIndex:
             hashes[k], owners[k] = hs[starts][keep], os_[starts][keep]
             stats[f"ngrams_{k}"] = int(keep.sum())
         stats["checked_references"] = len(labels)
-        return cls(n=n, lengths=tuple(sorted(hashes, reverse=True)), hashes=hashes, owners=owners, labels=labels,
-                   stats=dict(stats), min_hits=min_hits)
+        return cls(
+            n=n,
+            lengths=tuple(sorted(hashes, reverse=True)),
+            hashes=hashes,
+            owners=owners,
+            labels=labels,
+            stats=dict(stats),
+            min_hits=min_hits,
+        )
 
     def find(self, text: str) -> tuple[int, list[str]]:
         """``(hits, labels of matched references)`` for one document."""
@@ -113,8 +133,9 @@ class ContaminationIndex:
         return hits >= self.min_hits, labels
 
 
-def benchmark_references(specs: Sequence[str] = DEFAULT_REFERENCES,
-                         data_dir: str | None = None) -> list[tuple[str, str]]:
+def benchmark_references(
+    specs: Sequence[str] = DEFAULT_REFERENCES, data_dir: str | None = None
+) -> list[tuple[str, str]]:
     """``(label, text)`` for every item of the ``name/split`` benchmark sets (label ``name/split:id``)."""
     from meditron_jax.data.benchmarks import load_benchmark
 

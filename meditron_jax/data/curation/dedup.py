@@ -65,14 +65,16 @@ class MinHasher:
         sig = np.full(self.config.num_perm, 0xFFFFFFFF, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for i in range(0, len(sh), 4096):
-                x = sh[None, i:i + 4096]
+                x = sh[None, i : i + 4096]
                 sig = np.minimum(sig, ((self.a * x + self.b) >> _SHIFT).min(axis=1))
         return sig.astype(np.uint32)
 
     def band_keys(self, sig: np.ndarray) -> list[str]:
         rows = self.config.num_perm // self.config.bands
-        return [f"{b}:{hashlib.blake2b(sig[b * rows:(b + 1) * rows].tobytes(), digest_size=8).hexdigest()}"
-                for b in range(self.config.bands)]
+        return [
+            f"{b}:{hashlib.blake2b(sig[b * rows : (b + 1) * rows].tobytes(), digest_size=8).hexdigest()}"
+            for b in range(self.config.bands)
+        ]
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,7 +88,7 @@ def near_duplicate_pairs(members: list[tuple[str, np.ndarray]], config: MinHashC
     out = []
     for j in range(1, len(members)):
         kj, sj = members[j]
-        for ki, si in members[max(0, j - config.max_compare):j]:
+        for ki, si in members[max(0, j - config.max_compare) : j]:
             sim = estimated_jaccard(si, sj)
             if sim >= config.threshold:
                 out.append((kj, ki, sim))

@@ -70,8 +70,11 @@ def _mmwr_references(text: str, floor: int) -> int | None:
     but not the disclaimer "References to non-CDC sites" nor "Source: References 15 and 20"."""
     pos = text.find("References", floor)
     while pos != -1:
-        if (_REF_BEFORE.search(text, max(0, pos - 6), pos) and _REF_AFTER.match(text, pos + 10)
-                and not text.startswith(" to non-", pos + 10)):
+        if (
+            _REF_BEFORE.search(text, max(0, pos - 6), pos)
+            and _REF_AFTER.match(text, pos + 10)
+            and not text.startswith(" to non-", pos + 10)
+        ):
             return pos
         pos = text.find("References", pos + 10)
     return None
@@ -80,8 +83,11 @@ def _mmwr_references(text: str, floor: int) -> int | None:
 CDC = Profile(
     "cdc",
     head=(
-        re.compile(r"Persons using assistive technology might not be able to fully access information in this "
-                   r"file\..{0,300}?subject line of e-mail\.", re.S),
+        re.compile(
+            r"Persons using assistive technology might not be able to fully access information in this "
+            r"file\..{0,300}?subject line of e-mail\.",
+            re.S,
+        ),
         re.compile(r"Skip directly to (?:search|site content|page options|A[- ]to[- ]Z (?:list|link)|A-Z link)"),
         re.compile(r"Saving Lives,? Protecting People\.?™?"),
         re.compile(r"Morbidity and Mortality Weekly Report \(MMWR\)(?: Section Navigation| MMWR ShareCompartir)?"),
@@ -91,23 +97,40 @@ CDC = Profile(
         ("reference_list", _mmwr_references),
         ("boilerplate_tail", re.compile(r"(?m)^(?:Top\s*)?(?:Acknowledge?ments?|Conflicts? of Interest)\s*$")),
         ("boilerplate_tail", re.compile(r"Top ?Acknowledge?ments?\b")),
-        ("boilerplate_tail", re.compile(r"Disclaimer All MMWR HTML documents|Use of trade names and commercial "
-                                        r"sources is for identification only|All MMWR HTML versions of articles|"
-                                        r"References to non-CDC sites on the Internet")),
+        (
+            "boilerplate_tail",
+            re.compile(
+                r"Disclaimer All MMWR HTML documents|Use of trade names and commercial "
+                r"sources is for identification only|All MMWR HTML versions of articles|"
+                r"References to non-CDC sites on the Internet"
+            ),
+        ),
         *_GENERIC_TAIL,
     ),
     drop=(
         # Title block of the newer pages: issue line, authors, affiliations link, metrics, table of contents.
-        re.compile(r"Supplements / [^\n/]{3,40} / .{0,4000}?Related Materials(?:pdf icon ?\[PDF\]|PDF pdf icon"
-                   r"\[\d+K\]|Article PDFFull Issue PDF|pdf icon)?", re.S),
+        re.compile(
+            r"Supplements / [^\n/]{3,40} / .{0,4000}?Related Materials(?:pdf icon ?\[PDF\]|PDF pdf icon"
+            r"\[\d+K\]|Article PDFFull Issue PDF|pdf icon)?",
+            re.S,
+        ),
         re.compile(r"Corresponding author:[^\n]{0,400}?(?:E-?mail:\s*\S+|(?=\n))"),
         re.compile(r"(?m)^Top\d[^\n]*"),  # "Top1Division of ..., CDC; 2Division ...": affiliations
         re.compile(r"(?m)^Top(?=\s|[A-Z]|$)"),
         re.compile(r"(?m)(?<= )Top$"),
     ),
-    drop_literals=("(View author affiliations)", "View suggested citation", "Article Metrics", "Altmetric:",
-                   "Metric Details", "PubMedexternal icon", "external icon", "pdf icon", "Print Related Pages",
-                   "Related Pages"),
+    drop_literals=(
+        "(View author affiliations)",
+        "View suggested citation",
+        "Article Metrics",
+        "Altmetric:",
+        "Metric Details",
+        "PubMedexternal icon",
+        "external icon",
+        "pdf icon",
+        "Print Related Pages",
+        "Related Pages",
+    ),
 )
 
 PROFILES = {"generic": GENERIC, "cdc": CDC}
@@ -134,7 +157,8 @@ _SENT_END = tuple(".:;!?")
 SECTION_NAMES = frozenset(
     "abstract summary introduction background methods materials and methods results discussion conclusion "
     "conclusions recommendations limitations overview purpose scope definitions treatment diagnosis "
-    "prevention management".split()) | {"materials and methods", "key recommendations", "future directions"}
+    "prevention management".split()
+) | {"materials and methods", "key recommendations", "future directions"}
 
 
 def _is_short(line: str) -> bool:
@@ -148,7 +172,7 @@ def _table_row(line: str) -> bool:
 
 def _cut_head(text: str, prof: Profile, removed: Counter) -> str:
     end = 0
-    window = text[:prof.head_window]
+    window = text[: prof.head_window]
     for pat in prof.head:
         for m in pat.finditer(window):
             end = max(end, m.end())
@@ -171,7 +195,7 @@ def _cut_tail(text: str, prof: Profile, removed: Counter) -> str:
     if best is None:
         return text
     removed[best[1]] += len(text) - best[0]
-    return text[:best[0]]
+    return text[: best[0]]
 
 
 def _normalize_headings(lines: list[str]) -> list[str]:
@@ -221,8 +245,13 @@ def _unwrap(lines: list[str]) -> list[str]:
     # starts in lower case, i.e. continues the sentence.
     out: list[str] = []
     for line in lines:
-        if (out and line and (line[0].islower() or line[0] in ",;)") and not out[-1].startswith("#")
-                and not out[-1].endswith(_SENT_END)):
+        if (
+            out
+            and line
+            and (line[0].islower() or line[0] in ",;)")
+            and not out[-1].startswith("#")
+            and not out[-1].endswith(_SENT_END)
+        ):
             out[-1] = out[-1] + " " + line
         else:
             out.append(line)
@@ -285,16 +314,25 @@ def _make_doc(path: str, key: str, rec: Any) -> Doc | Malformed:
         text = f"# {title.strip()}\n{text}"
     cleaned, removed = clean_guideline(text, prof)
     ident = str(meta.get("id") or meta.get("url") or key)
-    return Doc(id=f"{SOURCE}:{prof.name}:{ident}", source=SOURCE, text=cleaned, raw_chars=raw_chars,
-               removed=dict(removed), meta={"file": path})
+    return Doc(
+        id=f"{SOURCE}:{prof.name}:{ident}",
+        source=SOURCE,
+        text=cleaned,
+        raw_chars=raw_chars,
+        removed=dict(removed),
+        meta={"file": path},
+    )
 
 
 def _read_json(path: str, data: bytes) -> Iterator[Doc | Malformed]:
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        pos = ({"line": e.lineno, "column": e.colno, "char_offset": e.pos} if isinstance(e, json.JSONDecodeError)
-               else {"byte_offset": e.start})
+        pos = (
+            {"line": e.lineno, "column": e.colno, "char_offset": e.pos}
+            if isinstance(e, json.JSONDecodeError)
+            else {"byte_offset": e.start}
+        )
         yield Malformed(SOURCE, path, pos, f"invalid JSON: {e}")
         return
     if isinstance(obj, dict):

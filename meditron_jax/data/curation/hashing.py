@@ -18,8 +18,11 @@ def word_hashes(tokens: list[str]) -> np.ndarray:
     # Hash each distinct word once, then gather: per-token numpy assignment would dominate the run time.
     ids: dict[str, int] = {}
     pos = np.fromiter((ids.setdefault(w, len(ids)) for w in tokens), dtype=np.int64, count=len(tokens))
-    uniq = np.fromiter((int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
-                        for w in ids), dtype=np.uint64, count=len(ids))
+    uniq = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little") for w in ids),
+        dtype=np.uint64,
+        count=len(ids),
+    )
     return uniq[pos]
 
 
@@ -31,7 +34,7 @@ def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
     acc = np.zeros(m, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            acc = acc * _BASE + wh[k:k + m]
+            acc = acc * _BASE + wh[k : k + m]
     return acc
 
 

@@ -33,13 +33,47 @@ from .records import Doc, Malformed
 
 SOURCE = "pmc_papers"
 MAX_MARKER_WORDS = 12
-_DROP_INLINE = {"ext-link", "uri", "email", "inline-graphic", "graphic", "media", "fn", "table-wrap-foot",
-                "alternatives-graphic", "private-char", "target", "object-id"}
+_DROP_INLINE = {
+    "ext-link",
+    "uri",
+    "email",
+    "inline-graphic",
+    "graphic",
+    "media",
+    "fn",
+    "table-wrap-foot",
+    "alternatives-graphic",
+    "private-char",
+    "target",
+    "object-id",
+}
 _DROP_XREF = {"aff", "corresp", "fn", "table-fn", "author-notes", "contrib", "other"}
 _FLOATS = {"fig": "Figure", "table-wrap": "Table", "fig-group": "Figure", "table-wrap-group": "Table"}
-_BLOCKS = {"p", "sec", "list", "fig", "table-wrap", "fig-group", "table-wrap-group", "disp-formula", "boxed-text",
-           "disp-quote", "def-list", "table", "supplementary-material", "fn-group", "ref-list", "statement",
-           "preformat", "speech", "verse-group", "glossary", "array", "chem-struct-wrap", "code"}
+_BLOCKS = {
+    "p",
+    "sec",
+    "list",
+    "fig",
+    "table-wrap",
+    "fig-group",
+    "table-wrap-group",
+    "disp-formula",
+    "boxed-text",
+    "disp-quote",
+    "def-list",
+    "table",
+    "supplementary-material",
+    "fn-group",
+    "ref-list",
+    "statement",
+    "preformat",
+    "speech",
+    "verse-group",
+    "glossary",
+    "array",
+    "chem-struct-wrap",
+    "code",
+}
 _MARKER = r"\[(?:bib_ref|fig_ref)\] [^\[]*? \[/(?:bib_ref|fig_ref)\]"
 # "[ m1, m2 ]" or "( m1; m2 )" holding only markers: drop the brackets (MEDITRON widened citation spans to
 # swallow them); brackets left empty by deleted citations go too.
@@ -95,8 +129,7 @@ class _Renderer:
     # -- references and floats
     @staticmethod
     def _bib_marker_text(ref: Element) -> str | None:
-        cit = next((c for c in ref if c.tag in ("element-citation", "mixed-citation", "citation",
-                                                 "nlm-citation")), ref)
+        cit = next((c for c in ref if c.tag in ("element-citation", "mixed-citation", "citation", "nlm-citation")), ref)
         title = ""
         for tag in ("article-title", "chapter-title", "source"):
             title = safe_xml.text_of(cit.find(f".//{tag}"))
@@ -200,8 +233,16 @@ class _Renderer:
             return out
         if tag in _FLOATS:
             return self._float(e)
-        if tag in ("table", "supplementary-material", "fn-group", "ref-list", "graphic", "media", "array",
-                   "chem-struct-wrap"):
+        if tag in (
+            "table",
+            "supplementary-material",
+            "fn-group",
+            "ref-list",
+            "graphic",
+            "media",
+            "array",
+            "chem-struct-wrap",
+        ):
             self.removed[tag.replace("-", "_")] += 1
             return []
         if tag == "disp-formula":
@@ -221,10 +262,21 @@ class _Renderer:
                 out.extend(inner)
             return out
         if tag == "def-list":
-            return [f"- {safe_xml.text_of(it.find('term'))}: {safe_xml.text_of(it.find('def'))}"
-                    for it in e.iter("def-item")]
-        if tag in ("boxed-text", "disp-quote", "statement", "speech", "verse-group", "glossary", "body", "abstract",
-                   "trans-abstract"):
+            return [
+                f"- {safe_xml.text_of(it.find('term'))}: {safe_xml.text_of(it.find('def'))}"
+                for it in e.iter("def-item")
+            ]
+        if tag in (
+            "boxed-text",
+            "disp-quote",
+            "statement",
+            "speech",
+            "verse-group",
+            "glossary",
+            "body",
+            "abstract",
+            "trans-abstract",
+        ):
             out = []
             for c in e:
                 if c.tag == "caption":
@@ -243,11 +295,14 @@ class _Renderer:
         if meta is None:
             meta = self.root.find(".//article-meta")
         parts: list[str] = []
-        title = self._finish_paragraph(self._inline(meta.find("title-group/article-title"))) \
-            if meta is not None and meta.find("title-group/article-title") is not None else ""
+        title = (
+            self._finish_paragraph(self._inline(meta.find("title-group/article-title")))
+            if meta is not None and meta.find("title-group/article-title") is not None
+            else ""
+        )
         if title:
             parts.append(title)
-        for ab in (meta.findall("abstract") if meta is not None else []):
+        for ab in meta.findall("abstract") if meta is not None else []:
             if ab.get("abstract-type") in ("graphical", "teaser", "toc", "web-summary"):
                 continue
             heading = safe_xml.text_of(ab.find("title")) or "Abstract"
@@ -276,7 +331,7 @@ def render_article(root: Element, keep_captions: bool = False) -> tuple[str, Cou
 def article_ids(root: Element) -> dict[str, str]:
     meta = root.find("front/article-meta")
     ids = {}
-    for aid in (meta.findall("article-id") if meta is not None else []):
+    for aid in meta.findall("article-id") if meta is not None else []:
         kind = aid.get("pub-id-type")
         if kind and (aid.text or "").strip():
             ids.setdefault(kind, aid.text.strip())
@@ -308,5 +363,11 @@ def read_jats(path: str, fh: IO[bytes], keep_captions: bool = False) -> Iterator
         pmcid = "PMC" + pmcid
     stem = path.rsplit("/", 1)[-1]
     ident = pmcid or (f"pmid{ids['pmid']}" if "pmid" in ids else stem)
-    yield Doc(id=f"pmc:{ident}", source=SOURCE, text=text, raw_chars=len(data), removed=dict(removed),
-              meta={"pmid": ids.get("pmid"), "pmcid": pmcid, "file": path})
+    yield Doc(
+        id=f"pmc:{ident}",
+        source=SOURCE,
+        text=text,
+        raw_chars=len(data),
+        removed=dict(removed),
+        meta={"pmid": ids.get("pmid"), "pmcid": pmcid, "file": path},
+    )

@@ -28,9 +28,12 @@ SOURCE = "pubmed_abstracts"
 _CHUNK = 1 << 20
 _MAX_RECORD_BYTES = 16 << 20
 _HIDDEN_LABELS = {"UNLABELLED", "UNASSIGNED", ""}
-_GAP_OK_RE = re.compile(rb"\s+|</(?:MedlineCitationSet|PubmedArticleSet)\s*>|<DeleteCitation>.*?</DeleteCitation>|"
-                        rb"<\?xml[^>]*\?>|<!DOCTYPE[^>\[]*(?:\[.*?\])?\s*>|<(?:MedlineCitationSet|PubmedArticleSet)"
-                        rb"\s*>|<!--.*?-->", re.S)
+_GAP_OK_RE = re.compile(
+    rb"\s+|</(?:MedlineCitationSet|PubmedArticleSet)\s*>|<DeleteCitation>.*?</DeleteCitation>|"
+    rb"<\?xml[^>]*\?>|<!DOCTYPE[^>\[]*(?:\[.*?\])?\s*>|<(?:MedlineCitationSet|PubmedArticleSet)"
+    rb"\s*>|<!--.*?-->",
+    re.S,
+)
 
 
 def _record_pattern(head: bytes) -> re.Pattern:
@@ -79,7 +82,7 @@ def split_records(fh: IO[bytes]) -> Iterator[tuple[str, int, int, int, bytes]]:
                 yield "gap", index, base, line, buf
             return
         if m.start():
-            gap = buf[:m.start()]
+            gap = buf[: m.start()]
             if first:
                 yield "prolog", 0, base, line, gap
             elif _GAP_OK_RE.sub(b"", gap).strip():
@@ -127,7 +130,7 @@ def render_citation(rec: Element) -> tuple[str, str | None, str | None]:
         title = title.rstrip(".")[1:-1] + "."
     parts = []
     abstract = cit.find(".//Abstract")
-    for at in (abstract.findall("AbstractText") if abstract is not None else []):
+    for at in abstract.findall("AbstractText") if abstract is not None else []:
         body = safe_xml.text_of(at)
         if not body:
             continue
@@ -154,8 +157,12 @@ def read_medline(path: str, fh: IO[bytes]) -> Iterator[Doc | Malformed]:
             pos = {"record": index, "byte_offset": offset, "line": line}
             if kind == "prolog":
                 if b"<!ENTITY" in data:  # records are parsed without it, so its entities can never expand
-                    yield Malformed(SOURCE, path, {"byte_offset": offset + data.find(b"<!ENTITY"), "line": line},
-                                    "unsafe XML: entity declaration in the DOCTYPE (ignored)")
+                    yield Malformed(
+                        SOURCE,
+                        path,
+                        {"byte_offset": offset + data.find(b"<!ENTITY"), "line": line},
+                        "unsafe XML: entity declaration in the DOCTYPE (ignored)",
+                    )
                 continue
             if kind == "gap":
                 yield Malformed(SOURCE, path, pos, f"unparsed bytes between records: {data[:80]!r}")
@@ -172,8 +179,13 @@ def read_medline(path: str, fh: IO[bytes]) -> Iterator[Doc | Malformed]:
             raw_chars = len(text)
             text, removed = _clean(text)
             ident = pmid or f"{path}#{index}"
-            yield Doc(id=f"pubmed:{ident}", source=SOURCE, text=text, raw_chars=raw_chars, removed=dict(removed),
-                      meta={"pmid": pmid, "pmcid": pmcid, "file": path,
-                            **({} if text else {"drop": "no_abstract"})})
+            yield Doc(
+                id=f"pubmed:{ident}",
+                source=SOURCE,
+                text=text,
+                raw_chars=raw_chars,
+                removed=dict(removed),
+                meta={"pmid": pmid, "pmcid": pmcid, "file": path, **({} if text else {"drop": "no_abstract"})},
+            )
     except (OSError, EOFError) as e:  # truncated/corrupt gzip: what was read so far has been yielded
         yield Malformed(SOURCE, path, {"byte_offset": None}, f"unreadable compressed stream: {e}")

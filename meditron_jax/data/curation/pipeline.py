@@ -37,8 +37,13 @@ from .text import english_score
 # MEDITRON.md §2: validation shares 5% guidelines, 3% abstracts, 3% papers, no replay.
 MEDITRON_VALIDATION = {"guidelines": 0.05, "pubmed_abstracts": 0.03, "pmc_papers": 0.03, "replay": 0.0}
 DEFAULT_PATTERNS = {
-    "guidelines": ("guidelines*/*.json", "guidelines*/*.jsonl", "guidelines*/*.zip", "guidelines*/*.json.gz",
-                   "guidelines*/*.jsonl.gz"),
+    "guidelines": (
+        "guidelines*/*.json",
+        "guidelines*/*.jsonl",
+        "guidelines*/*.zip",
+        "guidelines*/*.json.gz",
+        "guidelines*/*.jsonl.gz",
+    ),
     "pubmed_abstracts": ("pubmed_abstracts/*.xml", "pubmed_abstracts/*.xml.gz"),
     "pmc_papers": ("pmc_papers/*.nxml", "pmc_papers/*.xml", "pmc_papers/*.nxml.gz"),
     "replay": ("replay_general/*.txt", "replay_general/*.jsonl", "replay_general/*.jsonl.gz"),
@@ -57,16 +62,16 @@ class CurationConfig:
     seed: int = 0
     patterns: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_PATTERNS))
     keep_captions: bool = False
-    min_chars: int = 10                 # MEDITRON dropped guideline texts of 10 characters or fewer
-    english_threshold: float = 0.08     # text.english_score: English ~0.2-0.5 (min 0.12 on the sample)
-    replay_keep_fraction: float = 1.0   # MEDITRON sampled RedPajama at 0.0004; the sample is kept whole
+    min_chars: int = 10  # MEDITRON dropped guideline texts of 10 characters or fewer
+    english_threshold: float = 0.08  # text.english_score: English ~0.2-0.5 (min 0.12 on the sample)
+    replay_keep_fraction: float = 1.0  # MEDITRON sampled RedPajama at 0.0004; the sample is kept whole
     minhash: MinHashConfig = dataclasses.field(default_factory=MinHashConfig)
     contamination_refs: tuple[str, ...] = DEFAULT_REFERENCES
     ngram: int = NGRAM
     max_ref_df: int = 10
     tokenizer_model: str | None = None  # Llama-2 tokenizer.model; None: no token counts
     max_docs_per_file: int | None = None  # CI cap, applied while reading
-    max_examples: int = 200             # removed/malformed examples kept in stats.json per filter
+    max_examples: int = 200  # removed/malformed examples kept in stats.json per filter
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -76,7 +81,7 @@ class CurationConfig:
 
 def _unit_hash(seed: int, salt: str, ident: str) -> float:
     h = hashlib.blake2b(f"{seed}:{salt}:{ident}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2.0 ** 64
+    return int.from_bytes(h, "little") / 2.0**64
 
 
 def sort_key(doc: Doc) -> str:
@@ -144,8 +149,14 @@ class ParseFile(beam.DoFn):
                     yield rec
         except Exception as e:  # one bad file must not fail the run; it is reported instead
             where = traceback.extract_tb(e.__traceback__)[-1]
-            yield from self._malformed(Malformed(source, path, {"docs_read_before_error": n},
-                                                 f"{type(e).__name__}: {e} (at {where.name}:{where.lineno})"))
+            yield from self._malformed(
+                Malformed(
+                    source,
+                    path,
+                    {"docs_read_before_error": n},
+                    f"{type(e).__name__}: {e} (at {where.name}:{where.lineno})",
+                )
+            )
 
 
 # ---------------------------------------------------------------- filters
@@ -273,17 +284,23 @@ def _partition_index(item, n, keys):
     return keys.index(item[0])
 
 
-def build(p: beam.Pipeline, config: CurationConfig, contamination_path: str | None = None,
-          contamination_stats: dict[str, Any] | None = None):
+def build(
+    p: beam.Pipeline,
+    config: CurationConfig,
+    contamination_path: str | None = None,
+    contamination_stats: dict[str, Any] | None = None,
+):
     """Add the curation transforms to ``p``; ``contamination_path``: a pickled ``ContaminationIndex``."""
     stats_pcolls, removed_pcolls = [], []
 
     specs = [(src, pat) for src in SOURCES for pat in config.patterns.get(src, ())]
-    parsed = (p
-              | "Patterns" >> beam.Create(specs)
-              | "Match" >> beam.ParDo(_MatchFn(config.input_dir))
-              | "SpreadFiles" >> beam.Reshuffle()
-              | "Parse" >> beam.ParDo(ParseFile(config)).with_outputs("stats", "malformed", main="docs"))
+    parsed = (
+        p
+        | "Patterns" >> beam.Create(specs)
+        | "Match" >> beam.ParDo(_MatchFn(config.input_dir))
+        | "SpreadFiles" >> beam.Reshuffle()
+        | "Parse" >> beam.ParDo(ParseFile(config)).with_outputs("stats", "malformed", main="docs")
+    )
     stats_pcolls.append(parsed.stats)
 
     filtered = parsed.docs | "Filter" >> beam.ParDo(DocFilters(config)).with_outputs("stats", "removed", main="docs")
@@ -291,43 +308,56 @@ def build(p: beam.Pipeline, config: CurationConfig, contamination_path: str | No
     removed_pcolls.append(filtered.removed)
     docs = filtered.docs
 
-    abstracts = (docs | "Abstracts" >> beam.Filter(lambda d: d.source == "pubmed_abstracts")
-                 | "KeyAbstracts" >> beam.Map(lambda d: (d.meta.get("pmid") or d.id, d)))
-    paper_pmids = (docs | "PaperPmids" >> beam.FlatMap(
-        lambda d: [(d.meta["pmid"], 1)] if d.source == "pmc_papers" and d.meta.get("pmid") else []))
-    kept_abstracts = ({"abstract": abstracts, "paper": paper_pmids}
-                      | "JoinFullText" >> beam.CoGroupByKey()
-                      | "DropAbstractsWithPaper" >> beam.FlatMap(_drop_abstracts_with_papers).with_outputs(
-                          "stats", "removed", main="docs"))
+    abstracts = (
+        docs
+        | "Abstracts" >> beam.Filter(lambda d: d.source == "pubmed_abstracts")
+        | "KeyAbstracts" >> beam.Map(lambda d: (d.meta.get("pmid") or d.id, d))
+    )
+    paper_pmids = docs | "PaperPmids" >> beam.FlatMap(
+        lambda d: [(d.meta["pmid"], 1)] if d.source == "pmc_papers" and d.meta.get("pmid") else []
+    )
+    kept_abstracts = (
+        {"abstract": abstracts, "paper": paper_pmids}
+        | "JoinFullText" >> beam.CoGroupByKey()
+        | "DropAbstractsWithPaper"
+        >> beam.FlatMap(_drop_abstracts_with_papers).with_outputs("stats", "removed", main="docs")
+    )
     stats_pcolls.append(kept_abstracts.stats)
     removed_pcolls.append(kept_abstracts.removed)
     others = docs | "NotAbstracts" >> beam.Filter(lambda d: d.source != "pubmed_abstracts")
     docs = (kept_abstracts.docs, others) | "MergeAbstracts" >> beam.Flatten()
 
-    exact = (docs
-             | "ExactKey" >> beam.Map(lambda d: (exact_key(d.text), d))
-             | "GroupExact" >> beam.GroupByKey()
-             | "KeepFirstExact" >> beam.FlatMap(_keep_first).with_outputs("stats", "removed", main="docs"))
+    exact = (
+        docs
+        | "ExactKey" >> beam.Map(lambda d: (exact_key(d.text), d))
+        | "GroupExact" >> beam.GroupByKey()
+        | "KeepFirstExact" >> beam.FlatMap(_keep_first).with_outputs("stats", "removed", main="docs")
+    )
     stats_pcolls.append(exact.stats)
     removed_pcolls.append(exact.removed)
     docs = exact.docs
 
     mh = config.minhash
-    drops = (docs
-             | "MinHash" >> beam.ParDo(_Signature(mh))
-             | "GroupBands" >> beam.GroupByKey()
-             | "CandidatePairs" >> beam.FlatMap(lambda kv: near_duplicate_pairs(list(kv[1]), mh))
-             | "KeyDropped" >> beam.Map(lambda t: (t[0], (t[1], round(t[2], 3)))))
-    near = ({"doc": docs | "KeyBySortKey" >> beam.Map(lambda d: (sort_key(d), d)), "drop": drops}
-            | "JoinNear" >> beam.CoGroupByKey()
-            | "DropNear" >> beam.FlatMap(_drop_near_duplicates).with_outputs("stats", "removed", main="docs"))
+    drops = (
+        docs
+        | "MinHash" >> beam.ParDo(_Signature(mh))
+        | "GroupBands" >> beam.GroupByKey()
+        | "CandidatePairs" >> beam.FlatMap(lambda kv: near_duplicate_pairs(list(kv[1]), mh))
+        | "KeyDropped" >> beam.Map(lambda t: (t[0], (t[1], round(t[2], 3))))
+    )
+    near = (
+        {"doc": docs | "KeyBySortKey" >> beam.Map(lambda d: (sort_key(d), d)), "drop": drops}
+        | "JoinNear" >> beam.CoGroupByKey()
+        | "DropNear" >> beam.FlatMap(_drop_near_duplicates).with_outputs("stats", "removed", main="docs")
+    )
     stats_pcolls.append(near.stats)
     removed_pcolls.append(near.removed)
     docs = near.docs
 
     if contamination_path is not None:
         clean = docs | "Contamination" >> beam.ParDo(ContaminationFilter(contamination_path)).with_outputs(
-            "stats", "removed", main="docs")
+            "stats", "removed", main="docs"
+        )
         stats_pcolls.append(clean.stats)
         removed_pcolls.append(clean.removed)
         docs = clean.docs
@@ -341,45 +371,81 @@ def build(p: beam.Pipeline, config: CurationConfig, contamination_path: str | No
         if split == "validation" and config.validation_fraction.get(src, 0.0) <= 0:
             continue
         n = config.num_shards if split == "train" else config.num_validation_shards
-        _ = (part
-             | f"Lines/{src}/{split}" >> beam.Values()
-             | f"Write/{src}/{split}" >> beam.io.WriteToText(
-                 FileSystems.join(config.output_dir, src, split), file_name_suffix=".jsonl", num_shards=n,
-                 shard_name_template="-SSSSS-of-NNNNN"))
+        _ = (
+            part
+            | f"Lines/{src}/{split}" >> beam.Values()
+            | f"Write/{src}/{split}"
+            >> beam.io.WriteToText(
+                FileSystems.join(config.output_dir, src, split),
+                file_name_suffix=".jsonl",
+                num_shards=n,
+                shard_name_template="-SSSSS-of-NNNNN",
+            )
+        )
 
     malformed = parsed.malformed
     removed = tuple(removed_pcolls) | "AllRemoved" >> beam.Flatten()
-    _ = (malformed | "MalformedJson" >> beam.Map(json.dumps)
-         | "WriteMalformed" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "malformed"),
-                                                   file_name_suffix=".jsonl", shard_name_template=""))
-    _ = (removed | "RemovedJson" >> beam.Map(json.dumps)
-         | "WriteRemoved" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "removed"),
-                                                 file_name_suffix=".jsonl", shard_name_template=""))
+    _ = (
+        malformed
+        | "MalformedJson" >> beam.Map(json.dumps)
+        | "WriteMalformed"
+        >> beam.io.WriteToText(
+            FileSystems.join(config.output_dir, "malformed"), file_name_suffix=".jsonl", shard_name_template=""
+        )
+    )
+    _ = (
+        removed
+        | "RemovedJson" >> beam.Map(json.dumps)
+        | "WriteRemoved"
+        >> beam.io.WriteToText(
+            FileSystems.join(config.output_dir, "removed"), file_name_suffix=".jsonl", shard_name_template=""
+        )
+    )
 
-    counts = (tuple(stats_pcolls) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum))
+    counts = tuple(stats_pcolls) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
     malformed_top = malformed | "MalformedExamples" >> beam.combiners.Top.Smallest(
-        config.max_examples, key=lambda m: (m["file"], json.dumps(m["position"], sort_keys=True)))
-    removed_top = (removed
-                   | "KeyRemoved" >> beam.Map(lambda r: (r["filter"], r))
-                   | "RemovedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples,
-                                                                            key=lambda r: r["id"])
-                   | "FlattenExamples" >> beam.FlatMap(lambda kv: kv[1]))
+        config.max_examples, key=lambda m: (m["file"], json.dumps(m["position"], sort_keys=True))
+    )
+    removed_top = (
+        removed
+        | "KeyRemoved" >> beam.Map(lambda r: (r["filter"], r))
+        | "RemovedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples, key=lambda r: r["id"])
+        | "FlattenExamples" >> beam.FlatMap(lambda kv: kv[1])
+    )
     contamination = contamination_stats
-    report = (p
-              | "ReportSeed" >> beam.Create([None])
-              | "Assemble" >> beam.Map(
-                  lambda _, counts, mal, rem: json.dumps(S.assemble(
-                      counts, config=config.to_json(), malformed_examples=[m for ms in mal for m in ms],
-                      removed_examples=list(rem), contamination=contamination, sources=SOURCES,
-                      count_tokens=bool(config.tokenizer_model)), indent=1, ensure_ascii=False),
-                  counts=beam.pvalue.AsList(counts), mal=beam.pvalue.AsList(malformed_top),
-                  rem=beam.pvalue.AsList(removed_top)))
-    _ = report | "WriteStats" >> beam.io.WriteToText(FileSystems.join(config.output_dir, "stats"),
-                                                     file_name_suffix=".json", shard_name_template="")
+    report = (
+        p
+        | "ReportSeed" >> beam.Create([None])
+        | "Assemble"
+        >> beam.Map(
+            lambda _, counts, mal, rem: json.dumps(
+                S.assemble(
+                    counts,
+                    config=config.to_json(),
+                    malformed_examples=[m for ms in mal for m in ms],
+                    removed_examples=list(rem),
+                    contamination=contamination,
+                    sources=SOURCES,
+                    count_tokens=bool(config.tokenizer_model),
+                ),
+                indent=1,
+                ensure_ascii=False,
+            ),
+            counts=beam.pvalue.AsList(counts),
+            mal=beam.pvalue.AsList(malformed_top),
+            rem=beam.pvalue.AsList(removed_top),
+        )
+    )
+    _ = report | "WriteStats" >> beam.io.WriteToText(
+        FileSystems.join(config.output_dir, "stats"), file_name_suffix=".json", shard_name_template=""
+    )
 
 
-def run(config: CurationConfig, pipeline_args: list[str] | None = None,
-        contamination_index: ContaminationIndex | None = None) -> dict[str, Any]:
+def run(
+    config: CurationConfig,
+    pipeline_args: list[str] | None = None,
+    contamination_index: ContaminationIndex | None = None,
+) -> dict[str, Any]:
     """Build and run the pipeline; returns the parsed ``stats.json``.
 
     ``contamination_index``: built from ``config.contamination_refs`` with the benchmark loader when None;
@@ -390,8 +456,9 @@ def run(config: CurationConfig, pipeline_args: list[str] | None = None,
     if contamination_index is None and config.contamination_refs:
         from .contamination import benchmark_references
 
-        contamination_index = ContaminationIndex.build(benchmark_references(config.contamination_refs),
-                                                       n=config.ngram, max_ref_df=config.max_ref_df)
+        contamination_index = ContaminationIndex.build(
+            benchmark_references(config.contamination_refs), n=config.ngram, max_ref_df=config.max_ref_df
+        )
     path = None
     if contamination_index is not None:
         path = FileSystems.join(config.output_dir, "contamination_index.pkl")

@@ -49,8 +49,13 @@ def _wikitext_docs(path: str, lines: list[tuple[int, str]]) -> Iterator[Doc]:
         m = _WT_TITLE_RE.match(line.strip())
         if m:
             if title is not None and body:
-                yield Doc(id=f"replay:{stem}:{first_line}", source=SOURCE,
-                          text="\n".join([title] + body), raw_chars=raw, meta={"file": path, "line": first_line})
+                yield Doc(
+                    id=f"replay:{stem}:{first_line}",
+                    source=SOURCE,
+                    text="\n".join([title] + body),
+                    raw_chars=raw,
+                    meta={"file": path, "line": first_line},
+                )
             title, first_line, body, raw = detokenize_wikitext(m.group(1)), lineno, [], len(line)
             continue
         raw += len(line)
@@ -79,8 +84,13 @@ def _plain_docs(path: str, lines: list[tuple[int, str]], max_chars: int) -> Iter
     for para, start in zip(paras + [None], starts + [0], strict=True):
         if doc and (para is None or size + len(para) > max_chars):
             text = "\n\n".join(doc)
-            yield Doc(id=f"replay:{stem}:{first}", source=SOURCE, text=text, raw_chars=len(text),
-                      meta={"file": path, "line": first})
+            yield Doc(
+                id=f"replay:{stem}:{first}",
+                source=SOURCE,
+                text=text,
+                raw_chars=len(text),
+                meta={"file": path, "line": first},
+            )
             doc, size = [], 0
         if para is not None:
             if not doc:
@@ -110,8 +120,13 @@ def read_replay(path: str, fh: IO[bytes], max_chars: int = MAX_CHARS) -> Iterato
                     yield Malformed(SOURCE, path, {"line": lineno}, f"bad replay record: {e!r}")
                     continue
                 ident = rec.get("id") or f"{stem}:{lineno}"
-                yield Doc(id=f"replay:{ident}", source=SOURCE, text=text.strip(), raw_chars=len(text),
-                          meta={"file": path, "line": lineno})
+                yield Doc(
+                    id=f"replay:{ident}",
+                    source=SOURCE,
+                    text=text.strip(),
+                    raw_chars=len(text),
+                    meta={"file": path, "line": lineno},
+                )
             return
         good: list[tuple[int, str]] = []
         for lineno, line, bad in _decoded_lines(path, fh):

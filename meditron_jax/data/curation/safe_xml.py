@@ -24,14 +24,18 @@ from xml.etree.ElementTree import Element, TreeBuilder
 class XMLError(ValueError):
     """Malformed or unsafe XML, with the position expat reached (1-based line, 0-based column, byte offset)."""
 
-    def __init__(self, message: str, line: int | None = None, column: int | None = None,
-                 byte_offset: int | None = None):
+    def __init__(
+        self, message: str, line: int | None = None, column: int | None = None, byte_offset: int | None = None
+    ):
         super().__init__(message)
         self.line, self.column, self.byte_offset = line, column, byte_offset
 
     def position(self) -> dict[str, int]:
-        return {k: v for k, v in (("line", self.line), ("column", self.column), ("byte_offset", self.byte_offset))
-                if v is not None and v >= 0}
+        return {
+            k: v
+            for k, v in (("line", self.line), ("column", self.column), ("byte_offset", self.byte_offset))
+            if v is not None and v >= 0
+        }
 
 
 class UnsafeXMLError(XMLError):
@@ -49,8 +53,10 @@ class _Guard:
 
     def entity_decl(self, name, is_parameter_entity, value, base, system_id, public_id, notation_name):
         kind = "external" if system_id or public_id else "internal"
-        raise UnsafeXMLError(f"{kind} entity declaration <!ENTITY {'% ' if is_parameter_entity else ''}{name}> "
-                             "is not allowed", *self._where())
+        raise UnsafeXMLError(
+            f"{kind} entity declaration <!ENTITY {'% ' if is_parameter_entity else ''}{name}> is not allowed",
+            *self._where(),
+        )
 
     def unparsed_entity_decl(self, name, base, system_id, public_id, notation_name):
         raise UnsafeXMLError(f"unparsed entity declaration {name!r} is not allowed", *self._where())
@@ -82,8 +88,9 @@ def parse(data: bytes | str) -> tuple[Element, int]:
     except UnsafeXMLError:
         raise
     except expat.ExpatError as e:
-        raise XMLError(f"XML syntax error: {expat.ErrorString(e.code)}", e.lineno, e.offset,
-                       parser.CurrentByteIndex) from None
+        raise XMLError(
+            f"XML syntax error: {expat.ErrorString(e.code)}", e.lineno, e.offset, parser.CurrentByteIndex
+        ) from None
     except (AssertionError, IndexError) as e:  # TreeBuilder on an empty/unbalanced document
         raise XMLError(f"XML structure error: {e or type(e).__name__}") from None
     return root, guard.skipped_entities

@@ -17,14 +17,40 @@ from collections.abc import Iterable
 from typing import Any
 
 # Cleaning rules that count elements rather than characters.
-ITEM_RULES = frozenset({
-    "bib_ref_markers", "fig_ref_markers", "citations_unresolved", "figures", "tables", "captions", "formulas",
-    "reference_entries", "back_sections", "supplementary_material", "fn_group", "ref_list", "table", "graphic",
-    "media", "array", "chem_struct_wrap", "undefined_entities",
-})
+ITEM_RULES = frozenset(
+    {
+        "bib_ref_markers",
+        "fig_ref_markers",
+        "citations_unresolved",
+        "figures",
+        "tables",
+        "captions",
+        "formulas",
+        "reference_entries",
+        "back_sections",
+        "supplementary_material",
+        "fn_group",
+        "ref_list",
+        "table",
+        "graphic",
+        "media",
+        "array",
+        "chem_struct_wrap",
+        "undefined_entities",
+    }
+)
 # Filters in the order the pipeline applies them.
-FILTERS = ("no_abstract", "empty_after_cleaning", "too_short", "non_english", "replay_not_sampled",
-           "abstract_has_full_text", "exact_duplicate", "near_duplicate", "contaminated")
+FILTERS = (
+    "no_abstract",
+    "empty_after_cleaning",
+    "too_short",
+    "non_english",
+    "replay_not_sampled",
+    "abstract_has_full_text",
+    "exact_duplicate",
+    "near_duplicate",
+    "contaminated",
+)
 
 
 def cleaning_events(source: str, removed: dict[str, int]) -> Iterable[tuple[tuple, int]]:
@@ -38,13 +64,26 @@ def _nest(out: dict, path: tuple, value: int) -> None:
     out[path[-1]] = out.get(path[-1], 0) + value
 
 
-def assemble(counts: Iterable[tuple[tuple, int]], *, config: dict[str, Any], malformed_examples: list[dict],
-             removed_examples: list[dict], contamination: dict[str, Any] | None, sources: Iterable[str],
-             count_tokens: bool) -> dict[str, Any]:
+def assemble(
+    counts: Iterable[tuple[tuple, int]],
+    *,
+    config: dict[str, Any],
+    malformed_examples: list[dict],
+    removed_examples: list[dict],
+    contamination: dict[str, Any] | None,
+    sources: Iterable[str],
+    count_tokens: bool,
+) -> dict[str, Any]:
     per_source: dict[str, Any] = {}
     for src in sources:
-        per_source[src] = {"input": {"files": 0, "records": 0, "docs": 0, "raw_chars": 0}, "malformed": 0,
-                           "cleaning_chars": {}, "cleaning_items": {}, "removed": {}, "output": {}}
+        per_source[src] = {
+            "input": {"files": 0, "records": 0, "docs": 0, "raw_chars": 0},
+            "malformed": 0,
+            "cleaning_chars": {},
+            "cleaning_items": {},
+            "removed": {},
+            "output": {},
+        }
     for key, value in counts:
         src, section, *rest = key
         node = per_source.setdefault(src, {})
@@ -71,10 +110,14 @@ def assemble(counts: Iterable[tuple[tuple, int]], *, config: dict[str, Any], mal
     if not count_tokens:
         for v in totals["output"].values():
             v["tokens"] = None
-    return {"config": config, "sources": per_source, "totals": totals,
-            "contamination_index": contamination or {},
-            "malformed_examples": sorted(malformed_examples, key=lambda m: (m["file"], str(m["position"]))),
-            "removed_examples": _group_examples(removed_examples)}
+    return {
+        "config": config,
+        "sources": per_source,
+        "totals": totals,
+        "contamination_index": contamination or {},
+        "malformed_examples": sorted(malformed_examples, key=lambda m: (m["file"], str(m["position"]))),
+        "removed_examples": _group_examples(removed_examples),
+    }
 
 
 def _group_examples(rows: list[dict]) -> dict[str, list[dict]]:

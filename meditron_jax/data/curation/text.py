@@ -40,7 +40,7 @@ def remove_emails(text: str, removed: Counter, rule: str = "urls") -> str:
         local = _EMAIL_LOCAL_RE.search(text, max(pos, at - 64), at)
         dom = _EMAIL_DOMAIN_RE.match(text, at + 1)
         if local and dom:
-            out.append(text[pos:local.start()])
+            out.append(text[pos : local.start()])
             removed[rule] += dom.end() - local.start()
             pos = dom.end()
         at = text.find("@", max(at + 1, pos))
@@ -81,7 +81,8 @@ def words(text: str) -> list[str]:
 _ENGLISH_STOPWORDS = frozenset(
     "the of and to in a is that for it as was with be by on not he i this are or his from at which but have "
     "an they you were her she there their been has one we all would will more when who if no can its may "
-    "these other than into some only also after should between during such most both each these those".split())
+    "these other than into some only also after should between during such most both each these those".split()
+)
 
 
 def english_score(text: str, sample_chars: int = 10_000) -> float:
