@@ -183,13 +183,13 @@ def test_few_shot_prompt_draws_like_hf_shuffle(shared_data):
 
 def test_chatml_prompt_and_sft_pair(shared_data):
     record = bm.load_benchmark("medmcqa", "dev")[0]
-    question_turn = f"<|im_start|>question\n{MEDMCQA_SYSTEM}\n{MEDMCQA_FIRST}\nThe answer is:<|im_end|>\n"
+    question_turn = f"<|im_start|>question\n{MEDMCQA_SYSTEM}\n{MEDMCQA_FIRST}\nThe answer is:\n<|im_end|>\n"
     assert bm.render_chat_prompt(record, "medmcqa") == question_turn + "<|im_start|>answer\n"
     assert bm.render_sft(record, "medmcqa") == (question_turn, "<|im_start|>answer\nA<|im_end|>\n")
     item = next(r for r in bm.load_benchmark("pubmedqa", "test") if r["id"] == "21214884")
     assert bm.render_sft(item, "pubmedqa")[1] == "<|im_start|>answer\nno<|im_end|>\n"
     assert bm.render_sft(item, "pubmedqa")[0] == (
-        f"<|im_start|>question\n{PUBMEDQA_SYSTEM}\n{PUBMEDQA_21214884}\nThe answer is:<|im_end|>\n"
+        f"<|im_start|>question\n{PUBMEDQA_SYSTEM}\n{PUBMEDQA_21214884}\nThe answer is:\n<|im_end|>\n"
     )
 
 

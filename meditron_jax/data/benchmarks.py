@@ -665,9 +665,12 @@ def chatml_turn(role: str, text: str) -> str:
 def render_chat_question(
     record: Mapping, benchmark: str, *, cot: bool = False, instructions_path: str | os.PathLike | None = None
 ) -> str:
-    """The question turn of a finetuned model (MEDITRON.md §4): instruction, item and cue."""
+    """The question turn of a finetuned model (MEDITRON.md §4): instruction, item, cue and a newline.
+
+    The newline after the cue is the original's: its SFT prompt field ends in "\n" and is not stripped
+    (epfLLM/meditron evaluation/benchmarks.py and inference.py)."""
     inst = instruction(benchmark, cot=cot, path=instructions_path)
-    return chatml_turn("question", f"{inst['system']}\n{question_text(record)}\n{inst['user']}")
+    return chatml_turn("question", f"{inst['system']}\n{question_text(record)}\n{inst['user']}\n")
 
 
 def render_chat_prompt(
