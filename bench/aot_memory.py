@@ -68,13 +68,13 @@ def run_ours(case: Case, timeout: int) -> dict:
         case.model,
         "--topology",
         case.topology,
-        "--seq-len",
+        "--seq_len",
         str(case.seq_len),
-        "--global-batch",
+        "--global_batch",
         str(case.global_batch),
         "--mesh",
         "fsdp=-1",
-        "--grad-accum",
+        "--grad_accum",
         str(case.grad_accum),
     ]
     start = time.time()

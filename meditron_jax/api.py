@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.convert import hf, orbax
+from meditron_jax.convert.model_dir import load_model_dir
 from meditron_jax.data.vocabulary import Tokenizer
-from meditron_jax.infer.generate import generate_ids
+from meditron_jax.infer.engine import Engine
+from meditron_jax.infer.sampling import SamplingParams
 from meditron_jax.model import Llama
 
 
@@ -25,6 +26,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         model = Llama(config)
         self._logits = jax.jit(lambda p, t: model.apply({"params": p}, t))
+        self._engine: Engine | None = None
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 next-token logits [batch, length, vocab] for equal-length rows of token ids."""
@@ -37,6 +39,15 @@ class LanguageModel:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         return np.asarray(self._logits(self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
 
+    def engine(self, **engine_kwargs) -> Engine:
+        """The generation engine over this model (built once; keyword arguments build a new one)."""
+        if engine_kwargs or self._engine is None:
+            engine = Engine(self.config, self.params, self.tokenizer, **engine_kwargs)
+            if engine_kwargs:
+                return engine
+            self._engine = engine
+        return self._engine
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -45,33 +56,26 @@ class LanguageModel:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        frequency_penalty: float = 0.0,
+        stop_strings: Sequence[str] = (),
         seed: int = 0,
     ) -> list[str]:
-        """Continuations of text prompts; greedy unless temperature > 0."""
+        """Continuations of text prompts (stopping at EOS); greedy unless temperature > 0."""
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer; pass tokenizer_path to load()")
         if isinstance(prompts, str):
             raise TypeError("generate() takes a list of prompts, not a single string")
-        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
-        out = generate_ids(
-            self.config,
-            self.params,
-            ids,
+        sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
-            eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id,
             temperature=temperature,
             top_k=top_k,
-            top_p=top_p,
+            top_p=1.0 if top_p is None else top_p,
+            frequency_penalty=frequency_penalty,
+            stop_token_ids=(self.tokenizer.eos_id,),
+            stop_strings=tuple(stop_strings),
             seed=seed,
         )
-        texts = []
-        for prompt_ids, new_ids in zip(ids, out, strict=True):
-            # Decode with the prompt so SentencePiece keeps the space that starts the continuation.
-            prefix = self.tokenizer.decode(prompt_ids)
-            full = self.tokenizer.decode(prompt_ids + new_ids)
-            texts.append(full[len(prefix) :] if full.startswith(prefix) else self.tokenizer.decode(new_ids))
-        return texts
+        return [per[0].text for per in self.engine().generate(list(prompts), sampling)]
 
 
 def load(
@@ -82,25 +86,19 @@ def load(
     tokenizer_path: str | None = None,
     **config_overrides,
 ) -> LanguageModel:
-    """Load a Hugging Face Llama directory or a meditron_jax orbax model directory.
+    """Load a Hugging Face Llama directory, a meditron_jax orbax model directory, or a training run's
+    ``MODEL_DIR`` (its newest checkpoint; the tokenizer then comes from ``tokenizer_path``).
 
     dtype/param_dtype set the compute and storage precision ("float32", "bfloat16"); other keyword
     arguments override ModelConfig fields that do not change the weights (e.g. scan_layers, attention_impl).
     """
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory (expected a Hugging Face or meditron_jax model)")
     overrides = dict(config_overrides)
     if dtype:
         overrides["dtype"] = dtype
     if param_dtype:
         overrides["param_dtype"] = param_dtype
-    if orbax.is_orbax_model(path):
-        stored = ModelConfig.from_json(os.path.join(path, orbax.CONFIG_FILE))
-        params, config = orbax.load_orbax(path, stored.replace(**overrides))
-    else:
-        config = hf.read_hf_config(path, **overrides)
-        params = hf.load_hf_params(path, config)
+    params, config = load_model_dir(path, **overrides)
     tok_dir = tokenizer_path or path
     tokenizer = None
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):

@@ -6,8 +6,13 @@ import dataclasses
 import json
 from typing import Any
 
+import gin
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
+# ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
+# scan_layers, which stacks the layers' parameters).
+EXECUTION_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,3 +173,8 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# Gin: `TrainConfig.model = @ModelConfig()` with `ModelConfig.<field> = ...` in gin/models/*.gin. Registered
+# as an external configurable so direct Python calls of ModelConfig never pick up gin bindings.
+gin.external_configurable(ModelConfig, name="ModelConfig", module="meditron_jax")

@@ -1,46 +1,9 @@
 #!/usr/bin/env python
-"""Load a model (Hugging Face or meditron_jax orbax directory) and generate continuations of prompts.
+"""Thin wrapper of meditron_jax/cli/generate.py (console script: see setup.cfg); `--help` shows an example."""
 
-Default: the real tiny trained Llama in the shared data (stories260K), greedy.
-"""
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def main(argv=None) -> int:
-    from meditron_jax.data.paths import shared_data_dir
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_dir", default=str(shared_data_dir() / "stories260K_hf"))
-    parser.add_argument("--prompt", action="append", help="repeatable; default: 'Once upon a time'")
-    parser.add_argument("--max_new_tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
-    args = parser.parse_args(argv)
-
-    import meditron_jax
-
-    lm = meditron_jax.load(args.model_dir, dtype=args.dtype)
-    prompts = args.prompt or ["Once upon a time"]
-    outs = lm.generate(
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    for prompt, out in zip(prompts, outs, strict=True):
-        print(f"=== {prompt!r}\n{prompt}{out}\n")
-    return 0
-
+from meditron_jax.cli.generate import console, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

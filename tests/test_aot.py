@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from configs.hardware import GiB, get_chip
-from meditron_jax.parallel.aot import parse_topology
-from scripts import aot_compile
+from meditron_jax.cli import aot_compile
+from meditron_jax.hardware import GiB, get_chip
+from meditron_jax.parallel.topology import parse_topology
 
 
 @pytest.mark.parametrize(
@@ -61,9 +61,9 @@ def test_aot_compile_tiny_for_v5e_slice(capsys):
         "tiny",
         "--topology",
         "v5e-4",
-        "--seq-len",
+        "--seq_len",
         "128",
-        "--global-batch",
+        "--global_batch",
         "8",
         "--mesh",
         "fsdp=2,tensor=2",
@@ -88,13 +88,13 @@ def test_aot_compile_that_does_not_fit_exits_nonzero(capsys):
         "tiny",
         "--topology",
         "v5e-4",
-        "--seq-len",
+        "--seq_len",
         "4096",
-        "--global-batch",
+        "--global_batch",
         "512",
         "--mesh",
         "stage=2,fsdp=2",
-        "--pipeline-microbatches",
+        "--pipeline_microbatches",
         "2",
         "--remat",
         "none",
@@ -112,9 +112,9 @@ def test_aot_invalid_mesh_is_reported(capsys):
         "llama2-13b",
         "--topology",
         "v5p-32",
-        "--seq-len",
+        "--seq_len",
         "128",
-        "--global-batch",
+        "--global_batch",
         "16",
         "--mesh",
         "tensor=16",

@@ -21,7 +21,7 @@ from meditron_jax.parallel import (
     resolve_rules,
     resolve_shape,
 )
-from meditron_jax.parallel.aot import parse_topology
+from meditron_jax.parallel.topology import parse_topology
 from meditron_jax.train import TrainStep, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from meditron_jax.train import OptimizerConfig, TrainStep, cross_entropy_sums, learning_rate_schedule, make_optimizer
-from meditron_jax.train.optimizer import PRESETS, decay_mask
+from meditron_jax.train.optimizer import decay_mask
 from meditron_jax.train.step import _complete
 
 
@@ -27,6 +27,29 @@ def test_cross_entropy_matches_log_softmax_and_its_gradient():
     assert float(cross_entropy_sums(logits, targets, weights)[1]) == float(weights.sum())
     for got, want in zip(jax.grad(ours, (0, 1))(logits, weights), jax.grad(ref, (0, 1))(logits, weights), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _recipe_optimizer(size: str) -> OptimizerConfig:
+    """The OptimizerConfig that gin/runs/pretrain_{size}.gin gives the trainer (train_steps from TRAIN_STEPS)."""
+    import dataclasses
+
+    import gin
+
+    import meditron_jax.data.pipeline  # noqa: F401  (the recipes' configurables)
+    import meditron_jax.data.tasks  # noqa: F401
+    import meditron_jax.train.trainer  # noqa: F401
+    from meditron_jax.resources import gin_dir
+
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(str(gin_dir()))
+        gin.parse_config_files_and_bindings([f"runs/pretrain_{size}.gin"], ["MODEL_DIR='/unused'"])
+        return dataclasses.replace(OptimizerConfig(), train_steps=gin.query_parameter("%TRAIN_STEPS"))
+    finally:
+        gin.clear_config()
+
+
+PRESETS = {"7b": _recipe_optimizer("7b"), "70b": _recipe_optimizer("70b")}
 
 
 def test_meditron_schedule_warmup_then_half_a_cosine():

@@ -32,14 +32,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from meditron_jax.data.features import BATCH_KEYS
+
 LLAMA_BOS_ID = 1
-MODEL_FEATURES = (
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-    "decoder_segment_ids",
-    "decoder_positions",
-)
+MODEL_FEATURES = BATCH_KEYS
 
 # Packing drops zeros from the end of a row to find its length, so the mask must never be 0 on tokens.
 _PROMPT, _ANSWER = 1, 2

@@ -36,6 +36,7 @@ import seqio
 import tensorflow as tf
 
 from meditron_jax.data import benchmarks as bm
+from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.seqio_vocab import meditron_vocabulary
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ from meditron_jax.data.seqio_vocab import meditron_vocabulary
 # ----------------------------------------------------------------------------------------------
 
 CURATED_ENV = "MEDITRON_CURATED_DATA"
-GAP_REPLAY_SOURCES = ("guidelines", "pubmed_abstracts", "pmc_papers", "replay")
+GAP_REPLAY_SOURCES = SOURCES
 # MEDITRON.md §2: share of train tokens per source.
 MEDITRON_TOKEN_SHARES = {"guidelines": 0.002, "pubmed_abstracts": 0.117, "pmc_papers": 0.872, "replay": 0.009}
 

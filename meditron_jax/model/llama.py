@@ -48,15 +48,13 @@ class Llama(nn.Module):
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        pdt = dtype_of(cfg.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        tokens = constrain(tokens, ("batch", "length"))
         embedding = param(
             self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), WEIGHT_INIT, pdt
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = embed(cfg, embedding, tokens)
 
         stack = layer_stack(cfg, mode)
         if cfg.scan_layers:
@@ -72,9 +70,21 @@ class Llama(nn.Module):
             head = param(
                 self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"), WEIGHT_INIT, pdt
             )
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
-        return logits[..., : cfg.vocab_size]
+        return vocab_logits(cfg, x, head)
+
+
+def embed(config: ModelConfig, embedding, tokens, constrain_fn=constrain):
+    """Input embedding lookup in the compute dtype. The pipeline calls this too, on its own parameters."""
+    tokens = constrain_fn(tokens, ("batch", "length"))
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype_of(config.dtype))
+    return constrain_fn(x, ("batch", "length", "embed"))
+
+
+def vocab_logits(config: ModelConfig, x, head, constrain_fn=constrain):
+    """Output projection of the normed hidden state → float32 logits over the real (unpadded) vocabulary."""
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype_of(config.dtype)), preferred_element_type=jnp.float32)
+    logits = constrain_fn(logits, ("batch", "length", "vocab"))
+    return logits[..., : config.vocab_size]
 
 
 def init_params(config: ModelConfig, seed=0):

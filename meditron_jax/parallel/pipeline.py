@@ -32,7 +32,8 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.model.layers import RMSNorm, constrain, dtype_of
+from meditron_jax.model import llama
+from meditron_jax.model.layers import RMSNorm, constrain
 from meditron_jax.model.llama import layer_stack
 from meditron_jax.parallel.mesh import MeshError
 
@@ -140,14 +141,12 @@ def from_pipeline_params(params):
 
 
 def embed(config: ModelConfig, params, tokens):
-    """The model's input embedding (as in `Llama.__call__`)."""
-    tokens = constrain(tokens, ("batch", "length"))
-    x = jnp.take(params["embedding"], tokens, axis=0).astype(dtype_of(config.dtype))
-    return constrain(x, ("batch", "length", "embed"))
+    """The model's input embedding (`meditron_jax.model.llama.embed`) on the pipeline's parameters."""
+    return llama.embed(config, params["embedding"], tokens)
 
 
 def head(config: ModelConfig, params, x):
-    """Final norm and output projection → float32 logits over the real vocabulary (as in `Llama.__call__`).
+    """Final norm and the model's output projection (`meditron_jax.model.llama.vocab_logits`).
 
     Every stage holds the pipeline's output; the batch is split over ``stage`` too (when it divides) so the
     head, the logits and the loss are not computed once per stage.
@@ -155,9 +154,7 @@ def head(config: ModelConfig, params, x):
     x = _over_stages(x, ("batch", "length", "embed"))
     x = RMSNorm(config).apply({"params": params["final_norm"]}, x)
     w = params["embedding"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("bld,dv->blv", x, w.astype(dtype_of(config.dtype)), preferred_element_type=jnp.float32)
-    logits = _over_stages(logits, ("batch", "length", "vocab"))
-    return logits[..., : config.vocab_size]
+    return llama.vocab_logits(config, x, w, constrain_fn=_over_stages)
 
 
 def _over_stages(x, axes):

@@ -37,11 +37,17 @@ class OptimizerConfig:
     mu_dtype: str | None = None  # e.g. "bfloat16" to halve the first moment's memory
 
     def __post_init__(self):
+        # The schedule's own consistency (horizon vs warmup) is checked when it is built, not here: the trainer
+        # sets train_steps from TrainConfig after gin made this object with the default.
         if self.warmup_steps < 0 or self.train_steps <= 0:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be >= 0 and train_steps {self.train_steps} > 0")
+
+    def check_schedule(self) -> None:
         if self.horizon_steps < self.warmup_steps:
             raise ValueError(
-                f"cosine horizon {self.horizon_steps} steps is shorter than warmup_steps {self.warmup_steps}"
+                f"OptimizerConfig: cosine horizon {self.horizon_steps} steps (train_steps {self.train_steps}, "
+                f"horizon_factor {self.horizon_factor}, decay_steps {self.decay_steps}) is shorter than "
+                f"warmup_steps {self.warmup_steps}"
             )
 
     @property
@@ -56,15 +62,9 @@ class OptimizerConfig:
         return self.peak_lr * self.end_lr_ratio
 
 
-# MEDITRON.md §3 per model size; 70B ran 23,000 iterations.
-PRESETS = {
-    "7b": OptimizerConfig(peak_lr=3e-4, train_steps=14_252),
-    "70b": OptimizerConfig(peak_lr=1.5e-4, train_steps=23_000),
-}
-
-
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     """0 → peak linearly over warmup, then cosine from peak to end_lr at the horizon (flat after it)."""
+    config.check_schedule()
     if config.warmup_steps == 0 and config.horizon_steps == 0:
         return optax.constant_schedule(config.peak_lr)
     return optax.warmup_cosine_decay_schedule(

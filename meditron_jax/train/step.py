@@ -34,6 +34,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.data.features import BATCH_KEYS, REQUIRED_KEYS
 from meditron_jax.model import Llama, abstract_params
 from meditron_jax.parallel import pipeline as pp
 from meditron_jax.parallel.mesh import MeshError
@@ -46,15 +47,6 @@ from meditron_jax.parallel.rules import (
     resolve_rules,
     sharding_report,
 )
-
-BATCH_KEYS = (
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-    "decoder_segment_ids",
-    "decoder_positions",
-)
-REQUIRED_KEYS = ("decoder_input_tokens", "decoder_target_tokens")
 
 
 @flax.struct.dataclass

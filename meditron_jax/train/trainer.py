@@ -22,7 +22,8 @@ import gin
 import jax
 import numpy as np
 
-from meditron_jax.config import ModelConfig, get_config
+from meditron_jax.config import EXECUTION_FIELDS, ModelConfig, get_config
+from meditron_jax.convert.model_dir import RUN_CHECKPOINTS, RUN_CONFIG_FILE, load_model_dir, read_model_config
 from meditron_jax.parallel import distributed
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh
 from meditron_jax.parallel.pipeline import PipelineConfig
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model_dir: str = ""  # gin: MODEL_DIR macro
-    model: str = "tiny"  # a preset of meditron_jax.config, unless init_from gives the architecture
+    # A ModelConfig (gin: `TrainConfig.model = @ModelConfig()` and `ModelConfig.hidden_size = ...`, see
+    # gin/models/) or the name of a preset in meditron_jax.config. With init_from and a preset name, the
+    # checkpoint gives the architecture; with a ModelConfig, the checkpoint must match it.
+    model: str | ModelConfig = "tiny"
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"dtype": "bfloat16"}
-    init_from: str | None = None  # an HF or meditron_jax model directory to continue pretraining from
+    init_from: str | None = None  # an HF, meditron_jax or training-run directory to continue from
     mixture: str = "gap_replay"
     sequence_length: int = 2048
     global_batch: int = 8
@@ -59,29 +63,40 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    if not cfg.init_from:
-        return get_config(cfg.model, **dict(cfg.model_overrides))
-    from meditron_jax.convert import hf, orbax
+    overrides = dict(cfg.model_overrides)
+    if isinstance(cfg.model, ModelConfig):
+        wanted = cfg.model.replace(**overrides)
+    elif not cfg.init_from:
+        return get_config(cfg.model, **overrides)
+    else:
+        return read_model_config(cfg.init_from, **overrides)
+    if cfg.init_from:
+        check_same_architecture(read_model_config(cfg.init_from), wanted, cfg.init_from)
+    return wanted
 
-    if orbax.is_orbax_model(cfg.init_from):
-        return ModelConfig.from_json(os.path.join(cfg.init_from, orbax.CONFIG_FILE)).replace(
-            **dict(cfg.model_overrides)
-        )
-    return hf.read_hf_config(cfg.init_from, **dict(cfg.model_overrides))
+
+# Fields a checkpoint may differ in from the model it initialises: the vocabulary can grow (extend_vocab),
+# the context can be set per run, and the execution options do not change the weights.
+_FREE_FIELDS = {"vocab_size", "max_position_embeddings", "vocab_pad_multiple", "bos_token_id", "eos_token_id"}
+
+
+def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, source: str) -> None:
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in _FREE_FIELDS or field.name in EXECUTION_FIELDS:
+            continue
+        have, want = getattr(stored, field.name), getattr(wanted, field.name)
+        if have != want:
+            raise ValueError(
+                f"TrainConfig.init_from {source}: the checkpoint has {field.name}={have!r} but the gin "
+                f"ModelConfig says {want!r}"
+            )
 
 
 def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig):
-    """Parameters of ``init_from``, with the vocabulary extended when ``model_overrides`` grows it
+    """Parameters of ``init_from``, with the vocabulary extended when the model's is larger
     (Llama-2's 32,000 tokens → MEDITRON's 32,017, whose marker tokens the curated corpus contains)."""
-    from meditron_jax.convert import hf, orbax
-
-    overrides = {k: v for k, v in dict(cfg.model_overrides).items() if k != "vocab_size"}
-    if orbax.is_orbax_model(cfg.init_from):
-        stored = ModelConfig.from_json(os.path.join(cfg.init_from, orbax.CONFIG_FILE)).replace(**overrides)
-        params = orbax.load_orbax(cfg.init_from, stored)[0]
-    else:
-        stored = hf.read_hf_config(cfg.init_from, **overrides)
-        params = hf.load_hf_params(cfg.init_from, stored)
+    execution = {name: getattr(model_cfg, name) for name in EXECUTION_FIELDS}
+    params, stored = load_model_dir(cfg.init_from, **execution)
     return extend_vocab(params, stored, model_cfg)
 
 
@@ -92,7 +107,7 @@ def extend_vocab(params, old: ModelConfig, new: ModelConfig):
         return params
     if new.vocab_size < old.vocab_size:
         raise ValueError(
-            f"model_overrides vocab_size {new.vocab_size} is smaller than the checkpoint's "
+            f"the model's vocab_size {new.vocab_size} is smaller than the checkpoint's "
             f"{old.vocab_size}; shrinking a vocabulary would drop trained rows"
         )
     out = dict(params)
@@ -126,7 +141,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.state_dir = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.state_dir = os.path.join(os.path.abspath(model_dir), RUN_CHECKPOINTS)
         self.input_dir = os.path.join(os.path.abspath(model_dir), "input_state")
         self.manager = ocp.CheckpointManager(
             self.state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -194,7 +209,7 @@ def train(
         pipeline=(pipeline_config or PipelineConfig()) if config.use_pipeline else None,
         grad_accum_steps=config.grad_accum_steps,
         lr_schedule=learning_rate_schedule(opt_cfg),
-        model_name=config.model,
+        model_name=config.model if isinstance(config.model, str) else "gin ModelConfig",
     )
     step_fn.check_batch(config.global_batch, config.sequence_length)
     ckpts = Checkpoints(config.model_dir, config.keep_checkpoints)
@@ -218,7 +233,7 @@ def train(
             state = step_fn.init_state(jax.random.PRNGKey(config.seed))
         iterator = make_iterator(config.mixture, **data_kwargs)
     if jax.process_index() == 0:
-        model_cfg.to_json(os.path.join(config.model_dir, "model_config.json"))
+        model_cfg.to_json(os.path.join(config.model_dir, RUN_CONFIG_FILE))
         with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
 

@@ -1,1 +1,0 @@
-"""Static configuration tables: accelerator facts (`configs.hardware`) and mesh presets (`configs.meshes`)."""

@@ -1,0 +1,50 @@
+"""Load a model (Hugging Face, meditron_jax orbax, or a training run's MODEL_DIR) and continue prompts.
+
+Default: the real tiny trained Llama in the shared data (stories260K), greedy. Example:
+
+    meditron-generate --model_dir /path/to/meditron-7b --prompt "A 45-year-old man" --dtype bfloat16
+"""
+
+import argparse
+import sys
+
+from meditron_jax.cli.common import run
+
+
+def main(argv=None) -> int:
+    from meditron_jax.data.paths import shared_data_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default=str(shared_data_dir() / "stories260K_hf"))
+    parser.add_argument("--prompt", action="append", help="repeatable; default: 'Once upon a time'")
+    parser.add_argument("--max_new_tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
+    args = parser.parse_args(argv)
+
+    import meditron_jax
+
+    lm = meditron_jax.load(args.model_dir, dtype=args.dtype)
+    prompts = args.prompt or ["Once upon a time"]
+    outs = lm.generate(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    for prompt, out in zip(prompts, outs, strict=True):
+        print(f"=== {prompt!r}\n{prompt}{out}\n")
+    return 0
+
+
+def console(argv=None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(console())

@@ -1,0 +1,134 @@
+"""Curate GAP-REPLAY: raw guideline / MEDLINE / PMC / replay dumps -> clean, deduplicated, sharded JSONL.
+
+    meditron-prepare-data --input_dir ../shared/data/gap_replay_sample --output_dir /tmp/gap
+
+Unknown arguments are Beam pipeline options, passed through (e.g. for Dataflow: --project, --region,
+--temp_location gs://..., --setup_file ./setup.py; for Flink: --flink_master, --environment_type).
+Outputs: {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl ({"id","source","text"} per line),
+stats.json, malformed.jsonl, removed.jsonl. See docs/data.md, "Curation (GAP-REPLAY)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from meditron_jax.cli import common
+from meditron_jax.data.curation import SOURCES
+from meditron_jax.data.curation.contamination import DEFAULT_REFERENCES
+from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, run
+
+
+def _fractions(value: str) -> dict[str, float]:
+    """ "0.03" (every source) or "guidelines=0.05,pubmed_abstracts=0.03,..." (unnamed sources keep MEDITRON's)."""
+    if "=" not in value:
+        return {s: float(value) for s in SOURCES}
+    out = dict(MEDITRON_VALIDATION)
+    for part in value.split(","):
+        name, frac = part.split("=")
+        if name not in SOURCES:
+            raise argparse.ArgumentTypeError(f"unknown source {name!r}; sources are {SOURCES}")
+        out[name] = float(frac)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--input_dir",
+        required=True,
+        help="folder with guidelines*/, pubmed_abstracts/, pmc_papers/, replay_general/ (local path or gs://...)",
+    )
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--runner", default="DirectRunner", help="DirectRunner | DataflowRunner | FlinkRunner | ...")
+    ap.add_argument("--num_shards", type=int, default=4, help="train shards per source")
+    ap.add_argument("--num_validation_shards", type=int, default=1, help="validation shards per source")
+    ap.add_argument(
+        "--validation_fraction",
+        type=_fractions,
+        default=",".join(f"{k}={v}" for k, v in MEDITRON_VALIDATION.items()),
+        help="one fraction for all sources, or source=fraction pairs (default: MEDITRON's)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split and replay-sampling hashes")
+    ap.add_argument(
+        "--keep_captions",
+        action="store_true",
+        help="keep figure/table captions as [fig]/[table] blocks (MEDITRON's setting) instead of removing",
+    )
+    ap.add_argument("--replay_keep_fraction", type=float, default=1.0, help="MEDITRON used 0.0004 of RedPajama")
+    ap.add_argument("--english_threshold", type=float, default=0.08)
+    ap.add_argument("--min_chars", type=int, default=10)
+    ap.add_argument("--near_dup_threshold", type=float, default=0.8)
+    ap.add_argument(
+        "--contamination_refs",
+        default=",".join(DEFAULT_REFERENCES),
+        help="benchmark/split sets whose items must not occur in training text ('' disables)",
+    )
+    ap.add_argument("--ngram", type=int, default=13)
+    ap.add_argument(
+        "--tokenizer_model",
+        default=None,
+        help="Llama-2 tokenizer.model for token counts (default: the shared one; 'none' disables)",
+    )
+    ap.add_argument("--max_docs_per_file", type=int, default=None, help="cap for quick runs (CI)")
+    for src in SOURCES:
+        ap.add_argument(
+            f"--{src}_glob",
+            default=None,
+            help=f"comma-separated patterns for {src} (relative to --input_dir unless absolute)",
+        )
+    args, beam_args = ap.parse_known_args(argv)
+
+    from meditron_jax.data.curation.dedup import MinHashConfig
+    from meditron_jax.data.paths import shared_path
+
+    tok = args.tokenizer_model
+    if tok is None:
+        tok = str(shared_path("llama2_tokenizer", "tokenizer.model"))
+    elif tok.lower() == "none":
+        tok = None
+    config = CurationConfig(
+        input_dir=args.input_dir,
+        output_dir=args.output_dir,
+        num_shards=args.num_shards,
+        num_validation_shards=args.num_validation_shards,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        keep_captions=args.keep_captions,
+        min_chars=args.min_chars,
+        english_threshold=args.english_threshold,
+        replay_keep_fraction=args.replay_keep_fraction,
+        minhash=MinHashConfig(threshold=args.near_dup_threshold),
+        contamination_refs=tuple(s for s in args.contamination_refs.split(",") if s),
+        ngram=args.ngram,
+        tokenizer_model=tok,
+        max_docs_per_file=args.max_docs_per_file,
+    )
+    for src in SOURCES:
+        pat = getattr(args, f"{src}_glob")
+        if pat is not None:
+            config.patterns[src] = tuple(p for p in pat.split(",") if p)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.time()
+    stats = run(config, [f"--runner={args.runner}", *beam_args])
+    summary = {
+        src: {
+            "malformed": s["malformed"],
+            "output": s["output"],
+            "removed": {k: v["docs"] for k, v in s["removed"].items()},
+        }
+        for src, s in stats["sources"].items()
+    }
+    print(json.dumps({"seconds": round(time.time() - start, 1), "sources": summary}, indent=1))
+    return 0
+
+
+def console(argv=None) -> int:
+    return common.run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(console())

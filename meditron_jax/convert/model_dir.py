@@ -1,0 +1,99 @@
+"""One answer to "what kind of model directory is this, load it": Hugging Face, our orbax model format, or a
+training run's ``MODEL_DIR`` (its newest checkpoint). The API, the trainer's ``init_from`` and the scripts
+all come through here."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from meditron_jax.config import ModelConfig
+from meditron_jax.convert import hf, orbax
+
+# What the trainer writes into MODEL_DIR (meditron_jax.train.trainer): the architecture and orbax steps.
+RUN_CONFIG_FILE = "model_config.json"
+RUN_CHECKPOINTS = "checkpoints"
+
+
+def model_dir_kind(path: str | os.PathLike) -> str:
+    """``"orbax"``, ``"hf"`` or ``"run"``; a clear error for anything else."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path} is not a directory (expected a Hugging Face or meditron_jax model, or a run dir)"
+        )
+    if orbax.is_orbax_model(path):
+        return "orbax"
+    if os.path.isfile(os.path.join(path, RUN_CONFIG_FILE)) and os.path.isdir(os.path.join(path, RUN_CHECKPOINTS)):
+        return "run"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise FileNotFoundError(
+        f"{os.path.join(path, 'config.json')} does not exist: not a Hugging Face model directory, nor a "
+        f"meditron_jax one (no {orbax.CONFIG_FILE}), nor a training run's MODEL_DIR (no {RUN_CONFIG_FILE} and "
+        f"{RUN_CHECKPOINTS}/)"
+    )
+
+
+def read_model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """The stored architecture of any model directory, with ``overrides`` applied."""
+    path = os.fspath(path)
+    kind = model_dir_kind(path)
+    if kind == "hf":
+        return hf.read_hf_config(path, **overrides)
+    name = orbax.CONFIG_FILE if kind == "orbax" else RUN_CONFIG_FILE
+    return ModelConfig.from_json(os.path.join(path, name)).replace(**overrides)
+
+
+def latest_run_step(path: str | os.PathLike) -> int:
+    """The newest complete checkpoint step of a training run (orbax's own step bookkeeping)."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.join(os.path.abspath(os.fspath(path)), RUN_CHECKPOINTS)
+    steps = ocp.utils.checkpoint_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"{path}: training run has no finished checkpoint under {RUN_CHECKPOINTS}/")
+    return max(steps)
+
+
+def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
+    """Parameters of a training-run checkpoint, back in the model layout when it was saved pipelined."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
+
+    step = latest_run_step(path) if step is None else step
+    item = os.path.join(os.path.abspath(path), RUN_CHECKPOINTS, str(step), "default")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(item)
+    params = tree["params"]
+    want = nn.meta.unbox(abstract_params(config))
+
+    def fit(x, target):
+        x = np.asarray(x)
+        if x.shape != tuple(target.shape) and x.size == int(np.prod(target.shape)):
+            x = x.reshape(target.shape)  # pipeline layout [repeats, stages, L/(r·s), ...] → [L, ...]
+        if x.shape != tuple(target.shape):
+            raise ValueError(f"{item}: a parameter of shape {x.shape} does not fit the run's model ({target.shape})")
+        return x.astype(target.dtype)
+
+    return jax.tree.map(fit, params, want)
+
+
+def load_model_dir(path: str | os.PathLike, *, step: int | None = None, **overrides) -> tuple[dict, ModelConfig]:
+    """(host parameters, config) of a Hugging Face, meditron_jax orbax, or training-run directory.
+
+    ``overrides`` change how the model computes (dtype, param_dtype, scan_layers, attention_impl, ...);
+    ``step`` picks a training run's checkpoint (default: the newest).
+    """
+    path = os.fspath(path)
+    kind = model_dir_kind(path)
+    config = read_model_config(path, **overrides)
+    if kind == "hf":
+        return hf.load_hf_params(path, config), config
+    if kind == "orbax":
+        return orbax.load_orbax(path, config)
+    return _load_run(path, config, step), config

@@ -1,0 +1,9 @@
+"""Evaluate a checkpoint on MEDITRON's benchmarks. All logic lives in meditron_jax.eval.cli; see --help
+and docs/evaluation.md."""
+
+import sys
+
+from meditron_jax.eval.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
