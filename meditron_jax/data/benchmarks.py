@@ -202,7 +202,7 @@ def _medmcqa_rows(rows: Iterable[tuple[int, Mapping]], path, *, cop_base: int, l
 def read_mmlu_csv(path: str | os.PathLike, subject: str, split: str) -> list[dict]:
     """Hendrycks' CSV: no header, ``question, A, B, C, D, answer_letter``."""
     path = pathlib.Path(path)
-    out = []
+    out: list[dict] = []
     with _open_text(path) as f:
         reader = csv.reader(f)
         for row in reader:
@@ -511,7 +511,7 @@ def load_benchmark_from_hub(
     return out
 
 
-def _where(files: Sequence[pathlib.Path]) -> str:
+def _where(files: Sequence[pathlib.Path]) -> pathlib.Path | str:
     return files[0] if len(files) == 1 else ",".join(str(f) for f in files)
 
 
@@ -568,7 +568,7 @@ def _normalise_pubmedqa(obj: Mapping) -> dict:
 
 
 def _hub_mmlu(files: Sequence[pathlib.Path], subject: str, split: str) -> list[dict]:
-    out = []
+    out: list[dict] = []
     for f in files:
         for n, obj in _hub_rows(f):
             if "choices" in obj:  # cais/mmlu: question, choices[4], answer 0..3
