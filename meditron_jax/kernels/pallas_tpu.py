@@ -213,8 +213,8 @@ def _params(*semantics):
 # ------------------------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(*refs, cfg: _Config, has_seg: bool, save_lse: bool, num_kv: int):
-    refs = list(refs)
+def _fwd_kernel(*all_refs, cfg: _Config, has_seg: bool, save_lse: bool, num_kv: int):
+    refs = list(all_refs)
     q_ref, k_ref, v_ref = refs[:3]
     qseg_ref, kvseg_ref = refs[3:5] if has_seg else (None, None)
     del refs[: 5 if has_seg else 3]

@@ -11,6 +11,7 @@ whatever the incoming sharding.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import jax
 from flax import linen as nn
@@ -28,7 +29,7 @@ def _as_tuple(entry) -> tuple:
 
 def _fit(axes: tuple, sizes: dict, dim: int) -> tuple:
     """The leading mesh axes whose combined size divides ``dim`` (unsplittable ones are dropped)."""
-    kept = []
+    kept: list = []
     for axis in axes:
         if dim % (math.prod(sizes[a] for a in kept) * sizes[axis]) == 0:
             kept.append(axis)
@@ -47,7 +48,9 @@ def kernel_partition(mesh, batch: int, heads: int, kv_heads: int):
     if math.prod(sizes.values()) == 1:
         return None
     if nn.get_logical_axis_rules():
-        q_spec, kv_spec = nn.logical_to_mesh_axes(Q_AXES), nn.logical_to_mesh_axes(KV_AXES)
+        # flax types the result Optional; it is None only for a None input
+        q_spec = cast(P, nn.logical_to_mesh_axes(Q_AXES))
+        kv_spec = cast(P, nn.logical_to_mesh_axes(KV_AXES))
         batch_axes = tuple(a for a in _as_tuple(q_spec[0]) if a in sizes)
         head_axes = tuple(a for a in _as_tuple(q_spec[2]) if a in sizes)
         if _as_tuple(kv_spec[2]) != _as_tuple(q_spec[2]):

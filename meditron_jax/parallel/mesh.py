@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import gin
 import jax
@@ -71,7 +72,7 @@ class MeshConfig:
         With an ICI string and no -1 in it, nothing takes the rest: the product must match exactly.
         DCN defaults to ``data=-1`` (slices become data-parallel replicas).
         """
-        fields: dict[str, int] = {}
+        fields: dict[str, Any] = {}  # Any: mypy checks **fields against every field, the bool one too
         ici_map = parse_axes(ici) if ici is not None else {"fsdp": -1}
         dcn_map = parse_axes(dcn) if dcn is not None else {"data": -1}
         for a in MESH_AXES:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import gin
 import jax
@@ -81,7 +81,7 @@ def model_dims(config: ModelConfig) -> dict[str, tuple[int, str]]:
         "embed": (config.hidden_size, "hidden_size"),
         "heads": (config.num_heads, "num_heads"),
         "kv_heads": (config.num_kv_heads, "num_kv_heads"),
-        "head_dim": (config.head_dim, "head_dim"),
+        "head_dim": (cast(int, config.head_dim), "head_dim"),  # set by __post_init__
         "mlp": (config.intermediate_size, "intermediate_size"),
         "vocab": (config.padded_vocab_size, "padded_vocab_size"),
         "layers": (config.num_layers, "num_layers"),
@@ -140,7 +140,8 @@ def resolve_rules(
 
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[Rule]) -> PartitionSpec:
     """Flax's translation (same precedence semantics as `nn.with_logical_constraint`)."""
-    return nn.logical_to_mesh_axes(tuple(names), tuple(rules))
+    # flax types the result Optional; it is None only for a None input
+    return cast(PartitionSpec, nn.logical_to_mesh_axes(tuple(names), tuple(rules)))
 
 
 def tree_shardings(logical_tree, mesh: Mesh, rules: Sequence[Rule]):

@@ -66,6 +66,7 @@ class Topology:
         # access to anything, and two compiles (or a compile and a test) may well run side by side.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         megacore = self.chip.cores_per_chip == 2
+        wrap: tuple[bool, ...]
         if len(self.shape) == 3:
             wrap = (all(d >= 4 for d in self.shape),) * 3
         else:

@@ -24,8 +24,8 @@ import json
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, cast
 
 from . import text as T
 from .records import Doc, Malformed
@@ -335,6 +335,7 @@ def _read_json(path: str, data: bytes) -> Iterator[Doc | Malformed]:
         )
         yield Malformed(SOURCE, path, pos, f"invalid JSON: {e}")
         return
+    items: Iterable[tuple[Any, Any]]
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, list):
@@ -379,7 +380,7 @@ def read_guidelines(path: str, fh: IO[bytes]) -> Iterator[Doc | Malformed]:
                 yield from read_guidelines(f"{path}!{member}", inner)
         return
     if name.endswith(".gz"):
-        fh, name = gzip.GzipFile(fileobj=fh), name[:-3]
+        fh, name = cast(IO[bytes], gzip.GzipFile(fileobj=fh)), name[:-3]
     try:
         if name.endswith(".jsonl"):
             yield from _read_jsonl(path, fh)

@@ -118,13 +118,13 @@ class _Renderer:
         self.refs: dict[str, str | None] = {}
         self.floats: dict[str, str | None] = {}
         for ref in root.iter("ref"):
-            if ref.get("id"):
-                self.refs[ref.get("id")] = self._bib_marker_text(ref)
+            if ref_id := ref.get("id"):
+                self.refs[ref_id] = self._bib_marker_text(ref)
         for tag, kind in _FLOATS.items():
             for fl in root.iter(tag):
-                if fl.get("id"):
+                if fl_id := fl.get("id"):
                     cap = _caption_text(fl)
-                    self.floats[fl.get("id")] = f"{_float_label(fl, kind)}: {summarize_caption(cap)}" if cap else None
+                    self.floats[fl_id] = f"{_float_label(fl, kind)}: {summarize_caption(cap)}" if cap else None
 
     # -- references and floats
     @staticmethod
@@ -224,7 +224,8 @@ class _Renderer:
         tag = e.tag
         if tag == "sec":
             out = []
-            title = " ".join(self._inline(e.find("title")).split()) if e.find("title") is not None else ""
+            title_el = e.find("title")
+            title = " ".join(self._inline(title_el).split()) if title_el is not None else ""
             if title:
                 out.append("#" * min(3, max(1, depth)) + " " + title)
             for c in e:
@@ -295,11 +296,8 @@ class _Renderer:
         if meta is None:
             meta = self.root.find(".//article-meta")
         parts: list[str] = []
-        title = (
-            self._finish_paragraph(self._inline(meta.find("title-group/article-title")))
-            if meta is not None and meta.find("title-group/article-title") is not None
-            else ""
-        )
+        title_el = meta.find("title-group/article-title") if meta is not None else None
+        title = self._finish_paragraph(self._inline(title_el)) if title_el is not None else ""
         if title:
             parts.append(title)
         for ab in meta.findall("abstract") if meta is not None else []:
@@ -330,11 +328,12 @@ def render_article(root: Element, keep_captions: bool = False) -> tuple[str, Cou
 
 def article_ids(root: Element) -> dict[str, str]:
     meta = root.find("front/article-meta")
-    ids = {}
+    ids: dict[str, str] = {}
     for aid in meta.findall("article-id") if meta is not None else []:
         kind = aid.get("pub-id-type")
-        if kind and (aid.text or "").strip():
-            ids.setdefault(kind, aid.text.strip())
+        value = (aid.text or "").strip()
+        if kind and value:
+            ids.setdefault(kind, value)
     return ids
 
 

@@ -17,7 +17,7 @@ import gzip
 import re
 from collections import Counter
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, cast
 from xml.etree.ElementTree import Element
 
 from . import safe_xml
@@ -119,8 +119,9 @@ def render_citation(rec: Element) -> tuple[str, str | None, str | None]:
     pmid = (cit.findtext("PMID") or "").strip() or None
     pmcid = None
     for other in rec.iter("OtherID"):
-        if (other.text or "").strip().startswith("PMC"):
-            pmcid = other.text.strip()
+        other_text = (other.text or "").strip()
+        if other_text.startswith("PMC"):
+            pmcid = other_text
     for aid in rec.iter("ArticleId"):
         if aid.get("IdType") == "pmc":
             pmcid = (aid.text or "").strip() or pmcid
@@ -151,7 +152,7 @@ def _clean(text: str) -> tuple[str, Counter]:
 def read_medline(path: str, fh: IO[bytes]) -> Iterator[Doc | Malformed]:
     """Yield abstract ``Doc`` s and ``Malformed`` reports from one MEDLINE/PubMed XML file."""
     if path.lower().endswith(".gz"):
-        fh = gzip.GzipFile(fileobj=fh)
+        fh = cast(IO[bytes], gzip.GzipFile(fileobj=fh))
     try:
         for kind, index, offset, line, data in split_records(fh):
             pos = {"record": index, "byte_offset": offset, "line": line}

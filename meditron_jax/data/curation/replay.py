@@ -14,7 +14,7 @@ import gzip
 import json
 import re
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, cast
 
 from .records import Doc, Malformed
 
@@ -44,6 +44,7 @@ def _decoded_lines(path: str, fh: IO[bytes]) -> Iterator[tuple[int, str | None, 
 
 def _wikitext_docs(path: str, lines: list[tuple[int, str]]) -> Iterator[Doc]:
     stem = path.rsplit("/", 1)[-1]
+    body: list[str]
     title, first_line, body, raw = None, 0, [], 0
     for lineno, line in lines + [(0, "= <end> =")]:
         m = _WT_TITLE_RE.match(line.strip())
@@ -102,12 +103,12 @@ def _plain_docs(path: str, lines: list[tuple[int, str]], max_chars: int) -> Iter
 def read_replay(path: str, fh: IO[bytes], max_chars: int = MAX_CHARS) -> Iterator[Doc | Malformed]:
     name = path.lower()
     if name.endswith(".gz"):
-        fh, name = gzip.GzipFile(fileobj=fh), name[:-3]
+        fh, name = cast(IO[bytes], gzip.GzipFile(fileobj=fh)), name[:-3]
     try:
         if name.endswith(".jsonl"):
             stem = path.rsplit("/", 1)[-1]
             for lineno, line, bad in _decoded_lines(path, fh):
-                if bad or not line.strip():
+                if bad or line is None or not line.strip():  # line is None only with bad set
                     if bad:
                         yield bad
                     continue
@@ -133,7 +134,7 @@ def read_replay(path: str, fh: IO[bytes], max_chars: int = MAX_CHARS) -> Iterato
             if bad:
                 yield bad
             else:
-                good.append((lineno, line))
+                good.append((lineno, cast(str, line)))  # str whenever bad is None
         if any(_WT_TITLE_RE.match(ln.strip()) for _, ln in good[:2000]):
             yield from _wikitext_docs(path, good)
         else:
