@@ -37,6 +37,12 @@ class LanguageModel:
             raise ValueError(f"token_ids must be integers shaped [batch, length] (got {tokens.dtype}{tokens.shape})")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if tokens.shape[1] > self.config.max_position_embeddings:
+            # Positions past the context were never trained; refuse as generate does.
+            raise ValueError(
+                f"token_ids hold {tokens.shape[1]} positions, more than the model's context of "
+                f"{self.config.max_position_embeddings} (max_position_embeddings)"
+            )
         return np.asarray(self._logits(self.params, jnp.asarray(tokens, jnp.int32)), np.float32)
 
     def engine(self, **engine_kwargs) -> Engine:

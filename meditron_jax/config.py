@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 import gin
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
@@ -43,6 +46,7 @@ class ModelConfig:
     attention_impl: str = "auto"
 
     def __post_init__(self):
+        _check_types(self)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -62,7 +66,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        m = max(1, self.vocab_pad_multiple)
+        m = self.vocab_pad_multiple
         return -(-self.vocab_size // m) * m
 
     def replace(self, **changes) -> ModelConfig:
@@ -85,7 +89,10 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
@@ -94,7 +101,74 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str) -> ModelConfig:
         with open(path) as f:
-            return cls.from_dict(json.load(f), source=path)
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of ModelConfig fields, got {type(d).__name__}")
+        return cls.from_dict(d, source=path)
+
+
+class ConfigError(ValueError):
+    """A ModelConfig field of the wrong type or out of range; ``field`` names it (callers map it to their key)."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} ({type(value).__name__}) is invalid: {allowed}")
+
+
+# Type and range of every field, checked where a config enters (JSON, gin, Python): a string "false" is not
+# False, 2.5 layers are not 2, and NaN is not a norm epsilon.
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "max_position_embeddings",
+    "vocab_pad_multiple",
+)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+_BOOLS = ("tie_word_embeddings", "scan_layers")
+_STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    for name in _POSITIVE_INTS + ("head_dim",):
+        v = getattr(cfg, name)
+        if name == "head_dim" and v is None:
+            continue
+        if not _is_int(v) or v < 1:
+            raise ConfigError(name, v, "must be a positive integer")
+        object.__setattr__(cfg, name, int(v))
+    for name in _TOKEN_IDS:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 0:
+            raise ConfigError(name, v, "must be a non-negative integer token id")
+        if v >= cfg.vocab_size:
+            raise ConfigError(name, v, f"must be below vocab_size {cfg.vocab_size}")
+        object.__setattr__(cfg, name, int(v))
+    for name in _POSITIVE_FLOATS:
+        v = getattr(cfg, name)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(name, v, "must be a finite positive number")
+        object.__setattr__(cfg, name, float(v))
+    for name in _BOOLS:
+        v = getattr(cfg, name)
+        if not isinstance(v, (bool, np.bool_)):
+            raise ConfigError(name, v, "must be a boolean (JSON true/false)")
+        object.__setattr__(cfg, name, bool(v))
+    for name in _STRINGS:
+        v = getattr(cfg, name)
+        if not isinstance(v, str):
+            raise ConfigError(name, v, "must be a string")
 
 
 # MEDITRON's vocabulary: 32,000 Llama pieces + 5 Megatron specials + 12 marker tokens (MEDITRON.md §1).

@@ -69,13 +69,25 @@ def main(argv=None) -> int:
     overrides = {"remat_policy": args.remat, "param_dtype": args.param_dtype}
     if args.attention_impl:
         overrides["attention_impl"] = args.attention_impl
-    for item in args.override:
-        field, _, value = item.partition("=")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
     try:
+        for item in args.override:
+            field, eq, value = item.partition("=")
+            if not eq or not field:
+                raise ValueError(f"--override {item!r} is not FIELD=VALUE (e.g. num_layers=2)")
+            try:
+                overrides[field] = json.loads(value)  # 2 -> int, true -> bool, "x" -> str
+            except json.JSONDecodeError:
+                overrides[field] = value
+        for flag, value, least in (
+            ("--seq_len", args.seq_len, 1),
+            ("--global_batch", args.global_batch, 1),
+            ("--num_slices", args.num_slices, 1),
+            ("--grad_accum", args.grad_accum, 1),
+            ("--pipeline_microbatches", args.pipeline_microbatches, 0),
+            ("--pipeline_repeats", args.pipeline_repeats, 1),
+        ):
+            if value < least:
+                raise ValueError(f"{flag} {value} is invalid: must be at least {least}")
         # Gin bindings of MeshConfig / PipelineConfig win over --mesh/--dcn_mesh and the pipeline defaults.
         gin_text = "\n".join([open(f).read() for f in args.gin_file] + args.gin)
         mesh = MeshConfig() if "MeshConfig." in gin_text else MeshConfig.from_flags(args.mesh, args.dcn_mesh)

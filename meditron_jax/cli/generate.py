@@ -3,12 +3,13 @@
 Default: the real tiny trained Llama in the shared data (stories260K), greedy. Example:
 
     meditron-generate --model_dir /path/to/meditron-7b --prompt "A 45-year-old man" --dtype bfloat16
+    meditron-generate --model_dir RUN_DIR --tokenizer_path /path/to/tokenizer_folder   # a training run
 """
 
 import argparse
 import sys
 
-from meditron_jax.cli.common import run
+from meditron_jax.cli.common import add_verbose, check_utf8, quiet_startup, run
 
 
 def main(argv=None) -> int:
@@ -23,12 +24,23 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16")
+    parser.add_argument(
+        "--tokenizer_path", default=None, help="folder with tokenizer.model (default: --model_dir; a run has none)"
+    )
+    add_verbose(parser)
     args = parser.parse_args(argv)
+    quiet_startup(args.verbose)
+    prompts = args.prompt or ["Once upon a time"]
+    for i, prompt in enumerate(prompts, 1):
+        check_utf8(prompt, f"--prompt #{i}")
 
     import meditron_jax
 
-    lm = meditron_jax.load(args.model_dir, dtype=args.dtype)
-    prompts = args.prompt or ["Once upon a time"]
+    lm = meditron_jax.load(args.model_dir, dtype=args.dtype, tokenizer_path=args.tokenizer_path)
+    if lm.tokenizer is None:
+        raise FileNotFoundError(
+            f"{args.model_dir} has no tokenizer.model; pass --tokenizer_path DIR (the folder holding tokenizer.model)"
+        )
     outs = lm.generate(
         prompts,
         max_new_tokens=args.max_new_tokens,

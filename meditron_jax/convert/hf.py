@@ -8,14 +8,18 @@ Nothing is unpickled: safetensors, or PyTorch ``.bin`` files through ``torch.loa
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from meditron_jax.config import ModelConfig
-from meditron_jax.convert.files import atomic_directory, copy_tokenizer_files
+from meditron_jax.config import ConfigError, ModelConfig
+from meditron_jax.convert.files import TOKENIZER_FILES, OutputKind, atomic_directory, copy_tokenizer_files
+
+log = logging.getLogger(__name__)
 
 # config.json keys we translate, keys that must hold a given value, and keys that do not change the math.
 _TRANSLATED = {
@@ -33,6 +37,7 @@ _TRANSLATED = {
     "eos_token_id": "eos_token_id",
     "rope_theta": "rope_theta",
 }
+_HF_KEY = {ours: theirs for theirs, ours in _TRANSLATED.items()}
 _REQUIRED_VALUES = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 _IGNORED = {
     "architectures",
@@ -69,6 +74,8 @@ class ConversionError(ValueError):
 
 
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     unknown = sorted(set(hf) - set(_TRANSLATED) - set(_REQUIRED_VALUES) - _IGNORED)
     if unknown:
         raise ConversionError(f"{source}: unknown config keys {unknown}; refusing to guess their meaning")
@@ -80,6 +87,8 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
     if hf.get("rope_scaling"):
         raise ConversionError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not implemented")
     rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConversionError(f"{source}: rope_parameters={rope!r} must be an object")
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r} is not implemented")
     extra_rope = sorted(set(rope) - {"rope_type", "rope_theta"})
@@ -90,12 +99,18 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         kwargs["rope_theta"] = rope["rope_theta"]
     for key in ("bos_token_id", "eos_token_id"):
         if isinstance(kwargs.get(key), list):
+            if not kwargs[key]:
+                raise ConversionError(f"{source}: {key}=[] names no token id")
             kwargs[key] = kwargs[key][0]
-    kwargs.setdefault("num_kv_heads", kwargs.get("num_heads"))
-    kwargs["rope_theta"] = float(kwargs.get("rope_theta", 10000.0))
+    if "num_heads" in kwargs:
+        kwargs.setdefault("num_kv_heads", kwargs["num_heads"])
     kwargs.update(overrides)
     try:
         return ModelConfig(**kwargs)
+    except ConfigError as e:
+        # Name the key as the file spells it; an override is named as our field.
+        key = e.field if e.field in overrides else _HF_KEY.get(e.field, e.field)
+        raise ConversionError(f"{source}: {key}={e.value!r} ({type(e.value).__name__}) is invalid: {e.allowed}") from e
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{source}: {e}") from e
 
@@ -142,12 +157,97 @@ def read_hf_config(path: str, **overrides) -> ModelConfig:
     return config_from_hf(hf, source=cfg_path, **overrides)
 
 
+# safetensors dtype names and their item sizes; floating ones are what a Llama checkpoint may hold.
+_ST_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64")
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def _is_count(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
+def safetensors_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, checked against the file before any tensor
+    data is read: every declared byte range must hold exactly its shape × dtype and lie inside the file."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{file}: {size} bytes, too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > min(_MAX_HEADER_BYTES, size - 8):
+            raise ConversionError(f"{file}: header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{file}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ConversionError(f"{file}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    out, ranges = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise ConversionError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _ST_ITEMSIZE:
+            raise ConversionError(f"{where}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ConversionError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise ConversionError(f"{where}: data_offsets {offsets!r} lie outside the file's {data_bytes} data bytes")
+        want = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != want:
+            raise ConversionError(
+                f"{where}: shape {tuple(shape)} of {dtype} needs {want} bytes, "
+                f"the header gives {offsets[1] - offsets[0]}"
+            )
+        out[name] = (dtype, tuple(shape))
+        ranges.append((offsets[0], offsets[1], name))
+    ranges.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(ranges[:-1], ranges[1:], strict=True):
+        if start_b < end_a:
+            raise ConversionError(f"{file}: tensors {a!r} and {b!r} overlap in the file")
+    return out
+
+
 class TensorReader:
-    """Tensor-by-tensor access to the weights of an HF directory (safetensors or PyTorch, sharded or not)."""
+    """Tensor-by-tensor access to the weights of an HF directory (safetensors or PyTorch, sharded or not).
+
+    :meth:`info` answers a tensor's dtype and shape from the file header (nothing else is read), so a caller
+    checks them before :meth:`get` reads the data."""
 
     def __init__(self, path: str):
         self.path = path
         self._where: dict[str, str] = {}
+        self._headers: dict[str, dict] = {}
+        self._open: dict[str, object] = {}
         for index_name, single in (
             ("model.safetensors.index.json", "model.safetensors"),
             ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -155,9 +255,15 @@ class TensorReader:
             index = os.path.join(path, index_name)
             if os.path.isfile(index):
                 with open(index) as f:
-                    weight_map = json.load(f).get("weight_map")
+                    try:
+                        weight_map = json.load(f).get("weight_map")
+                    except (json.JSONDecodeError, AttributeError) as e:
+                        raise ConversionError(f"{index}: not a JSON object with a 'weight_map'") from e
                 if not isinstance(weight_map, dict):
                     raise ConversionError(f"{index}: no 'weight_map'")
+                for k, v in weight_map.items():
+                    if not isinstance(v, str) or os.path.isabs(v) or os.path.normpath(v).startswith(".."):
+                        raise ConversionError(f"{index}: tensor {k!r} points to {v!r}, not a file of this folder")
                 self._where = {k: os.path.join(path, v) for k, v in weight_map.items()}
                 break
             if os.path.isfile(os.path.join(path, single)):
@@ -168,34 +274,49 @@ class TensorReader:
         for f in sorted(set(self._where.values())):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f} is named in the index but does not exist")
-        self._open: dict[str, object] = {}
 
-    @staticmethod
-    def _list(file: str) -> list[str]:
+    def _header(self, file: str) -> dict:
+        if file not in self._headers:
+            self._headers[file] = safetensors_header(file)
+        return self._headers[file]
+
+    def _list(self, file: str) -> list[str]:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
+            return list(self._header(file))
+        return list(self._torch_file(file).keys())
 
-            with safe_open(file, framework="numpy") as f:
-                return list(f.keys())
-        return list(_torch_load(file).keys())
+    def _torch_file(self, file: str):
+        if file not in self._open:  # PyTorch shards are memory-mapped whole; keep one at a time
+            self._open = {file: _torch_load(file)}
+        return self._open[file]
 
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def get(self, name: str) -> np.ndarray:
+    def _file_of(self, name: str) -> str:
         if name not in self._where:
             raise ConversionError(f"{self.path}: tensor {name!r} is missing")
         file = self._where[name]
+        if file.endswith(".safetensors") and name not in self._header(file):
+            raise ConversionError(f"{file}: tensor {name!r} is missing (the index says it is here)")
+        return file
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype name, shape) of a tensor, without reading its data."""
+        file = self._file_of(name)
+        if file.endswith(".safetensors"):
+            return self._header(file)[name]
+        t = self._torch_file(file)[name]
+        return str(t.dtype).removeprefix("torch."), tuple(t.shape)
+
+    def get(self, name: str) -> np.ndarray:
+        file = self._file_of(name)
         if file.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(file, framework="numpy") as f:
-                if name not in f.keys():
-                    raise ConversionError(f"{file}: tensor {name!r} is missing (the index says it is here)")
                 return f.get_tensor(name)
-        if file not in self._open:  # PyTorch shards are loaded whole; keep one at a time
-            self._open = {file: _torch_load(file)}
-        t = self._open[file][name]
+        t = self._torch_file(file)[name]
         return t.float().numpy().astype(ml_dtypes.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
 
 
@@ -307,13 +428,22 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
     shapes = nn.meta.unbox(abstract_params(cfg))
     params = _map_tree(shapes, lambda s: np.empty(s.shape, dtype))
     used = set()
-    for ours, name, i in _hf_names(cfg):
-        w = reader.get(name)
+    names = list(_hf_names(cfg))
+    for n, (ours, name, i) in enumerate(names):
+        # Shape and dtype come from the header: a wrong or oversized tensor is refused before it is read.
+        kind, shape = reader.info(name)
         want = _hf_shape(cfg, ours)
-        if tuple(w.shape) != want:
+        if shape != want:
             raise ConversionError(
-                f"{path}: tensor {name!r} has shape {tuple(w.shape)}, expected {want} for the config in config.json"
+                f"{path}: tensor {name!r} has shape {shape}, expected {want} for the config in config.json"
             )
+        if kind not in _FLOAT_DTYPES:
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {kind}, expected a floating-point type")
+        w = reader.get(name)
+        if tuple(w.shape) != want:  # the library disagrees with the header it was given
+            raise ConversionError(f"{path}: tensor {name!r} reads as shape {tuple(w.shape)}, expected {want}")
+        if (n + 1) % max(1, len(names) // 10) == 0 or n + 1 == len(names):
+            log.info("read %d/%d tensors of %s", n + 1, len(names), path)
         tree, idx = _layer_dict(params, cfg, i)
         target = _get(tree, ours)
         value = _to_ours(cfg, ours, w).astype(dtype)
@@ -343,6 +473,16 @@ def _map_tree(tree, fn):
     return fn(tree)
 
 
+def _looks_like_hf_export(names: set[str]) -> bool:
+    """Only what :func:`save_hf` writes (an output of an older version, before the marker file)."""
+    shard = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors$")
+    ours = {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
+    return "config.json" in names and all(n in ours or shard.match(n) for n in names)
+
+
+HF_OUTPUT = OutputKind("hf_model", "Hugging Face model folder", _looks_like_hf_export)
+
+
 def save_hf(
     params: dict,
     cfg: ModelConfig,
@@ -351,13 +491,18 @@ def save_hf(
     dtype: str | None = None,
     tokenizer_dir: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    inputs: Sequence[str] = (),
+    overwrite: bool = False,
+    record: dict | None = None,
 ) -> None:
-    """Write ``params`` as an HF Llama directory. Written to a temporary folder, then renamed into place."""
+    """Write ``params`` as an HF Llama directory. Written to a temporary folder, then renamed into place;
+    ``out_dir`` must be new, empty or a previous HF export (else ``overwrite``), and none of ``inputs``."""
     from safetensors.numpy import save_file
 
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    with atomic_directory(out_dir) as tmp:
+    inputs = [*inputs, *([tokenizer_dir] if tokenizer_dir else [])]
+    with atomic_directory(out_dir, HF_OUTPUT, inputs=inputs, overwrite=overwrite, record=record) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         total = 0

@@ -6,11 +6,12 @@ Layout: ``<dir>/meditron_config.json``, ``<dir>/params/`` (orbax), tokenizer fil
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.convert.files import atomic_directory, copy_tokenizer_files
+from meditron_jax.convert.files import TOKENIZER_FILES, OutputKind, atomic_directory, copy_tokenizer_files
 
 CONFIG_FILE = "meditron_config.json"
 
@@ -19,11 +20,30 @@ def is_orbax_model(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def save_orbax(params, config: ModelConfig, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
-    """Write atomically (a temporary sibling folder renamed at the end)."""
+def _looks_like_orbax_export(names: set[str]) -> bool:
+    """Only what :func:`save_orbax` writes (an output of an older version, before the marker file)."""
+    return CONFIG_FILE in names and names <= {CONFIG_FILE, "params", *TOKENIZER_FILES}
+
+
+ORBAX_OUTPUT = OutputKind("orbax_model", "meditron_jax orbax model folder", _looks_like_orbax_export)
+
+
+def save_orbax(
+    params,
+    config: ModelConfig,
+    out_dir: str,
+    *,
+    tokenizer_dir: str | None = None,
+    inputs: Sequence[str] = (),
+    overwrite: bool = False,
+    record: dict | None = None,
+) -> None:
+    """Write atomically (a temporary sibling folder renamed at the end); ``out_dir`` must be new, empty or a
+    previous orbax export (else ``overwrite``), and none of ``inputs``."""
     import orbax.checkpoint as ocp
 
-    with atomic_directory(out_dir) as tmp:
+    inputs = [*inputs, *([tokenizer_dir] if tokenizer_dir else [])]
+    with atomic_directory(out_dir, ORBAX_OUTPUT, inputs=inputs, overwrite=overwrite, record=record) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
         config.to_json(os.path.join(tmp, CONFIG_FILE))

@@ -71,6 +71,10 @@ class AotResult:
 
 def training_config(model: str, **overrides) -> ModelConfig:
     """The configuration one trains at scale: bf16 compute, float32 master weights, scanned + rematerialised."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown ModelConfig field(s) {unknown}; fields are {sorted(fields)}")
     base = dict(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
     base.update(overrides)
     return get_config(model, **base)
@@ -92,6 +96,14 @@ def compile_train_step(
     dump_hlo: str | None = None,
 ) -> AotResult:
     """Lower and compile forward + backward + optimizer update for ``topology``; memory from XLA's analysis."""
+    for name, value in (
+        ("seq_len", seq_len),
+        ("global_batch", global_batch),
+        ("num_slices", num_slices),
+        ("grad_accum_steps", grad_accum_steps),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
     topo = parse_topology(topology, num_slices)
     config = training_config(model, **(model_overrides or {}))
     mesh_cfg = MeshConfig() if mesh is None else mesh

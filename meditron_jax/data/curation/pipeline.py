@@ -27,10 +27,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import TaggedOutput
 
+from meditron_jax.convert.files import OutputError, OutputKind, atomic_directory
+
 from . import SOURCES, guidelines, jats, medline, replay
 from . import stats as S
 from .contamination import DEFAULT_REFERENCES, NGRAM, ContaminationIndex
 from .dedup import MinHashConfig, MinHasher, exact_key, near_duplicate_pairs
+from .manifest import MANIFEST_FILE, build_manifest
 from .records import Doc, Malformed
 from .text import english_score
 
@@ -77,6 +80,71 @@ class CurationConfig:
         d = dataclasses.asdict(self)
         d["patterns"] = {k: list(v) for k, v in self.patterns.items()}
         return d
+
+    def validate(self) -> None:
+        """Type and range of every setting, named as the command-line flag, before anything runs."""
+
+        def need(ok: bool, flag: str, value, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"--{flag} {value!r} is invalid: {allowed}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def in_range(v, lo, hi) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+        need(is_int(self.num_shards) and self.num_shards >= 1, "num_shards", self.num_shards, "at least 1")
+        need(
+            is_int(self.num_validation_shards) and self.num_validation_shards >= 1,
+            "num_validation_shards",
+            self.num_validation_shards,
+            "at least 1",
+        )
+        for src, frac in self.validation_fraction.items():
+            need(src in SOURCES, "validation_fraction", src, f"a source of {SOURCES}")
+            need(in_range(frac, 0.0, 1.0), "validation_fraction", f"{src}={frac}", "a fraction in [0, 1]")
+        need(
+            in_range(self.replay_keep_fraction, 0.0, 1.0),
+            "replay_keep_fraction",
+            self.replay_keep_fraction,
+            "in [0, 1]",
+        )
+        need(in_range(self.english_threshold, 0.0, 1.0), "english_threshold", self.english_threshold, "in [0, 1]")
+        need(is_int(self.min_chars) and self.min_chars >= 0, "min_chars", self.min_chars, "a count >= 0")
+        need(
+            in_range(self.minhash.threshold, 0.0, 1.0) and self.minhash.threshold > 0,
+            "near_dup_threshold",
+            self.minhash.threshold,
+            "a Jaccard similarity in (0, 1]",
+        )
+        need(is_int(self.ngram) and self.ngram >= 1, "ngram", self.ngram, "at least 1")
+        need(
+            self.max_docs_per_file is None or (is_int(self.max_docs_per_file) and self.max_docs_per_file >= 1),
+            "max_docs_per_file",
+            self.max_docs_per_file,
+            "at least 1",
+        )
+        if self.tokenizer_model and "://" not in self.tokenizer_model and not os.path.isfile(self.tokenizer_model):
+            raise FileNotFoundError(f"--tokenizer_model {self.tokenizer_model} does not exist ('none' disables counts)")
+        self.input_files()
+
+    def input_files(self) -> dict[str, list[str]]:
+        """{source: matched files}; a clear error when the input folder is missing or matches nothing."""
+        remote = "://" in self.input_dir
+        if not remote and not os.path.isdir(self.input_dir):
+            raise FileNotFoundError(f"--input_dir {self.input_dir} does not exist or is not a folder")
+        found: dict[str, list[str]] = {}
+        for src in SOURCES:
+            for pattern in self.patterns.get(src, ()):
+                full = (
+                    pattern if "://" in pattern or os.path.isabs(pattern) else FileSystems.join(self.input_dir, pattern)
+                )
+                found.setdefault(src, []).extend(m.path for m in FileSystems.match([full])[0].metadata_list)
+        if not any(found.values()):
+            shown = ", ".join(p for src in SOURCES for p in self.patterns.get(src, ()))
+            raise FileNotFoundError(f"--input_dir {self.input_dir} holds no input files (looked for {shown})")
+        return found
 
 
 def _unit_hash(seed: int, salt: str, ident: str) -> float:
@@ -289,8 +357,10 @@ def build(
     config: CurationConfig,
     contamination_path: str | None = None,
     contamination_stats: dict[str, Any] | None = None,
+    report_config: dict[str, Any] | None = None,
 ):
-    """Add the curation transforms to ``p``; ``contamination_path``: a pickled ``ContaminationIndex``."""
+    """Add the curation transforms to ``p``; ``contamination_path``: a pickled ``ContaminationIndex``;
+    ``report_config``: the settings stats.json records (default: ``config``'s)."""
     stats_pcolls, removed_pcolls = [], []
 
     specs = [(src, pat) for src in SOURCES for pat in config.patterns.get(src, ())]
@@ -421,7 +491,7 @@ def build(
             lambda _, counts, mal, rem: json.dumps(
                 S.assemble(
                     counts,
-                    config=config.to_json(),
+                    config=report_config or config.to_json(),
                     malformed_examples=[m for ms in mal for m in ms],
                     removed_examples=list(rem),
                     contamination=contamination,
@@ -441,16 +511,49 @@ def build(
     )
 
 
+def _is_curated_output(names: set[str]) -> bool:
+    """What an earlier curation (before the marker file) left: stats and the per-source shard folders."""
+    ours = {"stats.json", "malformed.jsonl", "removed.jsonl", "contamination_index.pkl", MANIFEST_FILE, *SOURCES}
+    return "stats.json" in names and names <= ours
+
+
+CURATED_OUTPUT = OutputKind("curated_corpus", "curated GAP-REPLAY folder", _is_curated_output)
+
+
 def run(
     config: CurationConfig,
     pipeline_args: list[str] | None = None,
     contamination_index: ContaminationIndex | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Build and run the pipeline; returns the parsed ``stats.json``.
+    """Check the settings and the input, build and run the pipeline; returns the parsed ``stats.json``.
+
+    A local output folder is replaced as a whole when the run succeeds (never mixed with an earlier run's
+    shards); it must be new, empty or an earlier curation output unless ``overwrite``. A remote one
+    (gs://...) must be new. ``manifest.json``, written last, lists the shards training reads.
 
     ``contamination_index``: built from ``config.contamination_refs`` with the benchmark loader when None;
     pass ``ContaminationIndex.build([...])`` to use other references, or set ``contamination_refs=()`` to
     skip the filter."""
+    config.validate()
+    if "://" in config.output_dir:
+        if FileSystems.match([FileSystems.join(config.output_dir, "*")])[0].metadata_list:
+            raise OutputError(
+                f"--output_dir {config.output_dir} is not empty; a remote output cannot be replaced atomically, "
+                "so name a new folder"
+            )
+        return _run_into(config, config.output_dir, pipeline_args, contamination_index)
+    record = {"config": config.to_json()}
+    with atomic_directory(
+        config.output_dir, CURATED_OUTPUT, inputs=[config.input_dir], overwrite=overwrite, record=record
+    ) as tmp:
+        return _run_into(config, tmp, pipeline_args, contamination_index)
+
+
+def _run_into(
+    config: CurationConfig, out: str, pipeline_args: list[str] | None, contamination_index: ContaminationIndex | None
+) -> dict[str, Any]:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     if contamination_index is None and config.contamination_refs:
@@ -459,15 +562,29 @@ def run(
         contamination_index = ContaminationIndex.build(
             benchmark_references(config.contamination_refs), n=config.ngram, max_ref_df=config.max_ref_df
         )
+    work = dataclasses.replace(config, output_dir=out)
     path = None
     if contamination_index is not None:
-        path = FileSystems.join(config.output_dir, "contamination_index.pkl")
-        if "://" not in config.output_dir:
-            os.makedirs(config.output_dir, exist_ok=True)
+        path = FileSystems.join(out, "contamination_index.pkl")
         with FileSystems.create(path) as f:
             f.write(pickle.dumps(contamination_index))
     options = PipelineOptions(pipeline_args or ["--runner=DirectRunner"])
     with beam.Pipeline(options=options) as p:
-        build(p, config, path, contamination_index.stats if contamination_index is not None else None)
-    with FileSystems.open(FileSystems.join(config.output_dir, "stats.json")) as f:
-        return json.loads(f.read())
+        build(
+            p,
+            work,
+            path,
+            contamination_index.stats if contamination_index is not None else None,
+            report_config=config.to_json(),
+        )
+    with FileSystems.open(FileSystems.join(out, "stats.json")) as f:
+        stats = json.loads(f.read())
+    shards = {}
+    for src in SOURCES:
+        for split in ("train", "validation"):
+            found = FileSystems.match([FileSystems.join(out, src, f"{split}-*-of-*.jsonl")])[0].metadata_list
+            if found:
+                shards[(src, split)] = [f"{src}/{os.path.basename(m.path)}" for m in found]
+    with FileSystems.create(FileSystems.join(out, MANIFEST_FILE)) as f:
+        f.write(json.dumps(build_manifest(shards, stats), indent=1).encode())
+    return stats
