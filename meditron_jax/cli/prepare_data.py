@@ -42,7 +42,12 @@ def main(argv=None) -> int:
         required=True,
         help="folder with guidelines*/, pubmed_abstracts/, pmc_papers/, replay_general/ (local path or gs://...)",
     )
-    ap.add_argument("--output_dir", required=True)
+    ap.add_argument(
+        "--output_dir",
+        required=True,
+        help="replaced as a whole when the run succeeds; must be new, empty or an earlier curation output",
+    )
+    ap.add_argument("--overwrite", action="store_true", help="replace an --output_dir that holds other files")
     ap.add_argument("--runner", default="DirectRunner", help="DirectRunner | DataflowRunner | FlinkRunner | ...")
     ap.add_argument("--num_shards", type=int, default=4, help="train shards per source")
     ap.add_argument("--num_validation_shards", type=int, default=1, help="validation shards per source")
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
             default=None,
             help=f"comma-separated patterns for {src} (relative to --input_dir unless absolute)",
         )
+    common.add_verbose(ap)
     args, beam_args = ap.parse_known_args(argv)
 
     from meditron_jax.data.curation.dedup import MinHashConfig
@@ -112,8 +118,12 @@ def main(argv=None) -> int:
         if pat is not None:
             config.patterns[src] = tuple(p for p in pat.split(",") if p)
     logging.basicConfig(level=logging.WARNING)
+    # Settings and inputs are checked here, before Beam starts (its errors come wrapped in worker tracebacks).
+    config.validate()
+    n_files = sum(len(v) for v in config.input_files().values())
+    print(f"curating {n_files} input files of {args.input_dir} into {args.output_dir} ({args.runner})", file=sys.stderr)
     start = time.time()
-    stats = run(config, [f"--runner={args.runner}", *beam_args])
+    stats = run(config, [f"--runner={args.runner}", *beam_args], overwrite=args.overwrite)
     summary = {
         src: {
             "malformed": s["malformed"],

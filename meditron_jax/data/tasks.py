@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from meditron_jax.data import benchmarks as bm
 from meditron_jax.data.curation import SOURCES
+from meditron_jax.data.curation.manifest import manifest_shards
 from meditron_jax.data.seqio_vocab import meditron_vocabulary
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +178,10 @@ class CuratedShardsSource(seqio.FileDataSource):
 
     def list_shards(self, split: str) -> list[str]:
         root = curated_data_dir()
+        # A curation output's manifest.json names its shards: read exactly those, never an older run's.
+        listed = manifest_shards(root, self._source, split)
+        if listed is not None:
+            return listed
         files = sorted(
             {str(p) for pat in curated_shard_patterns(self._source, split) for p in root.glob(pat) if p.is_file()}
         )
@@ -185,6 +190,8 @@ class CuratedShardsSource(seqio.FileDataSource):
                 f"no curated shards for {self._source!r} split {split!r} under {root} "
                 f"(patterns {curated_shard_patterns(self._source, split)})"
             )
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise ValueError(f"the curated shards for {self._source!r} split {split!r} under {root} are all empty")
         return files
 
     def get_dataset(
