@@ -17,8 +17,8 @@ RANKS = {
     "data": 4,
     "train": 5,
     "infer": 5,
-    "eval": 6,
-    "api": 7,
+    "api": 6,  # a loaded model (load(), LanguageModel): what evaluation builds on
+    "eval": 7,
     "cli": 8,
     "__init__": 9,
 }
