@@ -19,7 +19,7 @@ import time
 from meditron_jax.cli import common
 from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.curation.contamination import DEFAULT_REFERENCES
-from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, run
+from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, check_output, run
 
 
 def _fractions(value: str) -> dict[str, float]:
@@ -87,6 +87,11 @@ def main(argv=None) -> int:
         )
     common.add_verbose(ap)
     args, beam_args = ap.parse_known_args(argv)
+    common.quiet_startup(args.verbose)
+    if not args.verbose:
+        # Beam logs a worker's error with its whole traceback before re-raising it; the error line says it all.
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
     from meditron_jax.data.curation.dedup import MinHashConfig
     from meditron_jax.data.paths import shared_path
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     # Settings and inputs are checked here, before Beam starts (its errors come wrapped in worker tracebacks).
     config.validate()
+    check_output(config, args.overwrite)
     n_files = sum(len(v) for v in config.input_files().values())
     print(f"curating {n_files} input files of {args.input_dir} into {args.output_dir} ({args.runner})", file=sys.stderr)
     start = time.time()

@@ -203,6 +203,9 @@ def atomic_directory(
     os.makedirs(parent, exist_ok=True)
     clean_stale_temporaries(parent)
     tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the output from the user's group
     old = None
     try:
         _write_owner(tmp, target)
@@ -212,7 +215,7 @@ def atomic_directory(
             "kind": kind.name,
             "writer": "meditron_jax",
             "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "inputs": [os.path.abspath(i) for i in inputs if i],
+            "inputs": list(dict.fromkeys(os.path.abspath(i) for i in inputs if i)),
             **(record or {}),
         }
         with open(os.path.join(tmp, MARKER), "w") as f:

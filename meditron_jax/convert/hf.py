@@ -96,6 +96,11 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         raise ConversionError(f"{source}: rope_parameters keys {extra_rope} are not implemented")
     kwargs = {ours: hf[theirs] for theirs, ours in _TRANSLATED.items() if hf.get(theirs) is not None}
     if "rope_theta" in rope:
+        top = hf.get("rope_theta")
+        if top is not None and (top != rope["rope_theta"] or type(top) is str):
+            raise ConversionError(
+                f"{source}: rope_theta={top!r} and rope_parameters.rope_theta={rope['rope_theta']!r} disagree"
+            )
         kwargs["rope_theta"] = rope["rope_theta"]
     for key in ("bos_token_id", "eos_token_id"):
         if isinstance(kwargs.get(key), list):

@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import TaggedOutput
 
-from meditron_jax.convert.files import OutputError, OutputKind, atomic_directory
+from meditron_jax.convert.files import OutputError, OutputKind, atomic_directory, check_output_dir
 
 from . import SOURCES, guidelines, jats, medline, replay
 from . import stats as S
@@ -125,8 +125,15 @@ class CurationConfig:
             self.max_docs_per_file,
             "at least 1",
         )
-        if self.tokenizer_model and "://" not in self.tokenizer_model and not os.path.isfile(self.tokenizer_model):
-            raise FileNotFoundError(f"--tokenizer_model {self.tokenizer_model} does not exist ('none' disables counts)")
+        if self.tokenizer_model and "://" not in self.tokenizer_model:
+            if not os.path.isfile(self.tokenizer_model):
+                raise FileNotFoundError(f"--tokenizer_model {self.tokenizer_model} does not exist ('none' disables)")
+            import sentencepiece
+
+            try:  # here, not in a Beam worker's setup, whose failure comes wrapped in a worker traceback
+                sentencepiece.SentencePieceProcessor(model_file=self.tokenizer_model)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"--tokenizer_model {self.tokenizer_model} is not a sentencepiece model ({e})") from e
         self.input_files()
 
     def input_files(self) -> dict[str, list[str]]:
@@ -520,6 +527,22 @@ def _is_curated_output(names: set[str]) -> bool:
 CURATED_OUTPUT = OutputKind("curated_corpus", "curated GAP-REPLAY folder", _is_curated_output)
 
 
+class CurationError(ValueError):
+    """The Beam pipeline failed; the message holds the cause and the failing step."""
+
+
+def check_output(config: CurationConfig, overwrite: bool = False) -> None:
+    """Refuse an output folder the run could not replace without destroying other files (before any work)."""
+    if "://" in config.output_dir:
+        if FileSystems.match([FileSystems.join(config.output_dir, "*")])[0].metadata_list:
+            raise OutputError(
+                f"--output_dir {config.output_dir} is not empty; a remote output cannot be replaced atomically, "
+                "so name a new folder"
+            )
+        return
+    check_output_dir(config.output_dir, CURATED_OUTPUT, inputs=[config.input_dir], overwrite=overwrite)
+
+
 def run(
     config: CurationConfig,
     pipeline_args: list[str] | None = None,
@@ -537,12 +560,8 @@ def run(
     pass ``ContaminationIndex.build([...])`` to use other references, or set ``contamination_refs=()`` to
     skip the filter."""
     config.validate()
+    check_output(config, overwrite)
     if "://" in config.output_dir:
-        if FileSystems.match([FileSystems.join(config.output_dir, "*")])[0].metadata_list:
-            raise OutputError(
-                f"--output_dir {config.output_dir} is not empty; a remote output cannot be replaced atomically, "
-                "so name a new folder"
-            )
         return _run_into(config, config.output_dir, pipeline_args, contamination_index)
     record = {"config": config.to_json()}
     with atomic_directory(
@@ -569,14 +588,17 @@ def _run_into(
         with FileSystems.create(path) as f:
             f.write(pickle.dumps(contamination_index))
     options = PipelineOptions(pipeline_args or ["--runner=DirectRunner"])
-    with beam.Pipeline(options=options) as p:
-        build(
-            p,
-            work,
-            path,
-            contamination_index.stats if contamination_index is not None else None,
-            report_config=config.to_json(),
-        )
+    try:
+        with beam.Pipeline(options=options) as p:
+            build(
+                p,
+                work,
+                path,
+                contamination_index.stats if contamination_index is not None else None,
+                report_config=config.to_json(),
+            )
+    except Exception as e:  # Beam re-raises a worker's error with the failing step in its message
+        raise CurationError(f"the curation pipeline failed: {type(e).__name__}: {e}") from e
     with FileSystems.open(FileSystems.join(out, "stats.json")) as f:
         stats = json.loads(f.read())
     shards = {}
