@@ -18,6 +18,8 @@ import pytest
 from meditron_jax.data.benchmarks import load_benchmark
 from meditron_jax.data.curation import SOURCES
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CDC_URL = "https://www.cdc.gov/mmwr/preview/mmwrhtml/00001773.htm"  # 3rd article: inside the cap of 10
 CDC_ID = f"guidelines:cdc:{CDC_URL}"

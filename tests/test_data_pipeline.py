@@ -11,6 +11,8 @@ import seqio
 from meditron_jax.data import pipeline, tasks
 from meditron_jax.data.pipeline import LLAMA_BOS_ID, MODEL_FEATURES
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 L = 64  # short rows keep the tests quick; the code does not depend on the length
 WORDS = {  # each source its own words, so a packed row tells which source it came from
     "guidelines": "guideline recommend dose adults children screening",
@@ -135,8 +137,8 @@ def test_sft_packing_equals_prefix_lm_without_bidirectional_prompt(shared_data):
     task = seqio.get_mixture_or_task("medmcqa_sft")
     lengths = {"inputs": 448, "targets": 64}
     unpacked = task.get_dataset(
-        sequence_length=lengths, split="validation", shuffle=False, shard_info=seqio.ShardInfo(0, 200)
-    )  # 21 examples
+        sequence_length=lengths, split="test", shuffle=False, shard_info=seqio.ShardInfo(0, 200)
+    )  # 21 examples of the dev set (the task's "test" split: its validation split is a train holdout)
     ours = list(
         pipeline.CausalSFTFeatureConverter(pack=True, bos_id=LLAMA_BOS_ID)(unpacked, lengths).as_numpy_iterator()
     )

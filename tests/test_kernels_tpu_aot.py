@@ -24,6 +24,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from meditron_jax import kernels  # noqa: E402
 from meditron_jax.kernels import dispatch  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 KERNELS = ("meditron_flash_fwd", "meditron_flash_dkv", "meditron_flash_dq")
 RULES = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 

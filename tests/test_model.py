@@ -54,6 +54,7 @@ def test_remat_and_unrolled_give_the_same_loss_and_grads(reference_loss_and_grad
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_params_and_compute():
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, CFG.vocab_size, (2, 32)))
     ref = _forward(PARAMS, tokens)
@@ -86,6 +87,7 @@ def test_packed_segments_equal_separate_sequences():
     assert np.abs(leaky[0, 20:32] - alone_b[0]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_equals_full_forward_for_ragged_batch():
     """Prefill left-padded prompts of different lengths, then feed fixed tokens one step at a time;
     every step's logits must equal a full forward pass over that row alone."""

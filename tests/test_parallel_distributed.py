@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""

@@ -14,6 +14,8 @@ from meditron_jax.model import init_params
 from meditron_jax.parallel import MeshConfig, PipelineConfig, create_mesh
 from meditron_jax.train import OptimizerConfig, TrainStep, make_optimizer
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 # 4 layers so that 2 stages × 2 circular repeats each hold one layer; GQA (8 heads, 4 KV heads).
 CFG = get_config("tiny", num_layers=4)
 OPT = make_optimizer(OptimizerConfig(peak_lr=1e-3, warmup_steps=1, train_steps=4))

@@ -36,6 +36,7 @@ def test_stories260k_logits_match_transformers(stories, stories_hf):
     assert np.abs(ours - hf_logits(stories_hf, tokens)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_stories260k_greedy_continuation_matches_transformers(stories, stories_hf):
     prompt = stories.tokenizer.encode("Once upon a time")
     with torch.no_grad():
@@ -46,6 +47,7 @@ def test_stories260k_greedy_continuation_matches_transformers(stories, stories_h
     assert ours == ref
 
 
+@pytest.mark.slow
 def test_stories260k_matches_llama2c_golden(stories, shared_data):
     golden = (shared_data / "goldens" / "stories260K_expected_greedy_200.txt").read_text()
     # run.c -t 0 -n 200 from BOS: 200 greedy tokens, printed without BOS.
@@ -53,6 +55,7 @@ def test_stories260k_matches_llama2c_golden(stories, shared_data):
     assert stories.tokenizer.decode(out) == golden
 
 
+@pytest.mark.slow
 def test_generate_batch_of_text_prompts(stories):
     outs = stories.generate(["Once upon a time", "Lily"], max_new_tokens=20)
     alone = stories.generate(["Lily"], max_new_tokens=20)

@@ -66,6 +66,7 @@ def test_meditron_schedule_warmup_then_half_a_cosine():
     assert learning_rate_schedule(OptimizerConfig(horizon_factor=1.0))(14_252) == pytest.approx(3e-5)
 
 
+@pytest.mark.slow
 def test_adamw_hyperparameters_decay_mask_and_clipping():
     params = {
         "layers": {"attention_norm": {"scale": jnp.ones((2, 4))}, "mlp": {"gate": jnp.ones((2, 4, 8))}},

@@ -11,6 +11,8 @@ import pytest
 
 from .hf_utils import load_script
 
+pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
+
 STEPS = 4
 
 
