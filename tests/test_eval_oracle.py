@@ -191,3 +191,62 @@ def test_mmlu_paper_rows(shared_data):
     assert len(pool) == 44
     with pytest.raises(ValueError, match="45 exemplars requested from a pool of 44"):
         fewshot_exemplars("mmlu_medical", 45, 1234, mmlu_paper_rows=True)
+
+
+def test_sampling_settings_follow_meditron(tmp_path):
+    _, engine, _ = run_oracle("medqa_4opt", "top_token", "meditron", "fixed", tmp_path / "t", limit=20)
+    ((_, s),) = engine.calls
+    assert (s.max_new_tokens, s.temperature, s.frequency_penalty, s.n) == (1, 0.0, 1.0, 1)
+    assert s.stop_strings == ("###",) and s.stop_token_ids == (WordTokenizer.eos_id,) and s.top_p == 1.0
+    _, engine, _ = run_oracle("medqa_4opt", "cot", "meditron", "fixed", tmp_path / "c", limit=20)
+    assert {(s.max_new_tokens, s.temperature, s.n) for _, s in engine.calls} == {(1024, 0.0, 1)}
+    _, engine, _ = run_oracle("medqa_4opt", "sc_cot", "meditron", "fixed", tmp_path / "s", limit=20)
+    assert {(s.max_new_tokens, s.temperature, s.n) for _, s in engine.calls} == {(1024, 0.8, 5)}
+
+
+def test_real_llama_tokenizer_answer_lengths(shared_data):
+    """With Llama-2's tokenizer every gold (a letter, yes, no, maybe) is one token: top-token generates 1
+    token zero-shot and 9 few-shot, as MEDITRON's tokenizer_param."""
+    from meditron_jax.data.vocabulary import Tokenizer
+
+    tok = Tokenizer(shared_data / "llama2_tokenizer" / "tokenizer.model")
+    assert all(len(tok.encode(w, bos=False)) == 1 for w in ("A", "E", "yes", "no", "maybe"))
+    ev = Evaluator(Settings(), tokenizer=tok, max_length=4096, engine=object(), progress=False)
+    items = ev.items("pubmedqa")
+    assert {ev.max_new_tokens(it) for it in items} == {1}
+    few = Evaluator(Settings(shots=3, seeds=(1234,)), tokenizer=tok, max_length=4096, engine=object())
+    assert {few.max_new_tokens(it) for it in few.items("medqa_4opt", limit=40)} == {9}
+    # prompts through the real tokenizer fit Llama-2's 4096 context untruncated, and round-trip
+    ids, dropped = ev.prompt_ids(items[0].prompt, 1)
+    assert dropped == 0 and ids[0] == tok.bos_id and tok.decode(ids) == items[0].prompt
+
+
+class SplitMaybe(WordTokenizer):
+    """ "maybe" is two tokens (as in stories260K's 512-piece vocabulary)."""
+
+    def encode(self, text, *, bos=True, eos=False):
+        ids = super().encode(text, bos=bos, eos=eos)
+        return ids + [ids[-1]] if text == "maybe" else ids
+
+
+def test_answer_length_is_the_first_gold_of_each_16():
+    """inference.py computed max_tokens from batch['gold'][0] with batches of 16: replayed by default."""
+    tok = SplitMaybe()
+    ev = Evaluator(Settings(), tokenizer=tok, max_length=None, engine=object(), progress=False)
+    items = ev.items("pubmedqa")
+    for start in range(0, len(items), 16):
+        first = items[start].gold
+        assert {ev.max_new_tokens(it) for it in items[start : start + 16]} == {2 if first == "maybe" else 1}
+    assert {ev.max_new_tokens(it) for it in items} == {1, 2}  # both happen on the real file
+    labels = Evaluator(Settings(answer_tokens="labels"), tokenizer=tok, max_length=None, engine=object())
+    assert {labels.max_new_tokens(it) for it in labels.items("pubmedqa")} == {2}
+
+
+def test_chat_prompts(tmp_path):
+    tok = WordTokenizer()
+    ev = Evaluator(Settings(chat=True), tokenizer=tok, max_length=None, engine=object(), progress=False)
+    items = ev.items("pubmedqa", limit=5)
+    assert all(it.prompt.startswith("<|im_start|>question\n") for it in items)
+    assert all(it.prompt.endswith("The answer is:\n<|im_end|>\n<|im_start|>answer\n") for it in items)
+    with pytest.raises(ValueError, match="zero-shot"):
+        Settings(chat=True, shots=3)
