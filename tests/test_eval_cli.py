@@ -140,3 +140,14 @@ def test_truncation_is_counted(tmp_path):
         assert ids[0] == 1 and len(ids) == 39 and list(ids[1:]) == full[-38:]
         assert p["truncated_tokens"] == len(full) - 39
     assert json.loads((out / "results.json").read_text())["results"][0]["truncated_items"] == 4
+
+
+def test_too_long_empty_answers_without_generating(tmp_path):
+    out = tmp_path / "out"
+    backend = FakeBackend(max_length=40)
+    _run(tmp_path, out, "--limit", "4", "--too_long", "empty", backend=backend)
+    preds = _preds(out / "predictions_medqa_4opt.jsonl")
+    assert backend.prompts == []  # nothing generated
+    assert all(p["outputs"] == [""] and p["answer"] is None and not p["correct"] for p in preds)
+    row = json.loads((out / "results.json").read_text())["results"][0]
+    assert row["truncated_items"] == 4 and row["parse_rate"] == 0.0

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="top-token length: the gold's tokens as MEDITRON (first item of each 16), or the longest label",
     )
     p.add_argument(
+        "--too_long",
+        default="truncate",
+        choices=("truncate", "empty"),
+        help="prompts over the context: left-truncate keeping BOS (counted), or an empty answer as vLLM gave",
+    )
+    p.add_argument(
         "--mmlu_paper_rows", action="store_true", help="drop each MMLU subject CSV's first row (1,862 items)"
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark (per seed)")
@@ -67,15 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_size", choices=("7b", "70b", "none"), default=None, help="for the published column")
     p.add_argument("--published_family", choices=("meditron", "llama-2"), default="meditron")
     p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+    p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.model (default: --checkpoint)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
-def default_backend(checkpoint: str, settings: Settings, dtype: str | None, batch_size: int):
+def default_backend(
+    checkpoint: str, settings: Settings, dtype: str | None, batch_size: int, tokenizer_path: str | None = None
+):
     """(tokenizer, max_length, engine, scorer, config) for a checkpoint, loaded with meditron_jax.api.load."""
     from meditron_jax import api
 
-    lm = api.load(checkpoint, dtype=dtype) if dtype else api.load(checkpoint)
+    lm = api.load(checkpoint, dtype=dtype, tokenizer_path=tokenizer_path)
     if lm.tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer.model; evaluation needs the tokenizer")
     engine = scorer = None
@@ -113,6 +122,7 @@ def main(
             chat=args.chat,
             parser=args.parser,
             answer_tokens=args.answer_tokens,
+            too_long=args.too_long,
             mmlu_paper_rows=args.mmlu_paper_rows,
             sample_seed=args.sample_seed,
         )
@@ -135,9 +145,11 @@ def main(
         )
     except OutputError as e:
         raise SystemExit(f"meditron-eval: {e}") from e
-    tokenizer, max_length, engine, scorer, model_config = (backend or default_backend)(
-        args.checkpoint, settings, args.dtype, args.batch_size
-    )
+    if backend is None:
+        loaded = default_backend(args.checkpoint, settings, args.dtype, args.batch_size, args.tokenizer_path)
+    else:
+        loaded = backend(args.checkpoint, settings, args.dtype, args.batch_size)
+    tokenizer, max_length, engine, scorer, model_config = loaded
     evaluator = Evaluator(
         settings,
         tokenizer=tokenizer,
@@ -154,9 +166,10 @@ def main(
             rows_by_benchmark[b] = rows
             trunc = sum(r["truncated_tokens"] > 0 for r in rows)
             if trunc:
+                what = "left-truncated (BOS kept)" if settings.too_long == "truncate" else "answered empty (wrong)"
                 print(
                     f"meditron-eval: {b}: {trunc} of {len(rows)} prompts were longer than the {max_length}-token "
-                    "context and were left-truncated (BOS kept); see truncated_tokens in the predictions",
+                    f"context and were {what}; see truncated_tokens in the predictions",
                     file=sys.stderr,
                 )
     if process_index != 0:
@@ -178,5 +191,10 @@ def main(
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """Console-script entry point (``meditron-eval``)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -28,6 +28,7 @@ from meditron_jax.eval.parsers import PARSERS, Parsed, parse, vote
 
 STRATEGIES = ("top_token", "cot", "sc_cot", "loglik")
 ANSWER_TOKENS = ("meditron", "labels")
+TOO_LONG = ("truncate", "empty")
 MEDITRON_BATCH = 16  # inference.py's --batch_size default, which grouped items for max_new_tokens
 FEWSHOT_EXTRA_TOKENS = 8  # inference.py tokenizer_param: +8 new tokens when shots > 0
 STOP_STRINGS = ("###",)
@@ -44,6 +45,9 @@ class Settings:
     chat: bool = False
     parser: str = "meditron"
     answer_tokens: str = "meditron"
+    # prompts longer than the context: left-truncate (keeping BOS), or "empty": no generation, an empty
+    # (unparseable) output, as vLLM gave MEDITRON for prompts over max_model_len
+    too_long: str = "truncate"
     mmlu_paper_rows: bool = False
     cot_max_new_tokens: int = 1024
     sc_temperature: float = 0.8
@@ -60,6 +64,8 @@ class Settings:
             bad("parser", " | ".join(PARSERS))
         if self.answer_tokens not in ANSWER_TOKENS:
             bad("answer_tokens", " | ".join(ANSWER_TOKENS))
+        if self.too_long not in TOO_LONG:
+            bad("too_long", " | ".join(TOO_LONG))
         if self.shots < 0:
             bad("shots", "a count >= 0")
         if self.sc_branches < 1:
@@ -248,8 +254,17 @@ class Evaluator:
         by_len: dict[int, list] = {}
         for it in chunk:
             by_len.setdefault(self.max_new_tokens(it), []).append(it)
+        n_out = self.settings.sc_branches if self.settings.strategy == "sc_cot" else 1
         for new_tokens, group in by_len.items():
             prompts = [self.prompt_ids(it.prompt, new_tokens) for it in group]
+            if self.settings.too_long == "empty":
+                for it, (_, dropped) in zip(group, prompts, strict=True):
+                    if dropped:
+                        rows[it.key] = self._row(it, [""] * n_out, dropped)
+                keep = [(it, p) for it, p in zip(group, prompts, strict=True) if not p[1]]
+                group, prompts = [it for it, _ in keep], [p for _, p in keep]
+            if not group:
+                continue
             completions = self.engine.generate([p for p, _ in prompts], self._sampling(new_tokens))
             if len(completions) != len(group):
                 raise RuntimeError(f"the engine returned {len(completions)} results for {len(group)} prompts")
