@@ -42,6 +42,9 @@ CHIPS: dict[str, Chip] = {
     "a100-80gb": Chip("a100-80gb", 80 * GiB, 312e12, kind="gpu"),
     "h100-80gb": Chip("h100-80gb", 80 * GiB, 989e12, kind="gpu"),
     "h200": Chip("h200", 141 * 10**9, 989e12, kind="gpu"),
+    # A CPU has no data-sheet peak here (and no HBM): MFU on CPU is measured against a jitted float32 matmul
+    # timed at start-up (meditron_jax.train.metrics.measured_cpu_flops); 0 means "measure".
+    "cpu": Chip("cpu", 0, 0.0, kind="cpu"),
 }
 
 # Aliases people use for the same chip (GCE accelerator types and JAX device_kind strings).

@@ -359,6 +359,20 @@ class TrainStep:
         with self._context():
             return self._jit(tuple(sorted(batch)))(state, batch)
 
+    def eval_loss(self, params, batch: Mapping[str, Any]):
+        """(Σ w·CE, Σ w) of a batch under ``params``, no gradients (validation; sum several, then divide)."""
+        batch = _complete(batch)
+        keys = tuple(sorted(batch))
+        if ("eval", keys) not in self._jitted:
+            self._jitted["eval", keys] = jax.jit(
+                self._loss_sums,
+                in_shardings=(self.state_shardings.params, {k: self.batch_sharding for k in keys}),
+                out_shardings=self._replicated,
+                compiler_options=self._compiler_options,
+            )
+        with self._context():
+            return self._jitted["eval", keys](params, batch)
+
     def lower(self, batch_size: int, length: int, keys: Sequence[str] = BATCH_KEYS):
         """Lower the full step (forward, backward, optimizer update) for abstract inputs, e.g. for AOT."""
         abstract_batch = self.abstract_batch(batch_size, length, keys)

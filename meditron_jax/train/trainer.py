@@ -1,19 +1,17 @@
 """The training loop: model + mesh + sharded step + SeqIO batches + orbax checkpoints that resume exactly.
 
 Everything is set from gin (``gin/runs/*.gin``); `scripts/train.py` only parses flags.
-A checkpoint at step N is the train state (orbax, atomic: written to a temporary folder and renamed on
-commit) plus each host's input-pipeline position, written *before* the state so that a state on disk
-always has its data position. A killed run restarts from the newest complete checkpoint and sees the
-batches it would have seen.
+A checkpoint at step N is the train state (orbax, asynchronous and atomic) plus each host's input-pipeline
+position, written *before* the state is committed (meditron_jax.train.checkpoints). A killed or preempted
+run restarts from the newest intact checkpoint and sees the batches it would have seen. One run per
+MODEL_DIR (run_lock); metrics go to the console, metrics.jsonl and TensorBoard (metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,12 +21,22 @@ import jax
 import numpy as np
 
 from meditron_jax.config import EXECUTION_FIELDS, ModelConfig, get_config
-from meditron_jax.convert.model_dir import RUN_CHECKPOINTS, RUN_CONFIG_FILE, load_model_dir, read_model_config
+from meditron_jax.convert.model_dir import RUN_CONFIG_FILE, load_model_dir, read_model_config
 from meditron_jax.parallel import distributed
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh
 from meditron_jax.parallel.pipeline import PipelineConfig
+from meditron_jax.train.checkpoints import Checkpoints, PreemptionNotice
+from meditron_jax.train.metrics import (
+    MetricsWriter,
+    StepMeter,
+    model_flops_per_token,
+    peak_flops_per_device,
+    perplexity,
+)
 from meditron_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from meditron_jax.train.step import TrainState, TrainStep
+from meditron_jax.train.run_lock import RunLock
+from meditron_jax.train.step import TrainStep
+from meditron_jax.train.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +57,26 @@ class TrainConfig:
     train_steps: int = 100  # also the optimizer's train_steps (its cosine horizon is a multiple of it)
     grad_accum_steps: int = 1
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest K checkpoints ...
+    keep_every: int = 0  # ... plus every step that is a multiple of this (0: none)
+    async_checkpoints: bool = True  # checkpoint writes overlap the following steps
     log_every: int = 10
+    eval_every: int = 0  # validation loss per task of the mixture every N steps (0: never)
+    eval_steps: int = 10  # validation batches per task
+    tensorboard: bool = True  # event files in MODEL_DIR/tensorboard
+    peak_flops_per_device: float | None = None  # for MFU; default: meditron_jax.hardware (CPU: measured)
     seed: int = 0
     use_pipeline: bool = False  # PipelineConfig (gin) applies; the mesh's stage axis must be > 1
 
     def __post_init__(self):
         if not self.model_dir:
             raise ValueError("TrainConfig.model_dir is empty: pass --gin.MODEL_DIR=... (or TrainConfig.model_dir)")
-        for name in ("sequence_length", "global_batch", "train_steps", "checkpoint_every", "log_every"):
+        for name in ("sequence_length", "global_batch", "train_steps", "checkpoint_every", "log_every", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("keep_checkpoints", "keep_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0 (got {getattr(self, name)})")
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -134,55 +151,6 @@ def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, mixture: s
             )
 
 
-class Checkpoints:
-    """Train state (orbax CheckpointManager) + per-host input positions under ``model_dir``."""
-
-    def __init__(self, model_dir: str, keep: int):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.state_dir = os.path.join(os.path.abspath(model_dir), RUN_CHECKPOINTS)
-        self.input_dir = os.path.join(os.path.abspath(model_dir), "input_state")
-        self.manager = ocp.CheckpointManager(
-            self.state_dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        )
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def input_path(self, step: int) -> str:
-        from meditron_jax.data.pipeline import host_dir
-
-        return host_dir(os.path.join(self.input_dir, str(step)), jax.process_index(), jax.process_count())
-
-    def save(self, step: int, state: TrainState, iterator) -> None:
-        iterator.save(self.input_path(step))
-        self.manager.save(step, args=self._ocp.args.StandardSave(_as_dict(state)))
-        self.manager.wait_until_finished()
-        self._prune_inputs()
-
-    def restore(self, step: int, abstract_state: TrainState) -> TrainState:
-        if not os.path.isdir(self.input_path(step)):
-            raise FileNotFoundError(f"checkpoint {step} has no input-pipeline state at {self.input_path(step)}")
-        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(_as_dict(abstract_state)))
-        return TrainState(**restored)
-
-    def _prune_inputs(self) -> None:
-        if jax.process_index() != 0 or not os.path.isdir(self.input_dir):
-            return
-        kept = {str(s) for s in self.manager.all_steps()}
-        for name in os.listdir(self.input_dir):
-            if name not in kept:
-                shutil.rmtree(os.path.join(self.input_dir, name), ignore_errors=True)
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-def _as_dict(state: TrainState) -> dict:
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-
-
 @gin.configurable
 def train(
     config: TrainConfig = gin.REQUIRED,
@@ -191,14 +159,27 @@ def train(
     pipeline_config: PipelineConfig | None = None,
     max_steps_this_run: int | None = None,
 ) -> dict:
-    """Train to ``config.train_steps`` (or stop after ``max_steps_this_run`` more); returns the last metrics.
+    """Train to ``config.train_steps`` (or stop after ``max_steps_this_run`` more); returns the last metrics
+    with ``preempted`` True when a SIGTERM (or the TPU preemption sync point) stopped the run early, after
+    saving a checkpoint that a restart of the same command resumes exactly.
 
     ``max_steps_this_run`` exists to stop early on purpose (tests of resumption, time-limited jobs).
     """
-    from meditron_jax.data.pipeline import make_iterator
-
     distributed.initialize()
     os.makedirs(config.model_dir, exist_ok=True)
+    lock = RunLock(config.model_dir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run) -> dict:
+    from meditron_jax.data.pipeline import make_iterator
+
     model_cfg = model_config(config)
     mesh = create_mesh(mesh_config or MeshConfig())
     opt_cfg = dataclasses.replace(optimizer_config or OptimizerConfig(), train_steps=config.train_steps)
@@ -212,55 +193,97 @@ def train(
         model_name=config.model if isinstance(config.model, str) else "gin ModelConfig",
     )
     step_fn.check_batch(config.global_batch, config.sequence_length)
-    ckpts = Checkpoints(config.model_dir, config.keep_checkpoints)
-    start = ckpts.latest_step()
+    ckpts = Checkpoints(
+        config.model_dir,
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        keep_every=config.keep_every,
+        async_save=config.async_checkpoints,
+    )
     data_kwargs = dict(
         sequence_length=config.sequence_length,
-        batch_size=config.global_batch,
         seed=config.seed,
         host_index=jax.process_index(),
         host_count=jax.process_count(),
     )
-    if start is not None:
-        state = ckpts.restore(start, step_fn.abstract_state)
-        iterator = make_iterator(config.mixture, restore_from=ckpts.input_path(start), **data_kwargs)
-        log.info("resumed from step %d in %s", start, ckpts.state_dir)
+    had_checkpoints = bool(ckpts.all_steps())
+    resumed = ckpts.restore_latest(
+        step_fn.abstract_state,
+        lambda path: make_iterator(config.mixture, restore_from=path, batch_size=config.global_batch, **data_kwargs),
+    )
+    if resumed is not None:
+        start, state, iterator = resumed
+        log.info("resumed from step %d (%s)", start, os.path.join(ckpts.state_dir, str(start)))
     else:
+        if had_checkpoints:
+            log.warning("no checkpoint in %s could be restored: starting from step 0", ckpts.state_dir)
         start = 0
         if config.init_from:
             state = step_fn.state_from_params(_initial_params(config, model_cfg))
         else:
             state = step_fn.init_state(jax.random.PRNGKey(config.seed))
-        iterator = make_iterator(config.mixture, **data_kwargs)
+        iterator = make_iterator(config.mixture, batch_size=config.global_batch, **data_kwargs)
     if jax.process_index() == 0:
         model_cfg.to_json(os.path.join(config.model_dir, RUN_CONFIG_FILE))
         with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
 
+    def check(batch, source=config.mixture):
+        check_token_ids(batch, model_cfg.vocab_size, source)
+
+    validation = None
+    if config.eval_every:
+        validation = Validation(step_fn, config.mixture, config.eval_steps, config.global_batch, check, **data_kwargs)
     end = config.train_steps if max_steps_this_run is None else min(config.train_steps, start + max_steps_this_run)
-    metrics_path = os.path.join(config.model_dir, "metrics.jsonl")
+    writer = MetricsWriter(config.model_dir, config.train_steps, tensorboard=config.tensorboard)
+    flops_per_step = model_flops_per_token(model_cfg, config.sequence_length) * config.global_batch
+    flops_per_step *= config.sequence_length
+    peak = peak_flops_per_device(list(mesh.devices.flat), config.peak_flops_per_device)
+    peak_total = peak * mesh.devices.size if peak else None
+    notice = PreemptionNotice()
+    meter = StepMeter()
     last: dict = {}
+    preempted = False
     t0 = time.perf_counter()
-    for i in range(start, end):
-        host_batch = next(iterator)
-        check_token_ids(host_batch, model_cfg.vocab_size, config.mixture)
-        batch = distributed.global_batch(host_batch, step_fn.batch_sharding, config.global_batch)
-        state, metrics = step_fn(state, batch)
-        done = i + 1
-        if done % config.log_every == 0 or done == end:
-            last = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "grads"}
-            last.update(step=done, seconds=round(time.perf_counter() - t0, 3))
-            if jax.process_index() == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                log.info(
-                    "step %d loss %.4f grad_norm %.3f lr %.3g",
-                    done,
-                    last["loss"],
-                    last["grad_norm"],
-                    last.get("learning_rate", float("nan")),
+    try:
+        for i in range(start, end):
+            with meter.input():
+                host_batch = next(iterator)
+                check(host_batch)
+                batch = distributed.global_batch(host_batch, step_fn.batch_sharding, config.global_batch)
+            state, metrics = step_fn(state, batch)
+            meter.steps += 1
+            done = i + 1
+            stop = notice.reached(done, ckpts)
+            if done % config.log_every == 0 or done == end or stop:
+                # Blocks on this step's outputs only (see StepMeter); the first interval includes compiling.
+                values = jax.device_get({k: v for k, v in metrics.items() if k != "grads"})
+                last = {k: float(np.asarray(v)) for k, v in values.items()}
+                timing = meter.read()
+                last.update(
+                    step=done,
+                    seconds=round(time.perf_counter() - t0, 3),
+                    perplexity=perplexity(last["loss"]),
+                    tokens_per_s=config.global_batch * config.sequence_length / timing["step_time_s"],
+                    **timing,
                 )
-        if done % config.checkpoint_every == 0 or done == end:
-            ckpts.save(done, state, iterator)
-    ckpts.close()
+                if peak_total:
+                    last["mfu"] = flops_per_step / timing["step_time_s"] / peak_total
+                writer.train(done, last)
+                meter.reset()
+            if validation is not None and (done % config.eval_every == 0 or done == end):
+                with meter.exclude():
+                    writer.eval(done, validation.run(state.params))
+            with meter.exclude():
+                ckpts.save(done, state, iterator, force=done == end or stop)
+            if stop:
+                preempted = True
+                log.warning("preempted: checkpoint of step %d saved; stopping (rerun the command to resume)", done)
+                break
+        ckpts.wait()
+    finally:
+        notice.close()
+        writer.close()
+        ckpts.close()
+    last["preempted"] = preempted
     return last
