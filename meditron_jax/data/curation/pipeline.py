@@ -4,7 +4,8 @@
     -> document filters (no abstract, empty, too short, non-English, replay sampling)
     -> abstracts whose paper has full text (join on PMID) -> exact dedup -> MinHash/LSH near dedup
     -> benchmark contamination (13-grams) -> train/validation split + token counts
-    -> {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl, stats.json, malformed.jsonl, removed.jsonl
+    -> {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl, stats.json, malformed.jsonl, removed.jsonl,
+       and last manifest.json (the shards training reads); a local output folder is replaced as a whole
 
 Every transform is a plain Beam transform, so the same graph runs on DirectRunner locally and on
 Dataflow or Flink for the full corpus (file access goes through ``FileSystems``: local paths, gs://, ...).
