@@ -69,8 +69,14 @@ def main(argv=None) -> int:
     ap.add_argument("--near_dup_threshold", type=float, default=0.8)
     ap.add_argument(
         "--contamination_refs",
-        default=",".join(DEFAULT_REFERENCES),
-        help="benchmark/split sets whose items must not occur in training text ('' disables)",
+        default=None,
+        help=f"benchmark/split sets whose items must not occur in training text ('' disables; default "
+        f"{','.join(DEFAULT_REFERENCES)})",
+    )
+    ap.add_argument(
+        "--no_decontaminate",
+        action="store_true",
+        help="keep benchmark items in the corpus, as MEDITRON did (MEDITRON.md §2); same as --contamination_refs=''",
     )
     ap.add_argument("--ngram", type=int, default=13)
     ap.add_argument(
@@ -93,6 +99,12 @@ def main(argv=None) -> int:
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
+    if args.no_decontaminate and args.contamination_refs:
+        ap.error("--no_decontaminate and --contamination_refs contradict each other: give one")
+    refs = ",".join(DEFAULT_REFERENCES) if args.contamination_refs is None else args.contamination_refs
+    if args.no_decontaminate:
+        refs = ""
+
     from meditron_jax.data.curation.dedup import MinHashConfig
     from meditron_jax.data.paths import shared_path
 
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
         english_threshold=args.english_threshold,
         replay_keep_fraction=args.replay_keep_fraction,
         minhash=MinHashConfig(threshold=args.near_dup_threshold),
-        contamination_refs=tuple(s for s in args.contamination_refs.split(",") if s),
+        contamination_refs=tuple(s for s in refs.split(",") if s),
         ngram=args.ngram,
         tokenizer_model=tok,
         max_docs_per_file=args.max_docs_per_file,

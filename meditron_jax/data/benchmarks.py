@@ -15,8 +15,9 @@ Prompt formats follow MEDITRON's ``evaluation/benchmarks.py`` and ``inference.py
 * few-shot block: ``{question}\\nThe answer is: {gold}`` per exemplar, joined by blank lines; the
   exemplars are the first k rows of the pool after Hugging Face ``Dataset.shuffle(seed)``, which is
   ``np.random.default_rng(seed).permutation(n)``. One block serves every test item.
-* finetuned model (ChatML, MEDITRON.md §4): ``<|im_start|>question\\n{system}\\n{question}\\n{cue}<|im_end|>\\n``
-  then ``<|im_start|>answer\\n``; SFT targets are ``<|im_start|>answer\\n{gold}<|im_end|>\\n``.
+* finetuned model (ChatML, MEDITRON.md §4): ``<|im_start|>question\\n{system}\\n{question}\\n{cue}\\n<|im_end|>\\n``
+  then ``<|im_start|>answer\\n``; SFT targets are ``<|im_start|>answer\\n{gold}<|im_end|>\\n``, or for
+  chain-of-thought SFT ``<|im_start|>answer\\n{explanation}.\\nThe answer is: {gold} ###<|im_end|>\\n``.
 """
 
 from __future__ import annotations
@@ -397,10 +398,12 @@ def _mmlu_subjects(name: str) -> tuple[str, ...]:
 
 def _load_pubmedqa(folder: pathlib.Path, split: str) -> list[dict]:
     pqal_path, gt_path = folder / "ori_pqal.json", folder / "test_ground_truth.json"
+    if not pqal_path.exists() and pqal_path.with_suffix(".json.gz").exists():
+        pqal_path = pqal_path.with_suffix(".json.gz")  # the embedded sample ships it compressed
     for p in (pqal_path, gt_path):
         if not p.exists():
             raise _missing(p, "pubmedqa", split)
-    with open(pqal_path, encoding="utf-8") as f:
+    with _open_text(pqal_path) as f:
         pqal = json.load(f)
     with open(gt_path, encoding="utf-8") as f:
         truth = json.load(f)
@@ -683,15 +686,43 @@ def render_chat_prompt(
     )
 
 
+def cot_target(explanation: str, answer: str) -> str:
+    """A chain-of-thought SFT answer: ``{explanation}.\\nThe answer is: {answer} ###``.
+
+    The string of the original's ``Benchmark.add_instruction`` with a ``cot_column`` (epfLLM/meditron
+    ``evaluation/benchmarks.py``; ``finetune_preprocessing.py`` names the columns: MedMCQA ``exp``,
+    PubMedQA ``LONG_ANSWER``). No stripping: a period is appended even after a final period, as there.
+    """
+    return f"{explanation}.\n{CUE} {answer} ###"
+
+
+def cot_explanation(record: Mapping, benchmark: str) -> str:
+    """The CoT column of a record: MedMCQA's explanation (``exp``), PubMedQA's ``LONG_ANSWER``."""
+    family = benchmark_family(benchmark)
+    key = {"medmcqa": "explanation", "pubmedqa": "long_answer"}.get(family)
+    if key is None:
+        raise ValueError(f"{benchmark} has no explanation column for chain-of-thought SFT (MedMCQA and PubMedQA have)")
+    text = record.get(key)
+    if text is None or not str(text).strip():
+        raise ValueError(f"{benchmark} item {record.get('id')} ({record.get('source', '?')}) has no {key}")
+    return str(text)
+
+
 def render_sft(
-    record: Mapping, benchmark: str, *, instructions_path: str | os.PathLike | None = None
+    record: Mapping, benchmark: str, *, cot: bool = False, instructions_path: str | os.PathLike | None = None
 ) -> tuple[str, str]:
-    """(prompt, target) of one SFT example; the loss goes on the target (the whole answer turn)."""
+    """(prompt, target) of one SFT example; the loss goes on the target (the whole answer turn).
+
+    ``cot``: the question turn carries the ``_cot`` instruction (cue "Let's think step by step.") and the
+    answer turn is :func:`cot_target` (``finetune_preprocessing.py --cot``)."""
     if record.get("answer") is None:
         raise ValueError(f"{benchmark} item {record.get('id')} has no answer; it cannot be an SFT example")
+    answer = str(record["answer"])
+    if cot:
+        answer = cot_target(cot_explanation(record, benchmark), answer)
     return (
-        render_chat_question(record, benchmark, instructions_path=instructions_path),
-        chatml_turn("answer", str(record["answer"])),
+        render_chat_question(record, benchmark, cot=cot, instructions_path=instructions_path),
+        chatml_turn("answer", answer),
     )
 
 
@@ -712,6 +743,8 @@ __all__ = [
     "benchmark_family",
     "canonical_name",
     "chatml_turn",
+    "cot_explanation",
+    "cot_target",
     "fewshot_block",
     "format_mcq",
     "has_explanation",

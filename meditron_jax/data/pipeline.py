@@ -5,11 +5,12 @@ Batches follow the T5X decoder convention the model consumes: ``decoder_input_to
 each ``[per_host_batch, sequence_length]`` int32.
 
 * Pretraining (tasks with only ``targets``): ``seqio.LMFeatureConverter(pack=True)``.
-* SFT (``inputs`` + ``targets``): :class:`CausalSFTFeatureConverter`, i.e. the prompt and the answer
-  concatenated into one causal sequence with loss weights only on the answer. SeqIO's
-  ``PrefixLMFeatureConverter`` computes the same tokens and weights but adds
+* SFT (``inputs`` + ``targets``): the prompt and the answer concatenated into one causal sequence with
+  loss weights only on the answer, one example per row (``pack=False``, MEDITRON's way) or packed, see
+  :mod:`meditron_jax.data.sft`. :class:`CausalSFTFeatureConverter` states the packed semantics as a SeqIO
+  converter: SeqIO's ``PrefixLMFeatureConverter`` computes the same tokens and weights but adds
   ``decoder_causal_attention`` (bidirectional attention over the prompt), which a Llama model must not
-  use; this converter never produces it.
+  use; ours never produces it.
 * The decoder input of every segment starts with Llama's BOS (``bos_id=1``), where SeqIO's default is 0.
 
 Mixtures are sampled after packing (one packed row comes from one source), so mixing rates are
@@ -32,13 +33,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from meditron_jax.data import sft
 from meditron_jax.data.features import BATCH_KEYS
 
 LLAMA_BOS_ID = 1
 MODEL_FEATURES = BATCH_KEYS
-
-# Packing drops zeros from the end of a row to find its length, so the mask must never be 0 on tokens.
-_PROMPT, _ANSWER = 1, 2
 
 
 class CausalSFTFeatureConverter(seqio.FeatureConverter):
@@ -68,38 +67,13 @@ class CausalSFTFeatureConverter(seqio.FeatureConverter):
 
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
         length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
-
-        def concat(ex):
-            return {
-                "tokens": tf.concat([ex["inputs"], ex["targets"]], 0),
-                "role": tf.concat(
-                    [tf.fill(tf.shape(ex["inputs"]), _PROMPT), tf.fill(tf.shape(ex["targets"]), _ANSWER)], 0
-                ),
-            }
-
-        ds = ds.map(concat, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(sft.concat_turns, num_parallel_calls=tf.data.AUTOTUNE)
         lengths = {"tokens": length, "role": length}
         if self.pack:
             ds = seqio.utils.trim_and_pack_dataset(ds, lengths, self._use_custom_packing_ops)
         else:
             ds = seqio.utils.trim_and_pad_dataset(ds, lengths)
-
-        def to_model(ex):
-            tokens = ex["tokens"]
-            segments = ex["tokens_segment_ids"] if self.pack else None
-            out = {
-                "decoder_target_tokens": tokens,
-                "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(
-                    tokens, sequence_id=segments, bos_id=self.bos_id
-                ),
-                "decoder_loss_weights": tf.cast(tf.equal(ex["role"], _ANSWER), tf.int32),
-            }
-            if self.pack:
-                out["decoder_segment_ids"] = segments
-                out["decoder_positions"] = ex["tokens_positions"]
-            return out
-
-        return ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(lambda ex: sft.to_model(ex, self.pack, self.bos_id), num_parallel_calls=tf.data.AUTOTUNE)
 
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         length = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
@@ -111,14 +85,10 @@ def _is_sft(provider: seqio.DatasetProviderBase) -> bool:
     return "inputs" in provider.output_features
 
 
-def task_feature_lengths(
-    provider: seqio.DatasetProviderBase, sequence_length: int, answer_length: int
-) -> dict[str, int]:
-    """Per-feature lengths whose packed rows are ``sequence_length`` long."""
+def task_feature_lengths(provider: seqio.DatasetProviderBase, sequence_length: int) -> dict[str, int]:
+    """Per-feature lengths of pretraining rows (SFT examples are measured whole, see :mod:`.sft`)."""
     if _is_sft(provider):
-        if not 0 < answer_length < sequence_length:
-            raise ValueError(f"answer_length {answer_length} must be in (0, {sequence_length})")
-        return {"inputs": sequence_length - answer_length, "targets": answer_length}
+        raise ValueError(f"{provider.name} is an SFT task: its rows are built by make_dataset's SFT path")
     return {"targets": sequence_length}
 
 
@@ -128,20 +98,9 @@ def feature_converter(provider: seqio.DatasetProviderBase, pack: bool = True) ->
     return seqio.LMFeatureConverter(pack=pack, bos_id=LLAMA_BOS_ID)
 
 
-def _packed(
-    task: seqio.Task,
-    *,
-    lengths: Mapping[str, int],
-    split: str,
-    shuffle: bool,
-    seed: int,
-    shard: seqio.ShardInfo,
-    num_epochs: int | None,
-    pack: bool,
-    shuffle_buffer_size: int | None,
-) -> tf.data.Dataset:
-    ds = task.get_dataset(
-        sequence_length=dict(lengths),
+def _task_dataset(task: seqio.Task, *, sequence_length, split, shuffle, seed, shard, num_epochs, shuffle_buffer_size):
+    return task.get_dataset(
+        sequence_length=sequence_length,
         split=split,
         shuffle=shuffle,
         seed=seed,
@@ -150,7 +109,42 @@ def _packed(
         try_in_mem_cache=False,
         shuffle_buffer_size=shuffle_buffer_size,
     )
+
+
+def _packed(task: seqio.Task, *, lengths: Mapping[str, int], pack: bool, **kwargs) -> tf.data.Dataset:
+    ds = _task_dataset(task, sequence_length=dict(lengths), **kwargs)
     return feature_converter(task, pack)(ds, lengths)
+
+
+def _sft_examples(task: seqio.Task, *, length: int, overlong: str, **kwargs) -> tf.data.Dataset:
+    """A task's {tokens, role} examples, whole (no SeqIO trimming), fitted to ``length`` by the policy.
+
+    Before the stream is built, one in-order pass over the split (this host's part) counts the examples
+    longer than ``length`` and logs them: nothing is cut or dropped without a count."""
+    one_pass = dict(kwargs, shuffle=False, num_epochs=1)
+    whole = _task_dataset(task, sequence_length=None, **one_pass).map(sft.concat_turns)
+    sft.report_overlong(task.name, kwargs["split"], sft.length_report(whole, length), length, overlong)
+    ds = _task_dataset(task, sequence_length=None, **kwargs).map(sft.concat_turns, num_parallel_calls=tf.data.AUTOTUNE)
+    return sft.fit_to_length(ds, length, overlong)
+
+
+def _sample(parts: list[tf.data.Dataset], rates: np.ndarray, seed: int) -> tf.data.Dataset:
+    # With a finite epoch count every part is drained (validation reads all of it).
+    return tf.data.Dataset.sample_from_datasets(
+        parts, weights=(rates / rates.sum()).tolist(), seed=seed, stop_on_empty_dataset=False
+    )
+
+
+def _tasks_and_rates(provider: seqio.DatasetProviderBase, name: str, split: str):
+    if not isinstance(provider, seqio.Mixture):
+        return [provider], None
+    tasks = [t for t in provider.tasks if split in t.splits]
+    rates = np.array([provider.get_rate(t) for t in tasks], dtype=np.float64)
+    keep = rates > 0
+    tasks, rates = [t for t, k in zip(tasks, keep, strict=True) if k], rates[keep]
+    if not tasks:
+        raise ValueError(f"mixture {name} has no task with split {split!r} and a positive rate")
+    return tasks, rates
 
 
 @gin.configurable(denylist=["host_index", "host_count"])
@@ -166,17 +160,24 @@ def make_dataset(
     host_index: int = 0,
     host_count: int = 1,
     pack: bool = True,
-    answer_length: int = 64,
     shuffle_buffer_size: int | None = None,
     drop_remainder: bool = True,
+    examples_per_batch: int | None = None,
+    sft_overlong: str = "drop",
 ) -> tf.data.Dataset:
     """Batches of task or mixture ``name`` for host ``host_index`` of ``host_count``.
 
-    ``batch_size`` is the global batch; each host gets ``batch_size // host_count`` rows, built only
+    ``batch_size`` is the global batch in rows; each host gets ``batch_size // host_count`` rows, built only
     from its own part of the data (files, or examples when there are fewer files than hosts).
-    ``num_epochs=None`` repeats forever (training). ``answer_length``: SFT token budget of the answer
-    turn; the prompt gets the rest of ``sequence_length``. ``shuffle_buffer_size``: examples (document
-    pieces) shuffled per task before packing; None keeps SeqIO's 1000.
+    ``num_epochs=None`` repeats forever (training). ``shuffle_buffer_size``: examples (document pieces)
+    shuffled per task before packing; None keeps SeqIO's 1000.
+
+    SFT tasks (``inputs`` + ``targets``, see :mod:`meditron_jax.data.sft`): ``pack=False`` gives one example
+    per row (MEDITRON: ``batch_size`` examples a step). ``pack=True`` with ``examples_per_batch`` packs each
+    step's ``examples_per_batch`` examples into its ``batch_size`` rows (the same examples a step as unpacked,
+    in fewer rows); ``pack=True`` alone packs the example stream into rows. ``sft_overlong``: what happens to
+    examples longer than ``sequence_length`` (always counted and logged): ``drop``, ``truncate_prompt_left``
+    or ``error``.
     """
     import meditron_jax.data.tasks  # noqa: F401  (registers the tasks)
 
@@ -185,36 +186,45 @@ def make_dataset(
     if not 0 <= host_index < host_count:
         raise ValueError(f"host_index {host_index} outside 0..{host_count - 1}")
     provider = seqio.get_mixture_or_task(name)
-    lengths = task_feature_lengths(provider, sequence_length, answer_length)
     shard = seqio.ShardInfo(index=host_index, num_shards=host_count)
     common = dict(
-        lengths=lengths,
-        split=split,
-        shuffle=shuffle,
-        shard=shard,
-        num_epochs=num_epochs,
-        pack=pack,
-        shuffle_buffer_size=shuffle_buffer_size,
+        split=split, shuffle=shuffle, shard=shard, num_epochs=num_epochs, shuffle_buffer_size=shuffle_buffer_size
     )
-    if isinstance(provider, seqio.Mixture):
-        tasks = [t for t in provider.tasks if split in t.splits]
-        rates = np.array([provider.get_rate(t) for t in tasks], dtype=np.float64)
-        keep = rates > 0
-        tasks, rates = [t for t, k in zip(tasks, keep, strict=True) if k], rates[keep]
-        if not tasks:
-            raise ValueError(f"mixture {name} has no task with split {split!r} and a positive rate")
-        # Distinct seeds per task: equal seeds would shuffle same-sized sources identically.
-        parts = [_packed(t, seed=seed + 1000 * (i + 1), **common) for i, t in enumerate(tasks)]
-        # With a finite epoch count every part is drained (validation reads all of it).
-        ds = tf.data.Dataset.sample_from_datasets(
-            parts, weights=(rates / rates.sum()).tolist(), seed=seed, stop_on_empty_dataset=False
-        )
+    tasks, rates = _tasks_and_rates(provider, name, split)
+    # Distinct seeds per mixture part: equal seeds would shuffle same-sized sources identically.
+    seeds = [seed] if rates is None else [seed + 1000 * (i + 1) for i in range(len(tasks))]
+    rows = batch_size // host_count
+    if _is_sft(provider):
+        sft.check_policy(sft_overlong)
+        parts = [
+            _sft_examples(t, length=sequence_length, overlong=sft_overlong, seed=s, **common)
+            for t, s in zip(tasks, seeds, strict=True)
+        ]
+        # SFT mixtures sample examples (the original blended documents), then make rows.
+        examples = parts[0] if rates is None else _sample(parts, rates, seed)
+        if pack and examples_per_batch:
+            if examples_per_batch % host_count:
+                raise ValueError(f"examples_per_batch {examples_per_batch} is not divisible by {host_count} hosts")
+            ds = sft.packed_steps(
+                examples, sequence_length, rows, examples_per_batch // host_count, LLAMA_BOS_ID, drop_remainder
+            )
+        else:
+            if pack:
+                ds = sft.stream_packed_rows(examples, sequence_length, LLAMA_BOS_ID)
+            else:
+                ds = sft.unpacked_rows(examples, sequence_length, LLAMA_BOS_ID)
+            ds = ds.batch(rows, drop_remainder=drop_remainder)
     else:
-        ds = _packed(provider, seed=seed, **common)
-    ds = ds.batch(batch_size // host_count, drop_remainder=drop_remainder)
+        if examples_per_batch:
+            raise ValueError(f"examples_per_batch is for SFT tasks; {name} is a pretraining task or mixture")
+        lengths = task_feature_lengths(provider, sequence_length)
+        parts = [_packed(t, lengths=lengths, pack=pack, seed=s, **common) for t, s in zip(tasks, seeds, strict=True)]
+        ds = parts[0] if rates is None else _sample(parts, rates, seed)
+        ds = ds.batch(rows, drop_remainder=drop_remainder)
     options = tf.data.Options()
     options.deterministic = True
-    # Curated JSONL is parsed by a py_function: stateless, so saving the iterator may ignore it.
+    # Curated JSONL is parsed by a py_function and packed SFT steps by a numpy_function: both stateless, so
+    # saving the iterator may ignore them.
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 

@@ -16,15 +16,18 @@ Benchmarks (MEDITRON.md §5), prompts from :mod:`meditron_jax.data.benchmarks`
     subjects MEDITRON scores. Features: ``inputs`` (prompt), ``targets`` (gold answer), plus ``id`` and
     ``answer`` strings for scoring.
 
-Supervised finetuning (MEDITRON.md §4)
-    ``medqa_sft`` (5-option train), ``medmcqa_sft`` (train rows with an explanation),
-    ``pubmedqa_sft`` (PQA-A 200k): ``inputs`` = the ChatML question turn, ``targets`` = the answer turn,
-    32,019-token vocabulary. Pack them with :class:`meditron_jax.data.pipeline.CausalSFTFeatureConverter`
-    (loss on the answer turn only, causal attention throughout).
+Supervised finetuning (MEDITRON.md §4), see ``SFT_SOURCES``
+    ``medqa_sft`` (5-option train), ``medmcqa_sft`` (train rows with an explanation; validation is a
+    seeded holdout of them, MedMCQA's dev set being its test set), ``pubmedqa_sft`` (PQA-A 200k),
+    ``pubmedqa_pqal_sft`` (PQA-L's 450 + 50 non-test items), and chain-of-thought ``medmcqa_cot_sft`` /
+    ``pubmedqa_cot_sft``: ``inputs`` = the ChatML question turn, ``targets`` = the answer turn, 32,019-token
+    vocabulary. :func:`meditron_jax.data.pipeline.make_dataset` batches them one example per row (MEDITRON)
+    or packed (loss on the answer turn only, causal attention throughout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,6 +35,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -364,26 +368,128 @@ def _register_benchmarks() -> None:
         )
 
 
-# name -> (benchmark of the train split, benchmark of the validation split, row filter)
-SFT_SOURCES: dict[str, tuple[str, str, Callable[[Mapping], bool] | None]] = {
-    "medqa": ("medqa_5opt", "medqa_5opt", None),
-    "medmcqa": ("medmcqa", "medmcqa", bm.has_explanation),
-    "pubmedqa": ("pubmedqa_artificial", "pubmedqa", None),
+# ----------------------------------------------------------------------------------------------
+# Supervised finetuning (MEDITRON.md §4)
+# ----------------------------------------------------------------------------------------------
+
+# Megatron-LLM's defaults when finetune.py gets one --data_path and no --valid_data_path, as MEDITRON's
+# finetuning/sft.py ran it: --split "969, 30, 1" over np.random.RandomState(--seed 1234).permutation(documents)
+# (megatron/data/instruction_dataset.py, dataset_utils.get_train_valid_test_split_). So the original
+# trained on 96.9% of each train set; 3% was its validation set, 0.1% an unused test sliver.
+MEGATRON_SPLIT = (969, 30, 1)
+MEGATRON_SEED = 1234
+
+
+def megatron_split(n: int, weights: Sequence[float] = MEGATRON_SPLIT, seed: int = MEGATRON_SEED) -> list[list[int]]:
+    """Row indices of Megatron's train / validation / test parts of ``n`` documents (same boundaries, same
+    permutation as Megatron-LLM, so the same rows when the input order is the original's)."""
+    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"split weights must be three non-negative numbers with a positive sum, got {weights}")
+    total = float(sum(weights))
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + int(round(w / total * n)))
+    bounds = [b - (bounds[-1] - n) if i else b for i, b in enumerate(bounds)]
+    order = np.random.RandomState(seed=seed).permutation(n)
+    return [sorted(order[bounds[i] : bounds[i + 1]].tolist()) for i in range(3)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSource:
+    """Where the rows of SFT task ``{name}_sft`` come from.
+
+    ``train``: benchmark whose ``train_split`` gives the train rows (``keep`` filters them).
+    ``validation``: benchmark whose ``validation`` split validates, or None for a Megatron-style holdout
+    of the train rows (:func:`megatron_split`; train then keeps its 96.9% part, as the original did).
+    ``test``: benchmark whose evaluation split is offered as the task's ``test`` split, to watch the SFT
+    loss on the rows that are scored; never trained or validated on.
+    """
+
+    train: str
+    validation: str | None
+    keep: Callable[[Mapping], bool] | None = None
+    cot: bool = False
+    train_split: str = "train"
+    test: str | None = None
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "validation") + (("test",) if self.test else ())
+
+
+SFT_SOURCES: dict[str, SFTSource] = {
+    # 5-option train (10,178 rows); MedQA-4-option is scored with this model (MEDITRON.md §4).
+    "medqa": SFTSource("medqa_5opt", "medqa_5opt"),
+    # MedMCQA's dev set is its benchmark test set (MEDITRON.md §5): validation is a holdout of train.
+    "medmcqa": SFTSource("medmcqa", None, keep=bm.has_explanation, test="medmcqa"),
+    # PQA-A, the 200,000 artificially labelled items; validation = PQA-L fold-0 dev (50 items, not test).
+    "pubmedqa": SFTSource("pubmedqa_artificial", "pubmedqa", test="pubmedqa"),
+    # PQA-L's 500 non-test expert-labelled items as bigbio's fold 0 splits them (random.Random(0) in
+    # pubmedqa's split_dataset.py): train 450, validation 50. In the shared data, unlike PQA-A.
+    "pubmedqa_pqal": SFTSource("pubmedqa", "pubmedqa", test="pubmedqa"),
+    # Chain-of-thought targets (finetune_preprocessing.py --cot): MedMCQA's `exp`, PubMedQA's LONG_ANSWER.
+    "medmcqa_cot": SFTSource("medmcqa", None, keep=bm.has_explanation, cot=True, test="medmcqa"),
+    "pubmedqa_cot": SFTSource("pubmedqa_artificial", "pubmedqa", cot=True, test="pubmedqa"),
 }
+
+
+@gin.configurable
+def sft_train_data(data_dir: str | None = None, from_hub: bool = False) -> tuple[str | None, bool]:
+    """Where SFT *train* rows are read: ``data_dir``, a folder in the shared data's layout
+    (``medqa/train.jsonl``, ``medmcqa/train.json``, ``pubmedqa/ori_pqaa.json``), else the shared data; or
+    ``from_hub``: the Hugging Face copies MEDITRON loaded (``benchmarks.load_benchmark_from_hub``).
+    Validation and test rows of a benchmark's own splits always come from the shared data."""
+    if data_dir and from_hub:
+        raise ValueError("sft_train_data: set data_dir or from_hub, not both")
+    return data_dir, from_hub
+
+
+def _train_records(bench: str, split: str) -> list[dict]:
+    data_dir, from_hub = sft_train_data()
+    if from_hub:
+        return bm.load_benchmark_from_hub(bench, split)
+    return bm.load_benchmark(bench, split, data_dir=data_dir)
+
+
+def sft_records(name: str, split: str) -> tuple[str, list[dict]]:
+    """(benchmark, records) of split ``train`` / ``validation`` / ``test`` of SFT task ``{name}_sft``."""
+    if name not in SFT_SOURCES:
+        raise KeyError(f"unknown SFT task {name}_sft; known: {sorted(SFT_SOURCES)}")
+    spec = SFT_SOURCES[name]
+    if split not in spec.splits:
+        raise KeyError(f"{name}_sft has splits {list(spec.splits)}, not {split!r}")
+    if split == "test":
+        return spec.test, bm.load_benchmark(spec.test, EVAL_SPLIT[spec.test])
+    if split == "validation" and spec.validation is not None:
+        return spec.validation, bm.load_benchmark(spec.validation, "validation")
+    records = _train_records(spec.train, spec.train_split)
+    if spec.keep is not None:
+        records = [r for r in records if spec.keep(r)]
+    if spec.validation is None:
+        part = megatron_split(len(records))[0 if split == "train" else 1]
+        records = [records[i] for i in part]
+    return spec.train, records
 
 
 def sft_rows(name: str, split: str) -> list[dict[str, str]]:
     """``inputs`` = ChatML question turn, ``targets`` = answer turn, for SFT task ``{name}_sft``."""
-    train_bench, val_bench, keep = SFT_SOURCES[name]
-    bench = train_bench if split == "train" else val_bench
-    records = bm.load_benchmark(bench, split)
-    if keep is not None and split == "train":
-        records = [r for r in records if keep(r)]
+    bench, records = sft_records(name, split)
+    cot = SFT_SOURCES[name].cot
     rows = []
     for r in records:
-        prompt, target = bm.render_sft(r, bench)
+        prompt, target = bm.render_sft(r, bench, cot=cot)
         rows.append({"id": r["id"], "inputs": prompt, "targets": target})
     return rows
+
+
+def _shuffled_examples(rows: Sequence[Mapping[str, str]], keys: Sequence[str], seed: int) -> tf.data.Dataset:
+    """Rows in a new seeded permutation each epoch (as Megatron permuted its documents per epoch).
+
+    Only row indices go through the shuffle buffer, so a saved iterator holds 8 bytes per row, not the
+    tokens of the whole train set."""
+    columns = {k: tf.constant([r[k] for r in rows], tf.string) for k in keys}
+    order = tf.data.Dataset.range(len(rows)).shuffle(max(len(rows), 1), seed=seed, reshuffle_each_iteration=True)
+    return order.map(lambda i: {k: tf.gather(v, i) for k, v in columns.items()})
 
 
 def _register_sft() -> None:
@@ -392,15 +498,17 @@ def _register_sft() -> None:
         "inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
         "targets": seqio.Feature(vocabulary=vocab, add_eos=False),
     }
-    for name in SFT_SOURCES:
+    for name, spec in SFT_SOURCES.items():
 
         def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, _name=name) -> tf.data.Dataset:
-            del shuffle_files, seed
-            return _examples_dataset(sft_rows(_name, split), ("id", "inputs", "targets"))
+            rows = sft_rows(_name, split)
+            if shuffle_files:
+                return _shuffled_examples(rows, ("id", "inputs", "targets"), 0 if seed is None else seed)
+            return _examples_dataset(rows, ("id", "inputs", "targets"))
 
         seqio.TaskRegistry.add(
             f"{name}_sft",
-            source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
+            source=seqio.FunctionDataSource(dataset_fn, splits=spec.splits),
             preprocessors=[seqio.preprocessors.tokenize],
             output_features=features,
             metric_fns=[],
