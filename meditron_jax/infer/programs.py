@@ -1,0 +1,354 @@
+"""The two compiled programs of generation, single-device or sharded on a mesh.
+
+* ``prefill``: run the left-padded prompts through the model once, fill the KV cache, pick the first token.
+* ``decode``: a ``while_loop`` of one-token decode steps that stops at a traced step limit or as soon as
+  every row is done (stop token or its own ``max_new_tokens``); called again for the next chunk when stop
+  strings must be checked on the host. The decode state (KV cache included) is donated, so the cache is
+  updated in place: each step writes one slot with ``dynamic_update_slice``, nothing copies the cache.
+
+Shapes are fixed by (batch, prompt length, cache length); sampling knobs are traced scalars, so only the
+greedy/filtered switches and the shapes select a compiled program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+
+from meditron_jax.config import ModelConfig
+from meditron_jax.infer import sampling
+from meditron_jax.model import Llama, init_cache, logical_axes
+from meditron_jax.parallel.mesh import MeshError
+from meditron_jax.parallel.rules import logical_axis_rules, logical_to_spec, mesh_axis_size, resolve_rules
+
+MAX_STOP_IDS = 8  # stop-id slots in a program; more ids round up to a multiple (a new program)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: Any  # the model's "cache" collection (K, V, valid mask, write index per layer)
+    token: jax.Array  # [b] last chosen token, not yet fed to the model
+    position: jax.Array  # [b, 1] its position
+    counts: jax.Array  # [b, vocab] int32 occurrences in the output (frequency penalty)
+    out: jax.Array  # [b, max_steps] chosen tokens
+    length: jax.Array  # [b] tokens generated per row
+    done: jax.Array  # [b] bool
+    step: jax.Array  # [] tokens chosen so far (all rows move together)
+    keys: jax.Array  # [b] PRNG keys
+
+
+def inference_rules(rules, config: ModelConfig, mesh: Mesh, model_name: str = "the model"):
+    """The training rules, resolved for ``config``, with ``length`` left whole (no sequence parallelism
+    when decoding one token at a time)."""
+    shape = dict(mesh.shape)
+    if shape.get("sequence", 1) > 1 or shape.get("stage", 1) > 1:
+        raise MeshError(
+            f"generation shards over data/fsdp/tensor only; mesh has sequence={shape.get('sequence', 1)}, "
+            f"stage={shape.get('stage', 1)} (make them 1)"
+        )
+    resolved = resolve_rules(logical_axis_rules() if rules is None else rules, config, shape, model_name)
+    out = tuple((name, None if name == "length" else axes) for name, axes in resolved.rules)
+    return out, resolved.notes
+
+
+class Programs:
+    """Jitted prefill/decode for one model and (optional) mesh; tracks how many programs were traced."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        mesh: Mesh | None = None,
+        rules: Sequence | None = None,
+        compiler_options: dict | None = None,
+    ):
+        # Layers unrolled: each layer's KV cache is its own buffer, written in place one slot per step. With
+        # scanned layers the layer scan re-stacks every layer's cache as a new output each step (a full
+        # copy of the cache per token; measured in tests/test_engine.py::test_kv_cache_is_updated_in_place).
+        self.config = config.replace(scan_layers=False)
+        self.stacked_input = config.scan_layers
+        self.mesh = mesh
+        self.model = Llama(self.config)
+        self.traces = 0
+        self.notes: tuple[str, ...] = ()
+        if mesh is not None:
+            self.rules, self.notes = inference_rules(rules, config, mesh)
+            self.param_shardings = nn.logical_to_mesh_sharding(logical_axes(self.config), mesh, self.rules)
+            self.batch_shards = mesh_axis_size(dict(mesh.shape), logical_to_spec(("batch",), self.rules)[0])
+        else:
+            self.rules = ()
+            self.param_shardings = None
+            self.batch_shards = 1
+        self._prefill = {}
+        self._decode = {}
+        self._compiler_options = compiler_options  # XLA options, e.g. a lower CPU codegen level in tests
+
+    # -- placement -------------------------------------------------------------------------------------
+
+    def _sharding(self, *names):
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, logical_to_spec(names, self.rules))
+
+    def place_params(self, params):
+        """Parameters in the unrolled layout on the device(s); host arrays are copied shard by shard."""
+        if self.stacked_input:
+            params = unstack_layers(params, self.config.num_layers)
+        if self.mesh is None:
+            return jax.device_put(params)
+
+        def put(x, sharding):
+            if isinstance(x, jax.Array):
+                return jax.device_put(x, sharding)
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, params, self.param_shardings)
+
+    def put(self, x, *names):
+        """A host array placed with the given logical axes (replicated without a mesh)."""
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        sharding = self._sharding(*names)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    def cache_shardings(self, batch: int, cache_len: int):
+        shapes = jax.eval_shape(lambda: init_cache(self.config, batch, cache_len))
+
+        names = {
+            "key": ("batch", None, "kv_heads", "head_dim"),
+            "value": ("batch", None, "kv_heads", "head_dim"),
+            "valid": ("batch", None),
+            "index": (),
+        }
+
+        def spec(path, leaf):
+            return self._sharding(*names[jax.tree_util.keystr(path[-1:], simple=True)])
+
+        return jax.tree_util.tree_map_with_path(spec, shapes), shapes
+
+    def state_shardings(self, batch: int, cache_len: int) -> DecodeState | None:
+        if self.mesh is None:
+            return None
+        cache, _ = self.cache_shardings(batch, cache_len)
+        b = self._sharding("batch")
+        b2 = self._sharding("batch", None)
+        return DecodeState(
+            cache=cache,
+            token=b,
+            position=b2,
+            counts=b2,
+            out=b2,
+            length=b,
+            done=b,
+            step=self._sharding(),
+            keys=b,
+        )
+
+    def check_batch(self, batch: int) -> None:
+        if batch % self.batch_shards:
+            raise MeshError(f"batch {batch} does not split over the mesh's {self.batch_shards} batch shards")
+
+    # -- programs -------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _context(self):
+        if self.mesh is None:
+            yield
+        else:
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                yield
+
+    def _forward(self, params, cache, tokens, positions, segment_ids, mode):
+        """Logits at the last position only: the final norm's output is cut to one position before the
+        output projection, so prefill never builds [b, length, vocab] logits."""
+
+        def last_position(next_fun, args, kwargs, context):
+            if context.module.name == "final_norm" and context.method_name == "__call__":
+                (x,) = args
+                return next_fun(x[:, -1:], **kwargs)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(last_position):
+            logits, state = self.model.apply(
+                {"params": params, "cache": cache}, tokens, positions, segment_ids, mode=mode, mutable=["cache"]
+            )
+        return logits[:, -1], state["cache"]
+
+    def _prefill_impl(self, params, tokens, real, positions, prompt_index, sample_index, done, knobs, stop_ids,
+                      max_new, seed, *, cache_len, max_steps, greedy, filtered):  # fmt: skip
+        self.traces += 1
+        b = tokens.shape[0]
+        cache = init_cache(self.config, b, cache_len)
+        if self.mesh is not None:
+            cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings(b, cache_len)[0])
+        logits, cache = self._forward(params, cache, tokens, positions, real, "prefill")
+        keys = sampling.row_keys(seed, prompt_index, sample_index)
+        counts = jnp.zeros((b, self.config.vocab_size), jnp.int32)
+        tok = sampling.next_tokens(logits, counts, keys, 0, knobs, greedy=greedy, filtered=filtered)
+        state = DecodeState(
+            cache=cache,
+            token=tok,
+            position=positions[:, -1:] + 1,
+            counts=counts,
+            out=jnp.zeros((b, max_steps), jnp.int32),
+            length=jnp.zeros((b,), jnp.int32),
+            done=done,
+            step=jnp.zeros((), jnp.int32),
+            keys=keys,
+        )
+        return _record(state, tok, stop_ids, max_new)
+
+    def _decode_impl(self, params, state: DecodeState, limit, knobs, stop_ids, max_new, *, greedy, filtered):
+        self.traces += 1
+
+        def cond(s):
+            return (s.step < limit) & ~jnp.all(s.done)
+
+        def body(s):
+            logits, cache = self._forward(
+                params, s.cache, s.token[:, None], s.position, jnp.ones_like(s.position), "decode"
+            )
+            tok = sampling.next_tokens(logits, s.counts, s.keys, s.step, knobs, greedy=greedy, filtered=filtered)
+            s = s.replace(cache=cache, position=s.position + 1)
+            return _record(s, tok, stop_ids, max_new)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    def prefill_fn(self, batch: int, cache_len: int, max_steps: int, greedy: bool, filtered: bool):
+        key = (batch, cache_len, max_steps, greedy, filtered)
+        if key not in self._prefill:
+            kw = {}
+            if self.mesh is not None:
+                b, b2, rep = self._sharding("batch"), self._sharding("batch", None), self._sharding()
+                knob_sh = dict.fromkeys(("temperature", "top_k", "top_p", "penalty"), rep)
+                kw = {
+                    "in_shardings": (self.param_shardings, b2, b2, b2, b, b, b, knob_sh, rep, rep, rep),
+                    "out_shardings": self.state_shardings(batch, cache_len),
+                }
+            impl = functools.partial(
+                self._prefill_impl, cache_len=cache_len, max_steps=max_steps, greedy=greedy, filtered=filtered
+            )
+            self._prefill[key] = jax.jit(impl, compiler_options=self._compiler_options, **kw)
+        return self._prefill[key]
+
+    def decode_fn(self, batch: int, cache_len: int, greedy: bool, filtered: bool):
+        key = (batch, cache_len, greedy, filtered)
+        if key not in self._decode:
+            kw = {}
+            if self.mesh is not None:
+                rep = self._sharding()
+                state_sh = self.state_shardings(batch, cache_len)
+                knob_sh = dict.fromkeys(("temperature", "top_k", "top_p", "penalty"), rep)
+                kw = {
+                    "in_shardings": (self.param_shardings, state_sh, rep, knob_sh, rep, rep),
+                    "out_shardings": state_sh,
+                }
+            impl = functools.partial(self._decode_impl, greedy=greedy, filtered=filtered)
+            self._decode[key] = jax.jit(impl, donate_argnums=(1,), compiler_options=self._compiler_options, **kw)
+        return self._decode[key]
+
+    def prefill(self, params, inputs: dict, knobs, stop_ids, max_new, seed, *, cache_len, max_steps, greedy,
+                filtered) -> DecodeState:  # fmt: skip
+        b = inputs["tokens"].shape[0]
+        fn = self.prefill_fn(b, cache_len, max_steps, greedy, filtered)
+        args = [inputs[k] for k in ("tokens", "real", "positions", "prompt_index", "sample_index", "done")]
+        with self._context():
+            return fn(params, *args, knobs, stop_ids, max_new, seed)
+
+    def decode(self, params, state: DecodeState, limit, knobs, stop_ids, max_new, *, greedy, filtered):
+        b = state.token.shape[0]
+        cache_len = _cache_len(state.cache)
+        fn = self.decode_fn(b, cache_len, greedy, filtered)
+        with self._context():
+            return fn(params, state, limit, knobs, stop_ids, max_new)
+
+    def lower_decode(self, abstract_params, batch: int, cache_len: int, max_steps: int, *, greedy=True,
+                     filtered=False):  # fmt: skip
+        """Lower the decode program for abstract inputs (ahead-of-time compilation)."""
+        state = self.abstract_state(batch, cache_len, max_steps)
+        knobs = jax.eval_shape(lambda: sampling.SamplingParams().arrays(self.config.vocab_size))
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        stop = jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32)
+        fn = self.decode_fn(batch, cache_len, greedy, filtered)
+        with self._context():
+            return fn.lower(abstract_params, state, scalar, knobs, stop, scalar)
+
+    def abstract_state(self, batch: int, cache_len: int, max_steps: int) -> DecodeState:
+        _, cache = self.cache_shardings(batch, cache_len)
+        vocab = self.config.vocab_size
+        i32 = jnp.int32
+        shapes = DecodeState(
+            cache=cache,
+            token=jax.ShapeDtypeStruct((batch,), i32),
+            position=jax.ShapeDtypeStruct((batch, 1), i32),
+            counts=jax.ShapeDtypeStruct((batch, vocab), i32),
+            out=jax.ShapeDtypeStruct((batch, max_steps), i32),
+            length=jax.ShapeDtypeStruct((batch,), i32),
+            done=jax.ShapeDtypeStruct((batch,), jnp.bool_),
+            step=jax.ShapeDtypeStruct((), i32),
+            keys=jax.eval_shape(lambda: sampling.row_keys(0, jnp.zeros(batch, i32), jnp.zeros(batch, i32))),
+        )
+        shardings = self.state_shardings(batch, cache_len)
+        if shardings is None:
+            return shapes
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def unstack_layers(params, num_layers: int) -> dict:
+    """Scanned-layout parameters (``layers`` stacked on axis 0) → ``layers_0 .. layers_{n-1}``.
+
+    Host arrays are sliced as views; device arrays one leaf at a time (peak: the model plus one leaf)."""
+    if "layers" not in params:
+        raise ValueError(f"expected scanned parameters with a 'layers' entry, got keys {sorted(params)}")
+    out = {k: v for k, v in params.items() if k != "layers"}
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    per_layer = [[] for _ in range(num_layers)]
+    for leaf in leaves:
+        if leaf.shape[0] != num_layers:
+            raise ValueError(f"stacked layer parameter of shape {leaf.shape} does not have {num_layers} layers")
+        if isinstance(leaf, jax.Array):
+            parts = jax.jit(lambda x: tuple(x[i] for i in range(num_layers)))(leaf)
+        else:
+            parts = [leaf[i] for i in range(num_layers)]
+        for i, part in enumerate(parts):
+            per_layer[i].append(part)
+    for i, layer in enumerate(per_layer):
+        out[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
+    return out
+
+
+def _record(state: DecodeState, tok, stop_ids, max_new) -> DecodeState:
+    """Store the chosen token for rows still running; finish rows on a stop id or at max_new tokens."""
+    live = ~state.done
+    out = jax.lax.dynamic_update_slice_in_dim(state.out, jnp.where(live, tok, 0)[:, None], state.step, axis=1)
+    length = state.length + live.astype(jnp.int32)
+    counts = state.counts.at[jnp.arange(tok.shape[0]), tok].add(live.astype(jnp.int32))
+    stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    done = state.done | stopped | (length >= max_new)
+    return state.replace(token=tok, out=out, length=length, counts=counts, done=done, step=state.step + 1)
+
+
+def _cache_len(cache) -> int:
+    leaves = jax.tree_util.tree_leaves_with_path(cache)
+    for path, leaf in leaves:
+        if jax.tree_util.keystr(path[-1:], simple=True) == "valid":
+            return int(leaf.shape[-1])
+    raise ValueError("cache has no 'valid' mask")
+
+
+def stop_id_array(ids: Sequence[int]) -> np.ndarray:
+    """Stop ids padded with -1 (never a token) to a multiple of MAX_STOP_IDS slots."""
+    slots = max(MAX_STOP_IDS, -(-len(ids) // MAX_STOP_IDS) * MAX_STOP_IDS)
+    out = np.full((slots,), -1, np.int32)
+    out[: len(ids)] = ids
+    return out

@@ -1,0 +1,250 @@
+"""The generation engine against independent references: transformers' greedy decoding (with MEDITRON's
+frequency penalty as a hand-written LogitsProcessor), transformers' temperature/top-k/top-p warpers for the
+sampled distribution, and each prompt generated alone for batching, bucketing and stopping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+
+import meditron_jax
+from meditron_jax.infer import Engine, SamplingParams
+from meditron_jax.infer import sampling as sampling_lib
+
+# LLVM's codegen level does not change the arithmetic; level 0 cuts CPU compile time.
+FAST = {"compiler_options": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}}
+PROMPTS = ["Once upon a time", "Lily", "The little dog ran to the park and saw a big red ball. He"]
+
+
+@pytest.fixture(scope="module")
+def stories(shared_data):
+    return meditron_jax.load(shared_data / "stories260K_hf")
+
+
+@pytest.fixture(scope="module")
+def stories_hf(shared_data):
+    return transformers.LlamaForCausalLM.from_pretrained(
+        str(shared_data / "stories260K_hf"), dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(stories):
+    return Engine(stories.config, stories.params, stories.tokenizer, max_batch=8, stop_check_every=4, **FAST)
+
+
+class GeneratedFrequencyPenalty(transformers.LogitsProcessor):
+    """vLLM's frequency penalty, written for transformers: subtract penalty × count of each token in the
+    generated part (the prompt does not count)."""
+
+    def __init__(self, prompt_len, penalty):
+        self.prompt_len, self.penalty = prompt_len, penalty
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len :]
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.penalty * counts
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1.0])
+def test_greedy_matches_transformers(stories, stories_hf, engine, penalty):
+    """Token for token, 40 new tokens, three prompts of different lengths in one batch vs HF one by one."""
+    ids = [stories.tokenizer.encode(p, bos=True) for p in PROMPTS]
+    got = engine.generate_ids(ids, SamplingParams(max_new_tokens=40, frequency_penalty=penalty))
+    for prompt, (ours,) in zip(ids, got, strict=True):
+        with torch.no_grad():
+            ref = stories_hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=40,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                logits_processor=transformers.LogitsProcessorList([GeneratedFrequencyPenalty(len(prompt), penalty)]),
+            )[0, len(prompt) :].tolist()
+        assert ours == ref
+    if penalty:  # the penalty really changes the continuation of this model (it loves to repeat)
+        plain = engine.generate_ids(ids, SamplingParams(max_new_tokens=40))
+        assert plain != got
+
+
+def _hf_filtered_probs(logits, temperature, top_k, top_p):
+    """The sampled distribution as transformers' warpers define it (temperature, then top-k, then top-p)."""
+    warpers = [transformers.TemperatureLogitsWarper(temperature)]
+    if top_k is not None:
+        warpers.append(transformers.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(transformers.TopPLogitsWarper(top_p))
+    scores = torch.tensor(logits[None], dtype=torch.float32)
+    for w in warpers:
+        scores = w(None, scores)
+    return torch.softmax(scores, -1)[0].double().numpy()
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, penalty",
+    [(0.7, None, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.3, None, 0.8, 0.0), (0.9, 6, 0.7, 0.0), (1.0, None, 0.9, 1.0)],
+)
+def test_sampled_frequencies_match_filtered_softmax(temperature, top_k, top_p, penalty):
+    """60,000 draws from fixed logits: filtered-out tokens never appear; the rest pass a chi-square test
+    against transformers' warped softmax (fixed seed, so deterministic; p > 1e-3)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, 16).astype(np.float32)
+    counts = np.zeros(16, np.int32)
+    counts[np.argsort(-logits)[:2]] = [1, 2]  # the penalty pushes down the two likeliest tokens
+    draws = 60_000
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, frequency_penalty=penalty)
+    keys = sampling_lib.row_keys(jnp.uint32(7), jnp.arange(draws, dtype=jnp.int32), jnp.zeros(draws, jnp.int32))
+    toks = jax.jit(sampling_lib.next_tokens, static_argnames=("greedy", "filtered"))(
+        jnp.broadcast_to(logits, (draws, 16)),
+        jnp.broadcast_to(counts, (draws, 16)),
+        keys,
+        3,
+        params.arrays(16),
+        greedy=False,
+        filtered=params.filtered,
+    )
+    observed = np.bincount(np.asarray(toks), minlength=16)
+    expected = _hf_filtered_probs(logits - penalty * counts, temperature, top_k, top_p)
+    assert np.all(observed[expected == 0] == 0)
+    kept = expected > 0
+    if top_k is not None or top_p < 1:
+        assert kept.sum() < 16  # the filter is really active
+    _, pvalue = scipy.stats.chisquare(observed[kept], expected[kept] / expected[kept].sum() * draws)
+    assert pvalue > 1e-3, (observed, expected * draws)
+    assert 0.5 * np.abs(observed / draws - expected).sum() < 0.01  # total variation
+
+
+def test_batched_rows_equal_rows_alone(stories, engine):
+    sp = SamplingParams(max_new_tokens=24, frequency_penalty=1.0)
+    together = engine.generate(PROMPTS, sp)
+    alone = Engine(stories.config, stories.params, stories.tokenizer, max_batch=1, **FAST)
+    for prompt, (c,) in zip(PROMPTS, together, strict=True):
+        assert alone.generate([prompt], sp)[0][0] == c
+
+
+def test_stop_token_and_stop_string_end_rows_early(stories, engine):
+    base = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=40))
+    ids0 = base[0][0].token_ids
+    text0 = base[0][0].text
+    assert base[0][0].finish_reason == "length" and len(ids0) == 40
+    # A stop id: the row ends at its first occurrence, the id kept, the text without it.
+    stop_id = ids0[6]
+    first = ids0.index(stop_id)
+    out = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=40, stop_token_ids=(stop_id,)))
+    c0 = out[0][0]
+    assert c0.token_ids == ids0[: first + 1] and c0.finish_reason == "stop"
+    assert c0.text == text0[: len(c0.text)] and len(c0.text) < len(text0)
+    # A stop string: text cut right before it; ids end with the token that completed it.
+    word = "girl"
+    assert word in text0
+    out = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=40, stop_strings=("zzz", word)))
+    c0 = out[0][0]
+    assert c0.finish_reason == "stop" and c0.text == text0[: text0.index(word)]
+    assert c0.token_ids == ids0[: len(c0.token_ids)]
+    assert word in stories.tokenizer.decode(c0.token_ids)
+    assert word not in stories.tokenizer.decode(c0.token_ids[:-1])
+    assert out[1][0] == base[1][0] or word in base[1][0].text  # the other row is unaffected
+
+
+def test_finished_batches_stop_decoding(stories):
+    """A batch whose rows all stop after one token runs one step, not max_new_tokens."""
+    eng = Engine(stories.config, stories.params, stories.tokenizer, **FAST)
+    first = eng.generate(["Once upon a time"], SamplingParams(max_new_tokens=1))[0][0].token_ids[0]
+    out = eng.generate(["Once upon a time"], SamplingParams(max_new_tokens=500, stop_token_ids=(first,)))[0][0]
+    assert out.token_ids == [first] and out.finish_reason == "stop"
+    assert eng.last_decode_steps == 1
+
+
+def test_n_samples_differ_and_are_reproducible(stories, engine):
+    sp = SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=3)
+    out = engine.generate(PROMPTS[:2], sp)
+    assert [len(per) for per in out] == [4, 4]
+    assert len({tuple(c.token_ids) for c in out[0]}) > 1
+    assert engine.generate(PROMPTS[:2], sp) == out
+    assert engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=4)) != out
+    # A row's randomness depends on (seed, prompt index, sample index), not on the batch it ran in.
+    small = Engine(stories.config, stories.params, stories.tokenizer, max_batch=1, **FAST)
+    assert small.generate(PROMPTS[:1], sp)[0] == out[0]
+
+
+def test_compiles_once_per_bucket(stories):
+    rng = np.random.default_rng(1)
+    lengths = [1, 3, 5, 9, 14, 17, 22, 30, 41, 60]
+    prompts = [list(rng.integers(3, 500, n)) for n in lengths]
+    eng = Engine(stories.config, stories.params, max_batch=5, length_buckets=(16, 64), **FAST)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=5))
+    assert [len(per[0].token_ids) for per in out] == [5] * 10
+    # Sorted by length, cut into batches of 5: [1..14] → (5 rows, 16 tokens), [17..60] → (5, 64).
+    assert {(b, w) for b, w, *_ in eng.buckets_used} == {(5, 16), (5, 64)}
+    assert eng.compile_count == 2 * 2  # one prefill + one decode program per bucket
+    # New lengths in the same buckets, another max_new_tokens in the same bucket, a penalty: nothing new.
+    eng.generate(prompts[::-1], SamplingParams(max_new_tokens=9, frequency_penalty=0.5))
+    assert eng.compile_count == 4
+    short = prompts[:5]
+    eng.generate(short, SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9))
+    assert eng.compile_count == 6  # sampling with a filter is its own program
+    eng.generate(short, SamplingParams(max_new_tokens=5, temperature=1.3, top_p=0.5, top_k=7, seed=2))
+    assert eng.compile_count == 6  # new temperature / top-p / top-k values are traced
+
+
+def test_results_in_prompt_order(stories, engine):
+    sp = SamplingParams(max_new_tokens=8)
+    forward = engine.generate(PROMPTS, sp)
+    backward = engine.generate(PROMPTS[::-1], sp)
+    assert forward == backward[::-1]
+
+
+def test_kv_cache_is_updated_in_place(stories):
+    """The compiled decode loop aliases its whole state (KV cache included) to the output and needs far
+    less temporary memory than one copy of the cache."""
+    eng = Engine(stories.config, stories.params)
+    P = eng.programs
+    batch, cache_len = 8, 1024
+    compiled = P.lower_decode(eng.params, batch, cache_len, 64).compile()
+    mem = compiled.memory_analysis()
+    state = P.abstract_state(batch, cache_len, 64)
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.cache))
+    assert mem.alias_size_in_bytes >= cache_bytes
+    assert mem.temp_size_in_bytes < cache_bytes / 4, (mem.temp_size_in_bytes, cache_bytes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_p": 0.0}, r"top_p=0.0: must lie in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5"),
+        ({"temperature": float("nan")}, "temperature=nan: must be a finite number"),
+        ({"temperature": -1.0}, "temperature=-1.0: must be >= 0"),
+        ({"top_k": 0}, "top_k=0: must be None or an int >= 1"),
+        ({"n": 0}, "n=0: must be at least 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0: must be at least 1"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty=inf: must be a finite number"),
+        ({"stop_strings": "###"}, "must be a tuple of strings"),
+        ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+    ],
+)
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts(stories, engine):
+    with pytest.raises(
+        ValueError, match=r"prompt 1 \(3 tokens\) \+ max_new_tokens \(510\) exceeds the model's context"
+    ):
+        engine.generate([[1], [1, 2, 3]], SamplingParams(max_new_tokens=510))
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match=r"token ids \[512\] outside \[0, 512\)"):
+        engine.generate([[1, 512]], SamplingParams())
+    with pytest.raises(TypeError, match="not a single string"):
+        engine.generate("Once", SamplingParams())
+    no_tok = Engine(stories.config, stories.params, **FAST)
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        no_tok.generate(["Once"], SamplingParams())
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        no_tok.generate([[1]], SamplingParams(stop_strings=("###",)))
