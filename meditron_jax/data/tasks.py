@@ -33,6 +33,7 @@ import json
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import gin
 import numpy as np
@@ -102,7 +103,11 @@ def fewshot_pool(benchmark: str, overrides: Mapping[str, Sequence[str]] | None =
     """(benchmark, split) that exemplars of ``benchmark`` are drawn from. MMLU: MEDITRON aggregated the
     5 dev rows of all 11 medical subjects into one pool (its lukaemon/mmlu "train" split)."""
     key = "mmlu" if benchmark.startswith("mmlu") else benchmark
-    table = {**DEFAULT_FEWSHOT_POOLS, **{k: tuple(v) for k, v in (overrides or {}).items()}}
+    table = dict(DEFAULT_FEWSHOT_POOLS)
+    for k, v in (overrides or {}).items():
+        if len(v) != 2:
+            raise ValueError(f"fewshot_pool.overrides[{k!r}] = {v!r}: expected (benchmark, split)")
+        table[k] = (v[0], v[1])
     return table[key]
 
 
@@ -309,7 +314,7 @@ def _examples_dataset(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) ->
     return tf.data.Dataset.from_tensor_slices({k: tf.constant([r[k] for r in rows], tf.string) for k in keys})
 
 
-def _exemplars(benchmark: str, shots: int, seed: int) -> list[dict]:
+def _exemplars(benchmark: str, shots: int, seed: int) -> list[Mapping]:
     pool_name, pool_split = fewshot_pool(benchmark)
     return bm.select_exemplars(bm.load_benchmark(pool_name, pool_split), shots, seed)
 
@@ -338,8 +343,13 @@ def _eval_dataset_fn(benchmark: str, **render) -> Callable:
     return dataset_fn
 
 
-def _eval_variants() -> list[tuple[str, dict]]:
-    out = [("", {}), ("_cot", {"cot": True}), ("_chat", {"chat": True}), ("_chat_cot", {"chat": True, "cot": True})]
+def _eval_variants() -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = [
+        ("", {}),
+        ("_cot", {"cot": True}),
+        ("_chat", {"chat": True}),
+        ("_chat_cot", {"chat": True, "cot": True}),
+    ]
     for k in SHOTS:
         out.append((f"_{k}shot", {"shots": k, "seed": bm.MEDITRON_SEEDS[0]}))
         out.extend((f"_{k}shot_seed{s}", {"shots": k, "seed": s}) for s in bm.MEDITRON_SEEDS)
@@ -458,7 +468,7 @@ def sft_records(name: str, split: str) -> tuple[str, list[dict]]:
     spec = SFT_SOURCES[name]
     if split not in spec.splits:
         raise KeyError(f"{name}_sft has splits {list(spec.splits)}, not {split!r}")
-    if split == "test":
+    if split == "test" and spec.test is not None:
         return spec.test, bm.load_benchmark(spec.test, EVAL_SPLIT[spec.test])
     if split == "validation" and spec.validation is not None:
         return spec.validation, bm.load_benchmark(spec.validation, "validation")
