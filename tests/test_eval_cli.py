@@ -151,3 +151,14 @@ def test_too_long_empty_answers_without_generating(tmp_path):
     assert all(p["outputs"] == [""] and p["answer"] is None and not p["correct"] for p in preds)
     row = json.loads((out / "results.json").read_text())["results"][0]
     assert row["truncated_items"] == 4 and row["parse_rate"] == 0.0
+
+
+def test_missing_fewshot_pool_fails_before_any_generation(tmp_path):
+    out = tmp_path / "out"
+    backend = FakeBackend()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    argv = ["--checkpoint", str(ckpt), "--benchmark", "all", "--shots", "3", "--output", str(out), "--no_progress"]
+    with pytest.raises(SystemExit, match="meditron-eval: medmcqa: .*medmcqa.*train"):
+        cli.main(argv, backend=backend, process_index=0, process_count=1)
+    assert backend.prompts == [] and not list(out.glob("predictions_*"))

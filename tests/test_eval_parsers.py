@@ -155,3 +155,37 @@ def test_mean_std():
     assert mean_std([0.5]) == (0.5, 0.0)
     m, s = mean_std([0.2, 0.4, 0.6])
     assert m == pytest.approx(0.4) and s == pytest.approx(0.2)  # sample std (ddof=1)
+
+
+def test_published_table_matches_meditron_md(shared_data):
+    """published.PUBLISHED against the tables of ../shared/MEDITRON.md §6, parsed here from the Markdown."""
+    from meditron_jax.eval import published
+
+    text = (shared_data.parent / "MEDITRON.md").read_text()
+    section = text.split("## 6.")[1].split("## 7.")[0]
+    names = {
+        "Llama-2-7B": ("llama-2-7b", "fewshot"),
+        "MEDITRON-7B": ("meditron-7b", "fewshot"),
+        "Llama-2-70B": ("llama-2-70b", "fewshot"),
+        "MEDITRON-70B": ("meditron-70b", "fewshot"),
+        "MEDITRON-7B, top-token": ("meditron-7b", "top_token"),
+        "MEDITRON-70B, top-token": ("meditron-70b", "top_token"),
+        "MEDITRON-70B, CoT": ("meditron-70b", "cot"),
+        "MEDITRON-70B, SC-CoT": ("meditron-70b", "sc_cot"),
+    }
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in names:
+            key = names[cells[0]]
+            values = [float(c) for c in cells[1:6]]  # MMLU-Med, PubMedQA, MedMCQA, MedQA, MedQA-4 (then avg)
+            want = dict(zip(("mmlu_medical", "pubmedqa", "medmcqa", "medqa", "medqa_4opt"), values, strict=True))
+            assert published.PUBLISHED[key] == want
+            seen.add(key)
+    assert seen == set(published.PUBLISHED)
+    assert published.lookup("pubmedqa", "top_token", size="7b", chat=False, shots=3)[0] == 69.3
+    assert published.lookup("pubmedqa", "top_token", size="7b", chat=False, shots=5)[0] is None
+    assert published.lookup("medqa", "sc_cot", size="70b", chat=True, shots=0)[0] == 64.4
+    assert published.lookup("medqa", "cot", size="7b", chat=True, shots=0)[0] is None  # no 7B CoT row
+    assert published.lookup("medqa", "loglik", size="7b", chat=True, shots=0)[0] is None
+    assert published.model_size(4096, 32) == "7b" and published.model_size(64, 5) is None

@@ -159,6 +159,13 @@ def main(
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
+    # Every benchmark's items (and few-shot pool) first: a missing or malformed file stops the run before
+    # any model time is spent.
+    for b in benchmarks:
+        try:
+            evaluator.items(b, limit=args.limit)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"meditron-eval: {b}: {e}") from e
     rows_by_benchmark = {}
     for b in benchmarks:
         rows = evaluator.run(b, out, limit=args.limit, process_index=process_index, process_count=process_count)

@@ -143,36 +143,42 @@ class MeditronJaxLM(TemplateLM):
             self._engine = Engine(self.lm.config, self.lm.params, self.tokenizer)
         return self._engine
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def _sampling(self, gen_kwargs: dict):
         from meditron_jax.infer.engine import SamplingParams
 
-        out = []
-        for req in requests:
-            context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-            if not _flag(kwargs.pop("do_sample", None), temperature > 0):
-                temperature = 0.0
-            ids = self.tok_encode(context)
-            room = self.max_length - max_new
-            if room < 1:
-                raise ValueError(f"max_gen_toks {max_new} leaves no room in the {self.max_length}-token context")
-            ids = ids[-room:]  # left-truncate, as HFLM
-            sampling = SamplingParams(
-                max_new_tokens=max_new,
-                temperature=temperature,
-                top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
-                stop_token_ids=(self.tokenizer.eos_id,),
-                stop_strings=tuple(s for s in until if s),
-                seed=int(kwargs.pop("seed", 0) or 0),
-            )
-            text = self._get_engine().generate([ids], sampling)[0][0].text
-            out.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        return out
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        if not _flag(kwargs.pop("do_sample", None), temperature > 0):
+            temperature = 0.0
+        if self.max_length - max_new < 1:
+            raise ValueError(f"max_gen_toks {max_new} leaves no room in the {self.max_length}-token context")
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+            stop_token_ids=(self.tokenizer.eos_id,),
+            stop_strings=tuple(s for s in until if s),
+            seed=int(kwargs.pop("seed", 0) or 0),
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continuations cut at the request's ``until`` strings (or EOS); requests with the same generation
+        settings go to the engine together. Contexts are left-truncated to fit, as HFLM does."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        for idx in groups.values():
+            sampling = self._sampling(requests[idx[0]].args[1])
+            room = self.max_length - sampling.max_new_tokens
+            prompts = [self.tok_encode(requests[i].args[0])[-room:] for i in idx]
+            for i, comps in zip(idx, self._get_engine().generate(prompts, sampling), strict=True):
+                out[i] = comps[0].text
+                self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        return out  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------------
