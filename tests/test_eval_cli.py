@@ -32,6 +32,35 @@ def test_cli_stories260k_pubmedqa(shared_data, tmp_path):
     assert "| pubmedqa | top_token |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
+def test_cli_stories260k_sc_cot_and_loglik(shared_data, tmp_path):
+    """The real engine with several samples per prompt, and the real log-likelihood scorer, through the CLI."""
+    ckpt = str(shared_data / "stories260K_hf")
+    base = ["--checkpoint", ckpt, "--benchmark", "medqa_4opt", "--limit", "3", "--no_progress"]
+    sc = [
+        *base,
+        "--strategy",
+        "sc_cot",
+        "--sc_branches",
+        "3",
+        "--cot_max_new_tokens",
+        "8",
+        "--output",
+        str(tmp_path / "sc"),
+    ]
+    cli.main(sc, process_index=0, process_count=1)
+    preds = [json.loads(line) for line in (tmp_path / "sc" / "predictions_medqa_4opt.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all(len(p["outputs"]) == 3 and len(p["parsed"]) == 3 for p in preds)
+    assert any(len(set(p["outputs"])) > 1 for p in preds)  # temperature 0.8: the branches differ
+    cli.main([*base, "--strategy", "loglik", "--output", str(tmp_path / "ll")], process_index=0, process_count=1)
+    preds = [json.loads(line) for line in (tmp_path / "ll" / "predictions_medqa_4opt.jsonl").read_text().splitlines()]
+    for p in preds:
+        assert set(p["scores"]) == {"A", "B", "C", "D"} and all(v < 0 for v in p["scores"].values())
+        assert p["answer"] == max(p["scores"], key=p["scores"].get)
+    row = json.loads((tmp_path / "ll" / "results.json").read_text())["results"][0]
+    assert row["n"] == 3 and row["parse_rate"] == 1.0
+
+
 def test_help_shows_an_example():
     proc = subprocess.run(
         [sys.executable, "scripts/evaluate.py", "--help"], capture_output=True, text=True, timeout=120, check=True

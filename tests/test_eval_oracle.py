@@ -221,6 +221,22 @@ def test_real_llama_tokenizer_answer_lengths(shared_data):
     assert dropped == 0 and ids[0] == tok.bos_id and tok.decode(ids) == items[0].prompt
 
 
+@pytest.mark.parametrize("benchmark, limit", [("pubmedqa", None), ("medqa", 200)])
+def test_gold_oracle_through_llama_tokenizer(benchmark, limit, shared_data, tmp_path):
+    """The same oracle with Llama-2's real SentencePiece tokenizer between prompt and engine."""
+    from meditron_jax.data.vocabulary import Tokenizer
+
+    tok = Tokenizer(shared_data / "llama2_tokenizer" / "tokenizer.model")
+    by_prompt = {}
+    engine = ForcedEngine(lambda ids, branch, sampling: " " + by_prompt[tuple(ids)].gold)
+    ev = Evaluator(Settings(parser="robust"), tokenizer=tok, max_length=4096, engine=engine, progress=False)
+    for it in ev.items(benchmark, limit=limit):
+        by_prompt[tuple(tok.encode(it.prompt, bos=True))] = it
+    rows = ev.run(benchmark, tmp_path, limit=limit)
+    got = report.score_rows(rows)
+    assert got["n"] == (limit or 500) and got["accuracy"] == 1.0 and got["truncated_items"] == 0
+
+
 class SplitMaybe(WordTokenizer):
     """ "maybe" is two tokens (as in stories260K's 512-piece vocabulary)."""
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (refused if it holds other files)")
     p.add_argument("--batch_size", type=int, default=16, help="items per engine call (and per resume checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="discard a previous evaluation in --output")
+    p.add_argument(
+        "--cot_max_new_tokens", type=int, default=1024, help="CoT / SC-CoT generation budget (MEDITRON: 1024)"
+    )
     p.add_argument("--sample_seed", type=int, default=0, help="sampling seed for SC-CoT")
     p.add_argument("--model_size", choices=("7b", "70b", "none"), default=None, help="for the published column")
     p.add_argument("--published_family", choices=("meditron", "llama-2"), default="meditron")
@@ -125,6 +128,7 @@ def main(
             too_long=args.too_long,
             mmlu_paper_rows=args.mmlu_paper_rows,
             sample_seed=args.sample_seed,
+            cot_max_new_tokens=args.cot_max_new_tokens,
         )
     except ValueError as e:
         raise SystemExit(f"meditron-eval: {e}") from e

@@ -70,6 +70,8 @@ class Settings:
             bad("shots", "a count >= 0")
         if self.sc_branches < 1:
             bad("sc_branches", "at least 1")
+        if self.cot_max_new_tokens < 1:
+            bad("cot_max_new_tokens", "at least 1")
         if self.shots and not self.seeds:
             bad("seeds", "at least one seed for few-shot")
         if self.chat and self.shots:
