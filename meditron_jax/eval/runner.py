@@ -19,6 +19,7 @@ import dataclasses
 import pathlib
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 
 from meditron_jax.data.benchmarks import MEDITRON_SEEDS
@@ -207,10 +208,13 @@ class Evaluator:
 
     # -- evaluation -----------------------------------------------------------------------------------
 
-    def _sampling(self, new_tokens: int):
+    def _sampling(self, new_tokens: int, first_key: str):
         from meditron_jax.infer.engine import SamplingParams
 
         s = self.settings
+        # The engine draws per (seed, prompt position, sample); mixing in the call's first item keeps
+        # different calls from reusing the same random streams, and a rerun with the same batching the same.
+        seed = (s.sample_seed * 1_000_003 + zlib.crc32(first_key.encode())) % (2**31)
         return SamplingParams(
             max_new_tokens=new_tokens,
             temperature=s.sc_temperature if s.strategy == "sc_cot" else 0.0,
@@ -219,7 +223,7 @@ class Evaluator:
             n=s.sc_branches if s.strategy == "sc_cot" else 1,
             stop_token_ids=self.stop_token_ids,
             stop_strings=STOP_STRINGS,
-            seed=s.sample_seed,
+            seed=seed,
         )
 
     def _row(self, item, outputs: list[str], truncated: int, scores: dict | None = None) -> dict:
@@ -267,7 +271,7 @@ class Evaluator:
                 group, prompts = [it for it, _ in keep], [p for _, p in keep]
             if not group:
                 continue
-            completions = self.engine.generate([p for p, _ in prompts], self._sampling(new_tokens))
+            completions = self.engine.generate([p for p, _ in prompts], self._sampling(new_tokens, group[0].key))
             if len(completions) != len(group):
                 raise RuntimeError(f"the engine returned {len(completions)} results for {len(group)} prompts")
             for it, (_, dropped), comps in zip(group, prompts, completions, strict=True):
