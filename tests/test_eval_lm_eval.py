@@ -84,3 +84,14 @@ def test_rolling_matches_hf_and_generation(shared_data):
     assert [g.lstrip(" ") for g in got] == [w.lstrip(" ") for w in want], (got, want)
     assert got[1].startswith(" ")
     assert "." not in got[0] and got[0].strip()
+
+
+def test_write_local_tasks_keeps_other_files(tmp_path):
+    lm_eval_adapter.write_local_tasks(tmp_path)
+    lm_eval_adapter.write_local_tasks(tmp_path)  # same content again: fine
+    (tmp_path / "meditron_pubmedqa.yaml").write_text("mine")
+    with pytest.raises(FileExistsError, match="meditron_pubmedqa.yaml exists"):
+        lm_eval_adapter.write_local_tasks(tmp_path)
+    assert (tmp_path / "meditron_pubmedqa.yaml").read_text() == "mine"
+    rows = (tmp_path / "pubmedqa_test.jsonl").read_text().splitlines()
+    assert len(rows) == 500

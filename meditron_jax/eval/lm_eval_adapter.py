@@ -24,10 +24,16 @@ import os
 import pathlib
 import sys
 
-import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: get_model only does so on an empty registry)
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+try:
+    import lm_eval.models  # noqa: F401  (registers lm-eval's models first: get_model does so only on an empty registry)
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # depends on the environment
+    raise ImportError(
+        "meditron_jax.eval.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval==0.4.13 "
+        "accelerate==1.15.0 (both in the project's test extra)"
+    ) from e
 
 from meditron_jax.eval.loglik import LoglikScorer
 
@@ -221,9 +227,12 @@ metric_list:
 """
 
 
-def write_local_tasks(folder: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def write_local_tasks(
+    folder: str | os.PathLike, data_dir: str | os.PathLike | None = None, *, overwrite: bool = False
+) -> pathlib.Path:
     """Write ``meditron_medqa_4opt`` and ``meditron_pubmedqa`` task YAMLs (and PubMedQA's test items as
-    JSONL) into ``folder``, for ``--include_path folder``. Reads the shared data, downloads nothing."""
+    JSONL) into ``folder``, for ``--include_path folder``. Reads the shared data, downloads nothing.
+    An existing file of the same name with other content is an error unless ``overwrite``."""
     from meditron_jax.data import benchmarks as bm
     from meditron_jax.data.paths import shared_data_dir
 
@@ -234,14 +243,18 @@ def write_local_tasks(folder: str | os.PathLike, data_dir: str | os.PathLike | N
     if not medqa.is_file():
         raise FileNotFoundError(f"{medqa} is missing")
     pubmed = folder / "pubmedqa_test.jsonl"
-    with open(pubmed, "w", encoding="utf-8") as f:
-        for r in bm.load_benchmark("pubmedqa", "test", data_dir=root):
-            f.write(
-                json.dumps({"id": r["id"], "context": r["context"], "question": r["question"], "answer": r["answer"]})
-            )
-            f.write("\n")
-    (folder / "meditron_medqa_4opt.yaml").write_text(_MEDQA_YAML.format(data=json.dumps(str(medqa))))
-    (folder / "meditron_pubmedqa.yaml").write_text(_PUBMEDQA_YAML.format(data=json.dumps(str(pubmed))))
+    keys = ("id", "context", "question", "answer")
+    rows = bm.load_benchmark("pubmedqa", "test", data_dir=root)
+    files = {
+        pubmed: "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows),
+        folder / "meditron_medqa_4opt.yaml": _MEDQA_YAML.format(data=json.dumps(str(medqa))),
+        folder / "meditron_pubmedqa.yaml": _PUBMEDQA_YAML.format(data=json.dumps(str(pubmed))),
+    }
+    clash = [p for p, text in files.items() if p.exists() and p.read_text(encoding="utf-8") != text]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]} exists with other content; choose another folder or pass overwrite")
+    for p, text in files.items():
+        p.write_text(text, encoding="utf-8")
     return folder
 
 
