@@ -75,6 +75,7 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count of the unpadded model (what the paper calls 7B / 70B)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        assert self.head_dim is not None  # __post_init__ fills it in
         attn = d * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
         per_layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else v * d

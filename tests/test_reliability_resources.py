@@ -108,6 +108,14 @@ def test_overlapping_tensors_and_a_huge_header_length(tmp_path):
         TensorReader(str(tmp_path))
 
 
+def test_an_index_pointing_outside_the_folder_is_refused(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}})
+    )
+    with pytest.raises(ConversionError, match="points to '../elsewhere/model.safetensors', not a file of this folder"):
+        TensorReader(str(tmp_path))
+
+
 def test_an_integer_tensor_is_refused(tmp_path):
     src, _ = random_hf_llama(tmp_path / "m")
     tensors = load_file(os.path.join(src, "model.safetensors"))

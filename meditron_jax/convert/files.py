@@ -90,8 +90,12 @@ def check_output_dir(out_dir: str, kind: OutputKind, *, inputs: Iterable[str] = 
             raise OutputError(f"output {out_dir} lies inside the input {inp}; write the {kind.description} elsewhere")
         if _inside(src, target):
             raise OutputError(f"output {out_dir} holds the input {inp}; replacing it would delete the input")
-    cwd, home = _resolved(os.getcwd()), _resolved("~")
-    if target == cwd or _inside(cwd, target):
+    try:
+        cwd = _resolved(os.getcwd())
+    except FileNotFoundError:  # the current folder was deleted: nothing of it to protect
+        cwd = None
+    home = _resolved("~")
+    if cwd is not None and (target == cwd or _inside(cwd, target)):
         raise OutputError(
             f"output {out_dir} is the current folder or holds it; name a new folder (e.g. {out_dir.rstrip('/')}/out)"
         )
@@ -152,7 +156,7 @@ def clean_stale_temporaries(parent: str) -> list[str]:
     """Remove temporary folders that killed writers left in ``parent``; returns what was removed.
 
     A previous output that was moved aside (``.old-model-*``) and whose place is still empty is put back."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
@@ -243,7 +247,7 @@ def atomic_directory(
 
 def copy_tokenizer_files(src_dir: str | None, dst_dir: str) -> list[str]:
     """Copy the tokenizer files present in ``src_dir``; returns their names."""
-    copied = []
+    copied: list[str] = []
     if not src_dir:
         return copied
     for fname in TOKENIZER_FILES:

@@ -276,9 +276,9 @@ class TensorReader:
                 break
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or their index files")
-        for f in sorted(set(self._where.values())):
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"{f} is named in the index but does not exist")
+        for file in sorted(set(self._where.values())):
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file} is named in the index but does not exist")
 
     def _header(self, file: str) -> dict:
         if file not in self._headers:
@@ -350,13 +350,18 @@ def _hf_names(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | No
         yield ("mlp_norm", "scale"), p + "post_attention_layernorm.weight", i
 
 
+def _head_dim(cfg: ModelConfig) -> int:
+    assert cfg.head_dim is not None  # ModelConfig.__post_init__ fills it in
+    return cfg.head_dim
+
+
 def _hf_shape(cfg: ModelConfig, ours: tuple[str, ...]) -> tuple[int, ...]:
     d, f, h, kvh, hd, v = (
         cfg.hidden_size,
         cfg.intermediate_size,
         cfg.num_heads,
         cfg.num_kv_heads,
-        cfg.head_dim,
+        _head_dim(cfg),
         cfg.vocab_size,
     )
     return {
@@ -376,7 +381,7 @@ def _hf_shape(cfg: ModelConfig, ours: tuple[str, ...]) -> tuple[int, ...]:
 
 
 def _to_ours(cfg: ModelConfig, ours: tuple[str, ...], w: np.ndarray) -> np.ndarray:
-    d, h, kvh, hd, vp = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.padded_vocab_size
+    d, h, kvh, hd, vp = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.padded_vocab_size
     if ours == ("embedding",):
         return np.pad(w, ((0, vp - w.shape[0]), (0, 0)))
     if ours == ("lm_head",):

@@ -444,7 +444,7 @@ def build(
     stats_pcolls.append(out.stats)
 
     keys = [(src, split) for src in SOURCES for split in ("train", "validation")]
-    parts = out.lines | "BySourceSplit" >> beam.Partition(_partition_index, len(keys), keys)
+    parts = out.lines | "BySourceSplit" >> beam.Partition(_partition_index, len(keys), keys)  # type: ignore[arg-type]
     for (src, split), part in zip(keys, parts, strict=True):
         if split == "validation" and config.validation_fraction.get(src, 0.0) <= 0:
             continue
