@@ -138,6 +138,16 @@ def test_packed_step_holds_the_same_examples_and_gives_the_same_loss(sft_train_d
     assert packed["decoder_positions"][0, second] == 0
     assert packed["decoder_input_tokens"][0, second] == pipeline.LLAMA_BOS_ID
 
+    # Without examples_per_batch the example stream is packed: rows hold whole examples, each weighted only on
+    # its answer turn.
+    stream = _first(pipeline.make_dataset("medmcqa_sft", batch_size=2, pack=True, **common))
+    vocab = tasks.chat_vocabulary()
+    for target, weights in _examples_of(stream):
+        turns = vocab.decode([t for t, w in zip(target, weights, strict=True) if w])
+        assert turns.startswith("<|im_start|>answer\n") and turns.endswith("<|im_end|>\n") and len(turns) == 31
+        assert vocab.decode(list(target)).startswith("<|im_start|>question\n")
+    assert stream["decoder_segment_ids"].max() == 2
+
     cfg = get_config("tiny", vocab_size=32019, dtype="float32")
     params = init_params(cfg, seed=0)
     # Two empty rows (segment 0, no weight) give the packed batch the unpacked shape: one compile serves both.
@@ -277,6 +287,7 @@ def test_recipes_schedule_2e5_to_2e6_over_the_run(run_file, steps, warmup):
         opt = dataclasses.replace(OptimizerConfig(), train_steps=cfg.train_steps)
         assert (cfg.train_steps, cfg.global_batch, cfg.sequence_length) == (steps, 64, 2048)
         assert cfg.model_overrides == {"vocab_size": 32019} and cfg.init_from == "/y"
+        assert (cfg.eval_every, cfg.eval_steps) == (100, 10)  # finetune_sft.sh --eval_interval 100 --eval_iters 10
         assert (opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.clip_norm) == (0.9, 0.95, 1e-5, 0.1, 1.0)
         assert gin.query_parameter("pipeline.make_dataset.pack") is False  # one example per row
         lr = learning_rate_schedule(opt)
@@ -366,3 +377,13 @@ def test_packed_sft_iterator_resumes_exactly(tmp_path, shared_data):
         assert (a["decoder_segment_ids"].max(1) >= 1).any()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_hosts_read_disjoint_examples(shared_data):
+    kwargs = dict(sequence_length=1024, batch_size=8, pack=False, seed=5, host_count=2)
+    parts = [_first(pipeline.make_dataset("pubmedqa_pqal_sft", host_index=h, **kwargs)) for h in range(2)]
+    assert all(p["decoder_target_tokens"].shape == (4, 1024) for p in parts)  # 8 examples a step, 4 per host
+    a, b = (set(_examples_of(p)) for p in parts)
+    assert len(a) == len(b) == 4 and not a & b
+    with pytest.raises(ValueError, match="examples_per_batch=16 with pack=False"):
+        pipeline.make_dataset("pubmedqa_pqal_sft", pack=False, batch_size=8, examples_per_batch=16)

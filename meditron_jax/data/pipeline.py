@@ -196,6 +196,11 @@ def make_dataset(
     rows = batch_size // host_count
     if _is_sft(provider):
         sft.check_policy(sft_overlong)
+        if not pack and examples_per_batch not in (None, batch_size):
+            raise ValueError(
+                f"examples_per_batch={examples_per_batch} with pack=False: unpacked rows hold one example each, so a "
+                f"batch is batch_size={batch_size} examples; set pack=True to pack {examples_per_batch} examples"
+            )
         parts = [
             _sft_examples(t, length=sequence_length, overlong=sft_overlong, seed=s, **common)
             for t, s in zip(tasks, seeds, strict=True)
