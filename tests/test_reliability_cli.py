@@ -33,6 +33,22 @@ def test_a_script_error_is_one_line_and_a_nonzero_exit(tmp_path):
     assert verbose.returncode == 1 and b"Traceback (most recent call last)" in verbose.stderr
 
 
+def test_a_traceback_inside_an_error_message_is_cut_to_its_cause():
+    """Remote Beam runners put the worker's traceback into the exception message itself."""
+    from meditron_jax.cli.common import one_line
+
+    message = (
+        'Traceback (most recent call last):\n  File "apache_beam/runners/common.py", line 1498, in process\n'
+        "    return self.do_fn_invoker.invoke_process(windowed_value)\n"
+        "ValueError: --tokenizer_model is corrupt [while running 'SplitAndCount/ParDo(SplitAndCount)']"
+    )
+    assert one_line(message) == (
+        "ValueError: --tokenizer_model is corrupt [while running 'SplitAndCount/ParDo(SplitAndCount)'] "
+        "(--verbose shows the traceback)"
+    )
+    assert one_line("plain message") == "plain message"
+
+
 def test_a_non_utf8_prompt_is_named(tmp_path):
     """Used to fail inside the tokenizer with `TypeError: not a string`."""
     cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--prompt", "fine", "--prompt", b"caf\xe9 au lait"]
