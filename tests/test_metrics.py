@@ -94,13 +94,14 @@ def curated(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("curated")
     sample = shared_data / "gap_replay_sample" / "replay_general"
     for split, name, size in (("train", "input.txt", 40_000), ("validation", "valid.txt", 20_000)):
-        docs = [d for d in (sample / name).read_text()[:size].split("\n\n") if d.strip()]
+        text = (sample / name).read_text()[:size]
+        docs = [text[i : i + 1000] for i in range(0, size, 1000)]
         for k, source in enumerate((*SOURCES, "replay")):
             if source == "replay" and split == "validation":
                 continue
             (root / source).mkdir(exist_ok=True)
             with open(root / source / f"{split}-00000-of-00001.jsonl", "w") as f:
-                for i, doc in enumerate(docs[k * 7 :] + docs[: k * 7]):  # different first batches per source
+                for i, doc in enumerate(docs[k * 3 :] + docs[: k * 3]):  # different first batches per source
                     f.write(json.dumps({"id": f"{source}-{i}", "source": source, "text": doc}) + "\n")
     return root
 
@@ -138,6 +139,7 @@ def run(tmp_path_factory, curated):
     return model_dir, lines, [r.getMessage() for r in records]
 
 
+@pytest.mark.slow  # the module's training run: ~45 s on 2 cores
 def test_jsonl_and_console_progress(run):
     model_dir, lines, messages = run
     train = [r for r in lines if r["kind"] == "train"]
@@ -167,6 +169,7 @@ def _events(model_dir):
     return values
 
 
+@pytest.mark.slow  # the module's training run: ~45 s on 2 cores
 def test_tensorboard_events_read_back(run):
     model_dir, lines, _ = run
     events = _events(model_dir)
@@ -180,6 +183,7 @@ def test_tensorboard_events_read_back(run):
         }
 
 
+@pytest.mark.slow  # the module's training run: ~45 s on 2 cores
 def test_validation_loss_per_source_recomputed_independently(run, curated):
     """The eval step's loss against a plain forward pass and log-softmax cross-entropy over the same
     validation batches, with the parameters saved at that step (float32; 1e-5 relative for summation
@@ -194,7 +198,7 @@ def test_validation_loss_per_source_recomputed_independently(run, curated):
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(model_dir, "checkpoints", str(STEPS), "default"))["params"]
     params = jax.device_get(params)
-    model = Llama(ModelConfig.from_json(model_dir / "model_config.json"))
+    apply = jax.jit(Llama(ModelConfig.from_json(model_dir / "model_config.json")).apply)
     gin.clear_config()
     gin.bind_parameter("curated_data_dir.path", str(curated))
     losses = []
@@ -204,7 +208,7 @@ def test_validation_loss_per_source_recomputed_independently(run, curated):
         num = den = 0.0
         for _ in range(EVAL_STEPS):
             b = next(it)
-            logits = model.apply(
+            logits = apply(
                 {"params": params}, b["decoder_input_tokens"], b["decoder_positions"], b["decoder_segment_ids"]
             )
             x = np.asarray(logits, np.float64)

@@ -164,8 +164,10 @@ class Checkpoints:
         a step (renames ``<step>.orbax-checkpoint-tmp`` to ``<step>``, or writes its commit marker) only
         at the end of the asynchronous write that this call starts. So whenever a committed state exists on
         disk, its input position was already complete: a crash at any point leaves either both or an orphan
-        position without a state, which restore ignores and the next save of that step overwrites.
-        ``iterator`` has served exactly the batches of steps 1..step here (the loop saves between steps).
+        position without a state, which restore ignores and the next save of that step overwrites. With
+        several hosts, ``manager.save`` starts with a barrier of all processes, so every host's position
+        is on disk before any host's state is, let alone committed. ``iterator`` has served exactly the
+        batches of steps 1..step here (the loop saves between steps).
         """
         if not force and not self.manager.should_save(step):
             return False

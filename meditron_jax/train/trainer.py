@@ -170,14 +170,16 @@ def train(
     lock = RunLock(config.model_dir) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
+    notice = PreemptionNotice()  # from here on, a SIGTERM means "save at the next step boundary and stop"
     try:
-        return _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run)
+        return _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run, notice)
     finally:
+        notice.close()
         if lock is not None:
             lock.release()
 
 
-def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run) -> dict:
+def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run, notice) -> dict:
     from meditron_jax.data.pipeline import make_iterator
 
     model_cfg = model_config(config)
@@ -240,7 +242,6 @@ def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_thi
     flops_per_step *= config.sequence_length
     peak = peak_flops_per_device(list(mesh.devices.flat), config.peak_flops_per_device)
     peak_total = peak * mesh.devices.size if peak else None
-    notice = PreemptionNotice()
     meter = StepMeter()
     last: dict = {}
     preempted = False
@@ -282,7 +283,6 @@ def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_thi
                 break
         ckpts.wait()
     finally:
-        notice.close()
         writer.close()
         ckpts.close()
     last["preempted"] = preempted
