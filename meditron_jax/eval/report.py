@@ -16,6 +16,18 @@ from meditron_jax.eval.output import RESULTS_JSON, RESULTS_MD, write_atomic
 from meditron_jax.eval.stats import mean_std, wilson_interval
 
 
+def by_subject(rows: Sequence[Mapping]) -> dict[str, dict]:
+    """MMLU per-subject n and accuracy (evaluate.py printed these too); empty when rows have no subject."""
+    subjects = list(dict.fromkeys(r.get("subject") or "" for r in rows))
+    if subjects == [""]:
+        return {}
+    out = {}
+    for subject in subjects:
+        sub = [r for r in rows if (r.get("subject") or "") == subject]
+        out[subject] = {"n": len(sub), "accuracy": sum(bool(r["correct"]) for r in sub) / len(sub)}
+    return out
+
+
 def score_rows(rows: Sequence[Mapping]) -> dict:
     n = len(rows)
     correct = sum(bool(r["correct"]) for r in rows)
@@ -51,11 +63,12 @@ def table(
         extra = {"published_accuracy": None if value is None else value / 100.0, "published_source": source}
         seeds = list(dict.fromkeys(r["seed"] for r in rows if r["seed"] is not None))
         if not seeds:
-            out.append({**base, "seed": None, **score_rows(rows), **extra})
+            out.append({**base, "seed": None, **score_rows(rows), **extra, **_subjects(rows)})
             continue
         per_seed = []
         for seed in seeds:
-            row = {**base, "seed": seed, **score_rows([r for r in rows if r["seed"] == seed])}
+            seed_rows = [r for r in rows if r["seed"] == seed]
+            row = {**base, "seed": seed, **score_rows(seed_rows), **_subjects(seed_rows)}
             per_seed.append(row)
             out.append({**row, "published_accuracy": None, "published_source": ""})
         mean, std = mean_std([r["accuracy"] for r in per_seed])
@@ -72,7 +85,38 @@ def table(
                 **extra,
             }
         )
-    return out
+    return out + _average(out, rows_by_benchmark)
+
+
+def _subjects(rows) -> dict:
+    subjects = by_subject(rows)
+    return {"by_subject": subjects} if subjects else {}
+
+
+def _average(results: Sequence[Mapping], rows_by_benchmark: Mapping) -> list[dict]:
+    """The papers' "avg" column: the mean of the five benchmarks' accuracies (the seed means with few-shot),
+    only when all five were run."""
+    if set(rows_by_benchmark) != set(published.BENCHMARKS):
+        return []
+    final = [r for r in results if r["seed"] in (None, "mean")]
+    pubs = [r["published_accuracy"] for r in final]
+    first = final[0]
+    return [
+        {
+            "benchmark": "average",
+            "strategy": first["strategy"],
+            "shots": first["shots"],
+            "chat": first["chat"],
+            "seed": first["seed"],
+            "n": sum(r["n"] for r in final),
+            "accuracy": sum(r["accuracy"] for r in final) / len(final),
+            "accuracy_std": None,
+            "parse_rate": sum(r["parse_rate"] * r["n"] for r in final) / sum(r["n"] for r in final),
+            "truncated_items": sum(r["truncated_items"] for r in final),
+            "published_accuracy": None if None in pubs else sum(pubs) / len(pubs),
+            "published_source": "mean of the five published numbers" if None not in pubs else "",
+        }
+    ]
 
 
 def _pct(x) -> str:
@@ -86,7 +130,9 @@ def markdown(results: Sequence[Mapping]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if r["seed"] == "mean":
+        if r["benchmark"] == "average":
+            acc, ci = _pct(r["accuracy"]), "— (mean of the five benchmarks)"
+        elif r["seed"] == "mean":
             acc = f"{_pct(r['accuracy'])} ± {100 * r['accuracy_std']:.1f}"
             ci = "— (mean ± std over seeds)"
         else:
