@@ -85,6 +85,20 @@ def test_a_folder_of_unrelated_files_is_refused_unless_overwrite(hf, tmp_path, c
     assert rc == 0 and sorted(os.listdir(out)) == [MARKER, "meditron_config.json", "params", "tokenizer.model"]
 
 
+def test_a_model_saved_by_transformers_is_not_taken_for_an_earlier_export(hf, tmp_path, capsys):
+    """save_pretrained writes the same file names as our HF export; its config.json records its version."""
+    theirs, _ = random_hf_llama(tmp_path / "finetuned")
+    before = snapshot(theirs)
+    rc, err = convert(capsys, "--to", "hf", "--input", str(hf), "--output", theirs)
+    assert rc == 1 and "is not a previous Hugging Face model folder; pass --overwrite" in err
+    assert snapshot(theirs) == before
+    # Our own export without its marker (written before the marker existed) is recognised.
+    ours = tmp_path / "ours"
+    assert convert(capsys, "--to", "hf", "--input", str(hf), "--output", str(ours))[0] == 0
+    (ours / MARKER).unlink()
+    assert convert(capsys, "--to", "hf", "--input", str(hf), "--output", str(ours))[0] == 0
+
+
 def test_an_output_that_is_a_file_fails_before_the_conversion(hf, tmp_path, capsys, monkeypatch):
     import meditron_jax.convert.model_dir as model_dir
 

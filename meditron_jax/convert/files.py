@@ -50,11 +50,12 @@ class OutputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class OutputKind:
-    """What a writer produces: a name recorded in the marker, and how to recognise an unmarked older output."""
+    """What a writer produces: a name recorded in the marker, and how to recognise an unmarked older output
+    (``recognise(folder, names)``: only names that writer produces, and whatever else sets it apart)."""
 
     name: str
     description: str
-    recognise: Callable[[set[str]], bool]
+    recognise: Callable[[str, set[str]], bool]
 
 
 def _resolved(path: str) -> str:
@@ -114,7 +115,7 @@ def check_output_dir(out_dir: str, kind: OutputKind, *, inputs: Iterable[str] = 
                     f"output {out_dir} holds a meditron_jax {marker.get('kind')!r} output, not a {kind.description}; "
                     "pass --overwrite to replace it"
                 )
-            if marker is None and not kind.recognise(names - {MARKER}):
+            if marker is None and not kind.recognise(target, names - {MARKER}):
                 shown = ", ".join(sorted(names)[:5]) + (" …" if len(names) > 5 else "")
                 raise OutputError(
                     f"output {out_dir} is not empty ({len(names)} entries: {shown}) and is not a previous "

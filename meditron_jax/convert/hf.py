@@ -483,11 +483,19 @@ def _map_tree(tree, fn):
     return fn(tree)
 
 
-def _looks_like_hf_export(names: set[str]) -> bool:
-    """Only what :func:`save_hf` writes (an output of an older version, before the marker file)."""
+def _looks_like_hf_export(folder: str, names: set[str]) -> bool:
+    """Only what :func:`save_hf` writes (an output of an older version, before the marker file). The same
+    names come from ``transformers``' save_pretrained, whose config.json records its version; ours does not."""
     shard = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors$")
     ours = {"config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES}
-    return "config.json" in names and all(n in ours or shard.match(n) for n in names)
+    if "config.json" not in names or not all(n in ours or shard.match(n) for n in names):
+        return False
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "transformers_version" not in cfg
 
 
 HF_OUTPUT = OutputKind("hf_model", "Hugging Face model folder", _looks_like_hf_export)

@@ -20,7 +20,7 @@ def is_orbax_model(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def _looks_like_orbax_export(names: set[str]) -> bool:
+def _looks_like_orbax_export(folder: str, names: set[str]) -> bool:
     """Only what :func:`save_orbax` writes (an output of an older version, before the marker file)."""
     return CONFIG_FILE in names and names <= {CONFIG_FILE, "params", *TOKENIZER_FILES}
 

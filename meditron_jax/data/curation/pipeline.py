@@ -519,7 +519,7 @@ def build(
     )
 
 
-def _is_curated_output(names: set[str]) -> bool:
+def _is_curated_output(folder: str, names: set[str]) -> bool:
     """What an earlier curation (before the marker file) left: stats and the per-source shard folders."""
     ours = {"stats.json", "malformed.jsonl", "removed.jsonl", "contamination_index.pkl", MANIFEST_FILE, *SOURCES}
     return "stats.json" in names and names <= ours
