@@ -104,11 +104,11 @@ def load_items(
         raise ValueError("--chat prompts a finetuned model zero-shot (MEDITRON.md §4); use --shots 0")
     if shots < 0:
         raise ValueError(f"shots must be >= 0, got {shots}")
-    if shots and seed is None:
-        raise ValueError("few-shot items need a seed")
-    exemplars = (
-        fewshot_exemplars(benchmark, shots, seed, mmlu_paper_rows=mmlu_paper_rows, data_dir=data_dir) if shots else ()
-    )
+    exemplars: Sequence[Mapping] = ()
+    if shots:
+        if seed is None:
+            raise ValueError("few-shot items need a seed")
+        exemplars = fewshot_exemplars(benchmark, shots, seed, mmlu_paper_rows=mmlu_paper_rows, data_dir=data_dir)
     name = BENCHMARKS[benchmark][0]
     out = []
     for r in records(benchmark, mmlu_paper_rows=mmlu_paper_rows, data_dir=data_dir):

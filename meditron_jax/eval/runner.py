@@ -229,7 +229,7 @@ class Evaluator:
     def _row(self, item, outputs: list[str], truncated: int, scores: dict | None = None) -> dict:
         s = self.settings
         if scores is not None:
-            best = max(scores, key=scores.get)  # ties: the first label (dict order = option order)
+            best = max(scores, key=lambda label: scores[label])  # ties: the first label (option order)
             final = Parsed(best.lower(), best)
             parsed = [final]
         else:
@@ -279,7 +279,8 @@ class Evaluator:
         return [rows[it.key] for it in chunk]
 
     def _loglik_chunk(self, chunk: Sequence[items_mod.EvalItem]) -> list[dict]:
-        requests, owners = [], []
+        requests: list[tuple[list[int], list[int]]] = []
+        owners: list[tuple[str, str]] = []
         for it in chunk:
             sep = "" if it.prompt[-1:].isspace() else " "
             requests.extend(self.encode_pairs(it.prompt, [sep + label for label in it.labels]))
