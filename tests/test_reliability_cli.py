@@ -107,7 +107,10 @@ def test_generate_and_convert_from_a_training_run(run_dir, shared_data, tmp_path
     out = tmp_path / "hf"
     assert convert(["--to", "hf", "--input", str(run), "--output", str(out)]) == 1
     assert "(a training run keeps none: pass the tokenizer's folder)" in capsys.readouterr().err
-    assert convert(["--to", "hf", "--input", str(run), "--output", str(out), "--tokenizer_dir", tok]) == 0
+    with_tok = ["--to", "hf", "--input", str(run), "--output", str(out), "--tokenizer_dir", tok]
+    assert convert([*with_tok, "--step", "7"]) == 1
+    assert "training run has no finished checkpoint of step 7 (it has [2])" in capsys.readouterr().err
+    assert convert([*with_tok, "--step", "2"]) == 0
     assert (out / "tokenizer.model").is_file() and (out / "model.safetensors").is_file()
     from_run, from_hf = meditron_jax.load(run, tokenizer_path=tok), meditron_jax.load(out)
     assert from_hf.config.vocab_size == from_run.config.vocab_size == 32017

@@ -65,7 +65,12 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
 
     from meditron_jax.model import abstract_params
 
-    step = latest_run_step(path) if step is None else step
+    if step is None:
+        step = latest_run_step(path)
+    else:
+        steps = sorted(ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(path), RUN_CHECKPOINTS)))
+        if step not in steps:
+            raise FileNotFoundError(f"{path}: training run has no finished checkpoint of step {step} (it has {steps})")
     item = os.path.join(os.path.abspath(path), RUN_CHECKPOINTS, str(step), "default")
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(item)
