@@ -266,3 +266,5 @@ def test_chat_prompts(tmp_path):
     assert all(it.prompt.endswith("The answer is:\n<|im_end|>\n<|im_start|>answer\n") for it in items)
     with pytest.raises(ValueError, match="zero-shot"):
         Settings(chat=True, shots=3)
+    with pytest.raises(ValueError, match="few-shot chain of thought"):
+        Settings(strategy="sc_cot", shots=3)

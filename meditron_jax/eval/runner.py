@@ -75,6 +75,11 @@ class Settings:
             bad("cot_max_new_tokens", "at least 1")
         if self.shots and not self.seeds:
             bad("seeds", "at least one seed for few-shot")
+        if self.shots and self.strategy in ("cot", "sc_cot"):
+            raise ValueError(
+                "few-shot chain of thought is not supported: MEDITRON's used separate hand-written CoT "
+                "exemplars (evaluation/prompt_cot), and the paper's CoT rows are zero-shot; use --shots 0"
+            )
         if self.chat and self.shots:
             raise ValueError("--chat (a finetuned model's ChatML prompt) is zero-shot in MEDITRON; use --shots 0")
 
