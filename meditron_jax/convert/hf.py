@@ -541,6 +541,7 @@ def save_hf(
             fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
             weight_map.update({name: fname for name in shard})
+            log.info("wrote %s (%d/%d, %.2f GiB)", fname, k + 1, n, sum(w.nbytes for w in shard.values()) / 2**30)
         if n > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
