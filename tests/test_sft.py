@@ -353,6 +353,7 @@ def test_tiny_sft_run_from_a_32000_token_checkpoint(tmp_path, shared_data):
                 "--gin.WARMUP_STEPS=1",
                 "--gin.OptimizerConfig.peak_lr=1e-3",
                 "--gin.TrainConfig.log_every=1",
+                "--gin.TrainConfig.eval_every=0",  # PQA-L's 50 validation items hold less than a batch at 256
             ]
         )
     finally:
@@ -366,24 +367,26 @@ def test_tiny_sft_run_from_a_32000_token_checkpoint(tmp_path, shared_data):
     assert params["embedding"].shape[0] >= 32019 and jax.tree.leaves(params)
 
 
-def test_packed_sft_iterator_resumes_exactly(tmp_path, shared_data):
-    kwargs = dict(sequence_length=1024, batch_size=4, pack=True, examples_per_batch=6, seed=7)
-    first = pipeline.make_iterator("pubmedqa_pqal_sft", **kwargs)
+@pytest.mark.slow
+def test_packed_sft_iterator_resumes_exactly(tmp_path, sft_train_data, shared_data):
+    kwargs = dict(sequence_length=320, batch_size=3, pack=True, examples_per_batch=6, seed=7)
+    first = pipeline.make_iterator("medmcqa_sft", **kwargs)
     next(first)
     first.save(tmp_path / "it")
     want = [next(first) for _ in range(2)]
-    again = pipeline.make_iterator("pubmedqa_pqal_sft", restore_from=str(tmp_path / "it"), **kwargs)
+    again = pipeline.make_iterator("medmcqa_sft", restore_from=str(tmp_path / "it"), **kwargs)
     for a, b in zip(want, [next(again) for _ in range(2)], strict=True):
         assert (a["decoder_segment_ids"].max(1) >= 1).any()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_hosts_read_disjoint_examples(shared_data):
-    kwargs = dict(sequence_length=1024, batch_size=8, pack=False, seed=5, host_count=2)
-    parts = [_first(pipeline.make_dataset("pubmedqa_pqal_sft", host_index=h, **kwargs)) for h in range(2)]
-    assert all(p["decoder_target_tokens"].shape == (4, 1024) for p in parts)  # 8 examples a step, 4 per host
+@pytest.mark.slow
+def test_hosts_read_disjoint_examples(sft_train_data, shared_data):
+    kwargs = dict(sequence_length=192, batch_size=8, pack=False, seed=5, host_count=2)
+    parts = [_first(pipeline.make_dataset("medmcqa_sft", host_index=h, **kwargs)) for h in range(2)]
+    assert all(p["decoder_target_tokens"].shape == (4, 192) for p in parts)  # 8 examples a step, 4 per host
     a, b = (set(_examples_of(p)) for p in parts)
     assert len(a) == len(b) == 4 and not a & b
     with pytest.raises(ValueError, match="examples_per_batch=16 with pack=False"):
-        pipeline.make_dataset("pubmedqa_pqal_sft", pack=False, batch_size=8, examples_per_batch=16)
+        pipeline.make_dataset("medmcqa_sft", pack=False, batch_size=8, examples_per_batch=16)

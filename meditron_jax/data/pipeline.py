@@ -116,14 +116,25 @@ def _packed(task: seqio.Task, *, lengths: Mapping[str, int], pack: bool, **kwarg
     return feature_converter(task, pack)(ds, lengths)
 
 
+# Length reports of SFT splits already counted in this process (the same files give the same counts): a
+# resumed or validation iterator over a split does not tokenize it twice.
+_LENGTH_REPORTS: dict[tuple, dict[str, int]] = {}
+
+
 def _sft_examples(task: seqio.Task, *, length: int, overlong: str, **kwargs) -> tf.data.Dataset:
     """A task's {tokens, role} examples, whole (no SeqIO trimming), fitted to ``length`` by the policy.
 
     Before the stream is built, one in-order pass over the split (this host's part) counts the examples
     longer than ``length`` and logs them: nothing is cut or dropped without a count."""
-    one_pass = dict(kwargs, shuffle=False, num_epochs=1)
-    whole = _task_dataset(task, sequence_length=None, **one_pass).map(sft.concat_turns)
-    sft.report_overlong(task.name, kwargs["split"], sft.length_report(whole, length), length, overlong)
+    from meditron_jax.data.tasks import sft_data_key
+
+    shard = kwargs["shard"]
+    key = (task.name, kwargs["split"], shard.index, shard.num_shards, length, sft_data_key())
+    if key not in _LENGTH_REPORTS:
+        one_pass = dict(kwargs, shuffle=False, num_epochs=1)
+        whole = _task_dataset(task, sequence_length=None, **one_pass).map(sft.concat_turns)
+        _LENGTH_REPORTS[key] = sft.length_report(whole, length)
+    sft.report_overlong(task.name, kwargs["split"], _LENGTH_REPORTS[key], length, overlong)
     ds = _task_dataset(task, sequence_length=None, **kwargs).map(sft.concat_turns, num_parallel_calls=tf.data.AUTOTUNE)
     return sft.fit_to_length(ds, length, overlong)
 

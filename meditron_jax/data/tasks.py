@@ -43,6 +43,7 @@ import tensorflow as tf
 from meditron_jax.data import benchmarks as bm
 from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.curation.manifest import manifest_shards
+from meditron_jax.data.paths import shared_data_dir
 from meditron_jax.data.seqio_vocab import meditron_vocabulary
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +453,11 @@ def sft_train_data(data_dir: str | None = None, from_hub: bool = False) -> tuple
     if data_dir and from_hub:
         raise ValueError("sft_train_data: set data_dir or from_hub, not both")
     return data_dir, from_hub
+
+
+def sft_data_key() -> tuple:
+    """What SFT rows depend on besides the task and split: where train and benchmark files are read."""
+    return sft_train_data(), str(shared_data_dir())
 
 
 def _train_records(bench: str, split: str) -> list[dict]:
