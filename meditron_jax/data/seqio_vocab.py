@@ -144,6 +144,19 @@ class AddedTokensVocabulary(seqio.Vocabulary):
     def __str__(self) -> str:
         return f"AddedTokensVocabulary({self._model_file}, +{len(self._extra_tokens)} added tokens)"
 
+    def write_tokenizer_files(self, out_dir: str | os.PathLike) -> None:
+        """``tokenizer.model`` and ``added_tokens.json`` as in a Hugging Face Llama directory, so that a folder
+        holding them (e.g. a training run's MODEL_DIR) loads with :meth:`Tokenizer.from_dir`."""
+        import json
+        import shutil
+
+        out_dir = os.fspath(out_dir)
+        shutil.copyfile(self._model_file, os.path.join(out_dir, "tokenizer.model"))
+        base = self.tokenizer.base_vocab_size
+        added = {tok: base + i for i, tok in enumerate(self._extra_tokens)}
+        with open(os.path.join(out_dir, "added_tokens.json"), "w", encoding="utf-8") as f:
+            json.dump(added, f, indent=2)
+
 
 def default_model_file() -> str:
     """Llama-2's tokenizer.model in the shared data (the one setting; may not exist at import)."""

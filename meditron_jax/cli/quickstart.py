@@ -1,0 +1,222 @@
+"""The whole MEDITRON job, end to end, on a tiny Llama-2 and the embedded sample, in a few minutes on a CPU:
+curate a GAP-REPLAY sample, continue pretraining, fine-tune on PubMedQA's training fold, evaluate top-token
+on PubMedQA's test set, export to Hugging Face and reload the export in transformers. Every artefact lands
+under one folder; the last lines summarise the run.
+
+    meditron-quickstart                          # -> runs/quickstart/
+    meditron-quickstart --output /tmp/qs --pretrain_steps 200 --sft_steps 100 --eval_limit 500
+
+Data: the 1.9 MB sample shipped in the package (meditron_jax/embedded_data/), or --data_dir (a folder laid
+out like the project's shared data). The model is tiny and trained for minutes, so its accuracy is near the
+majority-class rate; the point is that every stage of the real recipe runs, with the real formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from meditron_jax.cli.common import add_verbose, quiet_startup, run
+
+EMBEDDED = pathlib.Path(__file__).resolve().parents[1] / "embedded_data"
+MARKER = ".meditron_quickstart"
+STAGES = ("curated", "pretrain", "sft", "eval", "hf")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="runs/quickstart", help="folder for every artefact (created)")
+    p.add_argument("--data_dir", default=None, help="shared-data layout to read (default: the embedded sample)")
+    p.add_argument("--pretrain_steps", type=int, default=60)
+    p.add_argument("--sft_steps", type=int, default=40)
+    p.add_argument("--sequence_length", type=int, default=256, help="pretraining rows")
+    p.add_argument("--sft_sequence_length", type=int, default=512, help="fine-tuning rows (one example each)")
+    p.add_argument("--sft_batch", type=int, default=16, help="examples per fine-tuning step (MEDITRON: 64)")
+    p.add_argument("--eval_limit", type=int, default=100, help="PubMedQA test items to score (of 500)")
+    p.add_argument("--overwrite", action="store_true", help="reuse an --output that holds other files")
+    add_verbose(p)
+    return p
+
+
+def prepare_output(path: str, overwrite: bool) -> pathlib.Path:
+    """A new folder, or one a previous quickstart made (its stage folders are redone); anything else is
+    refused unless --overwrite, and even then only the stage folders are replaced."""
+    out = pathlib.Path(path).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
+        raise FileExistsError(
+            f"--output {out} holds files that a quickstart did not write; choose another folder or pass --overwrite"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        shutil.rmtree(out / stage, ignore_errors=True)
+    (out / MARKER).write_text(json.dumps({"created_by": "meditron-quickstart"}) + "\n")
+    return out
+
+
+def _stage(i: int, title: str) -> float:
+    print(f"\n[{i}/6] {title}", flush=True)
+    return time.perf_counter()
+
+
+def _losses(model_dir: pathlib.Path) -> list[float]:
+    path = model_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _train(argv: list[str]) -> None:
+    import gin
+
+    from meditron_jax.cli import train
+
+    gin.clear_config()
+    try:
+        train.main(argv)
+    finally:
+        gin.clear_config()
+
+
+def _reload_in_transformers(hf_dir: pathlib.Path) -> str:
+    """Load the export with transformers and compare its logits with ours on one prompt."""
+    try:
+        import torch
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        return "transformers is not installed (pip install '.[test]'): reload skipped"
+    import numpy as np
+
+    import meditron_jax
+
+    lm = meditron_jax.load(hf_dir)
+    ids = lm.tokenizer.encode("Do statins reduce mortality in elderly patients?", bos=True)
+    ours = lm.logits([ids])[0]
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    diff = float(np.max(np.abs(ours - theirs)))
+    return f"transformers reloads it: max |logit difference| {diff:.2e} over {len(ids)} positions"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_startup(args.verbose)
+    data_dir = pathlib.Path(args.data_dir or EMBEDDED).resolve()
+    if not (data_dir / "pubmedqa").is_dir() or not (data_dir / "gap_replay_sample").is_dir():
+        raise FileNotFoundError(f"--data_dir {data_dir} lacks pubmedqa/ or gap_replay_sample/ (shared-data layout)")
+    # The data modules read this setting when they are first imported: set it before importing them.
+    os.environ["MEDITRON_SHARED_DATA"] = str(data_dir)
+    out = prepare_output(args.output, args.overwrite)
+    start = time.perf_counter()
+    seq = f"--gin.SEQUENCE_LENGTH={args.sequence_length}"
+
+    _stage(1, f"curating the GAP-REPLAY sample in {data_dir / 'gap_replay_sample'}")
+    from meditron_jax.cli import prepare_data
+
+    pubmedqa_sets = "pubmedqa/test,pubmedqa/train,pubmedqa/validation"  # what this run fine-tunes and scores on
+    prepare_data.main(
+        [
+            "--input_dir",
+            str(data_dir / "gap_replay_sample"),
+            "--output_dir",
+            str(out / "curated"),
+            "--num_shards",
+            "1",
+            "--contamination_refs",
+            pubmedqa_sets,
+            "--tokenizer_model",
+            str(data_dir / "llama2_tokenizer" / "tokenizer.model"),
+        ]
+    )
+
+    _stage(2, f"continued pretraining of a tiny Llama-2 for {args.pretrain_steps} steps")
+    _train(
+        [
+            "--gin_file=runs/tiny_cpu.gin",
+            f"--gin.MODEL_DIR='{out / 'pretrain'}'",
+            f"--gin.curated_data_dir.path='{out / 'curated'}'",
+            f"--gin.TRAIN_STEPS={args.pretrain_steps}",
+            f"--gin.OptimizerConfig.warmup_steps={max(1, min(20, args.pretrain_steps // 4))}",
+            seq,
+            f"--gin.TrainConfig.checkpoint_every={args.pretrain_steps}",
+            "--gin.TrainConfig.log_every=10",
+        ]
+    )
+
+    _stage(3, f"fine-tuning on PubMedQA's training fold for {args.sft_steps} steps")
+    _train(
+        [
+            "--gin_file=models/tiny.gin",
+            "--gin_file=runs/sft_pubmedqa_pqal.gin",
+            f"--gin.MODEL_DIR='{out / 'sft'}'",
+            f"--gin.INIT_FROM='{out / 'pretrain'}'",
+            f"--gin.TRAIN_STEPS={args.sft_steps}",
+            f"--gin.WARMUP_STEPS={max(1, args.sft_steps // 10)}",
+            f"--gin.SEQUENCE_LENGTH={args.sft_sequence_length}",
+            f"--gin.GLOBAL_BATCH={args.sft_batch}",
+            "--gin.OptimizerConfig.peak_lr=1e-3",  # a tiny model from minutes of pretraining, not 7B weights
+            f"--gin.TrainConfig.checkpoint_every={args.sft_steps}",
+            "--gin.TrainConfig.log_every=10",
+        ]
+    )
+
+    _stage(4, f"evaluating top-token on {args.eval_limit} PubMedQA test items (ChatML prompts)")
+    from meditron_jax.eval import cli as eval_cli
+
+    eval_cli.main(
+        [
+            "--checkpoint",
+            str(out / "sft"),
+            "--benchmark",
+            "pubmedqa",
+            "--strategy",
+            "top_token",
+            "--chat",
+            "--limit",
+            str(args.eval_limit),
+            "--output",
+            str(out / "eval"),
+        ]
+    )
+    from meditron_jax.eval.output import RESULTS_JSON, RESULTS_MD
+
+    row = json.loads((out / "eval" / RESULTS_JSON).read_text())["results"][0]
+
+    _stage(5, "exporting to Hugging Face format")
+    from meditron_jax.cli import convert
+
+    convert.main(["--to", "hf", "--input", str(out / "sft"), "--output", str(out / "hf")])
+
+    _stage(6, "reloading the export in transformers")
+    reload_note = _reload_in_transformers(out / "hf")
+    print(reload_note)
+
+    pre, sft = _losses(out / "pretrain"), _losses(out / "sft")
+    print("\n=== meditron-quickstart summary ===")
+    if pre:
+        print(f"pretraining loss   {pre[0]:.3f} -> {pre[-1]:.3f} ({len(pre)} logged steps)")
+    if sft:
+        print(f"fine-tuning loss   {sft[0]:.3f} -> {sft[-1]:.3f} ({len(sft)} logged steps)")
+    print(
+        f"PubMedQA top-token accuracy {100 * row['accuracy']:.1f}% on n = {row['n']} "
+        f"(parse rate {100 * row.get('parse_rate', float('nan')):.0f}%); table: {out / 'eval' / RESULTS_MD}"
+    )
+    print(f"Hugging Face export {out / 'hf'}; {reload_note}")
+    print(f"every artefact under {out} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def console(argv=None) -> int:
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(console())
