@@ -21,8 +21,9 @@ Supervised finetuning (MEDITRON.md §4), see ``SFT_SOURCES``
     seeded holdout of them, MedMCQA's dev set being its test set), ``pubmedqa_sft`` (PQA-A 200k),
     ``pubmedqa_pqal_sft`` (PQA-L's 450 + 50 non-test items), and chain-of-thought ``medmcqa_cot_sft`` /
     ``pubmedqa_cot_sft``: ``inputs`` = the ChatML question turn, ``targets`` = the answer turn, 32,019-token
-    vocabulary. :func:`meditron_jax.data.pipeline.make_dataset` batches them one example per row (MEDITRON)
-    or packed (loss on the answer turn only, causal attention throughout).
+    vocabulary. Splits ``train``, ``validation`` and ``test`` (the benchmark's scored rows, to watch the loss
+    only). Train rows: :func:`sft_train_data`. :func:`meditron_jax.data.pipeline.make_dataset` batches them one
+    example per row (MEDITRON) or packed (loss on the answer turn only, causal attention throughout).
 """
 
 from __future__ import annotations
@@ -430,7 +431,7 @@ class SFTSource:
 
 SFT_SOURCES: dict[str, SFTSource] = {
     # 5-option train (10,178 rows); MedQA-4-option is scored with this model (MEDITRON.md §4).
-    "medqa": SFTSource("medqa_5opt", "medqa_5opt"),
+    "medqa": SFTSource("medqa_5opt", "medqa_5opt", test="medqa_5opt"),
     # MedMCQA's dev set is its benchmark test set (MEDITRON.md §5): validation is a holdout of train.
     "medmcqa": SFTSource("medmcqa", None, keep=bm.has_explanation, test="medmcqa"),
     # PQA-A, the 200,000 artificially labelled items; validation = PQA-L fold-0 dev (50 items, not test).
