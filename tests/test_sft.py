@@ -390,3 +390,21 @@ def test_hosts_read_disjoint_examples(sft_train_data, shared_data):
     assert len(a) == len(b) == 4 and not a & b
     with pytest.raises(ValueError, match="examples_per_batch=16 with pack=False"):
         pipeline.make_dataset("medmcqa_sft", pack=False, batch_size=8, examples_per_batch=16)
+
+
+def test_a_meditron_checkpoint_grows_to_the_chat_vocabulary():
+    from meditron_jax.config import get_config
+    from meditron_jax.model import init_params
+    from meditron_jax.train.trainer import extend_vocab
+
+    vocab = tasks.chat_vocabulary()
+    # MEDITRON.md §1: the 32,017 pretraining tokens, then <|im_start|> and <|im_end|>.
+    assert vocab.vocab_size == 32019
+    assert vocab.encode("<|im_start|>") == [32017] and vocab.encode("<|im_end|>") == [32018]
+    old, new = get_config("tiny", vocab_size=32017), get_config("tiny", vocab_size=32019)
+    params = init_params(old, seed=0)
+    grown = extend_vocab(params, old, new)
+    emb = np.asarray(params["embedding"])[:32017]
+    np.testing.assert_array_equal(grown["embedding"][:32017], emb)
+    np.testing.assert_allclose(grown["embedding"][32017:32019], np.stack([emb.mean(0)] * 2), rtol=1e-6)
+    assert grown["lm_head"].shape[1] == new.padded_vocab_size
