@@ -26,9 +26,12 @@ def stories(shared_data):
 
 @pytest.fixture(scope="module")
 def stories_hf(shared_data):
-    return transformers.LlamaForCausalLM.from_pretrained(
-        str(shared_data / "stories260K_hf"), dtype=torch.float32
-    ).eval()
+    # One torch thread: on a busy 2-core machine, spinning OpenMP threads make a tiny model's generate
+    # several times slower. Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield transformers.LlamaForCausalLM.from_pretrained(str(shared_data / "stories260K_hf"), dtype=torch.float32).eval()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +174,7 @@ def test_n_samples_differ_and_are_reproducible(stories, engine):
     assert small.generate(PROMPTS[:1], sp)[0] == out[0]
 
 
+@pytest.mark.slow
 def test_compiles_once_per_bucket(stories):
     rng = np.random.default_rng(1)
     lengths = [1, 3, 5, 9, 14, 17, 22, 30, 41, 60]

@@ -30,6 +30,7 @@ def reference(stories):
 
 # The real stories260K model: 8 heads, 4 KV heads, hidden 64, so tensor=4 splits heads and KV heads and
 # fsdp=8 splits the hidden dimension of every weight 8 ways.
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_axes, sampled", [("fsdp=8", False), ("fsdp=2,tensor=4", True)])
 def test_sharded_generation_equals_single_device(stories, reference, mesh_axes, sampled):
     assert jax.device_count() >= 8, "needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"

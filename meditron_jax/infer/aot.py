@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 
 import jax
@@ -62,6 +63,15 @@ class DecodeAotResult:
                 f"compiled in {self.compile_seconds:.0f} s",
             ]
         )
+
+
+@dataclasses.dataclass
+class _Memory:
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    alias_size_in_bytes: int
+    temp_size_in_bytes: int
+    generated_code_size_in_bytes: int
 
 
 def inference_config(model: str | ModelConfig, **overrides) -> ModelConfig:
@@ -120,11 +130,24 @@ def compile_decode_step(
             lowered = fn.lower(params, b2, b2, b2, b1, b1, done, knobs, stop, scalar, seed)
     else:
         lowered = programs.lower_decode(params, batch, max_len, max_steps, greedy=greedy, filtered=not greedy)
-    compiled = lowered.compile()
-    seconds = time.perf_counter() - start
-    mem = compiled.memory_analysis()
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     cache = programs.abstract_state(batch, max_len, max_steps).cache
+    params_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
+    cache_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+    notes = list(programs.notes)
+    try:
+        mem = lowered.compile().memory_analysis()
+        fits = None
+    except jax.errors.JaxRuntimeError as e:
+        # libtpu refuses programs that exceed HBM; keep its numbers instead of memory_analysis().
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        notes.append("XLA: " + str(e).strip().splitlines()[0][:400])
+        m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
+        temp = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else -1
+        mem = _Memory(params_bytes + cache_bytes, cache_bytes, cache_bytes, temp, 0)
+        fits = False
+    seconds = time.perf_counter() - start
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     hbm = topo.chip.usable_hbm
     return DecodeAotResult(
         model=model if isinstance(model, str) else "custom",
@@ -141,9 +164,41 @@ def compile_decode_step(
         generated_code_bytes=int(mem.generated_code_size_in_bytes),
         total_bytes=int(total),
         hbm_bytes=int(hbm),
-        fits=bool(total <= hbm),
-        params_bytes_per_chip=sum(_shard_bytes(x) for x in jax.tree.leaves(params)),
-        cache_bytes_per_chip=sum(_shard_bytes(x) for x in jax.tree.leaves(cache)),
+        fits=bool(total <= hbm) if fits is None else fits,
+        params_bytes_per_chip=params_bytes,
+        cache_bytes_per_chip=cache_bytes,
         compile_seconds=round(seconds, 1),
-        notes=list(programs.notes),
+        notes=notes,
     )
+
+
+def main(argv=None) -> int:
+    """``python -m meditron_jax.infer.aot --model meditron-70b --topology v5p-64 --mesh fsdp=4,tensor=8``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Compile the decode (or prefill) program for a TPU topology.")
+    ap.add_argument("--model", required=True, help="a preset name, e.g. meditron-70b")
+    ap.add_argument("--topology", required=True, help="e.g. v5p-64, v5e-32, v5e:2x2")
+    ap.add_argument("--mesh", default="fsdp=-1", help="ICI axes, e.g. fsdp=4,tensor=8")
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--max-len", type=int, required=True, help="KV cache length (prompt + new tokens)")
+    ap.add_argument("--prefill", action="store_true", help="compile the prefill instead of the decode loop")
+    ap.add_argument("--sampling", action="store_true", help="the top-k/top-p sampling program, not greedy")
+    args = ap.parse_args(argv)
+    result = compile_decode_step(
+        args.model,
+        args.topology,
+        batch=args.batch,
+        max_len=args.max_len,
+        mesh=MeshConfig.from_flags(args.mesh),
+        prefill=args.prefill,
+        greedy=not args.sampling,
+    )
+    print(result.summary())
+    print(json.dumps(dataclasses.asdict(result)))
+    return 0 if result.fits else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +217,7 @@ class Engine:
                 newly = self._find_stop_strings(prompts, host, stop_at, checked, sampling.stop_strings)
                 if newly:
                     host["done"][newly] = True
-                    state = state.replace(done=P.put(host["done"], "batch"))
+                    state = dataclasses.replace(state, done=P.put(host["done"], "batch"))
             if host["done"][:n].all() or host["step"] >= sampling.max_new_tokens:
                 break
             limit = jnp.int32(min(host["step"] + chunk, sampling.max_new_tokens))
@@ -226,6 +227,8 @@ class Engine:
 
     def _find_stop_strings(self, prompts, host, stop_at, checked, stop_strings) -> list[int]:
         """Rows whose new text holds a stop string; records how many tokens reach the first one."""
+        tok = self.tokenizer
+        assert tok is not None  # generate() checks: stop strings need a tokenizer
         newly = []
         for i, prompt in enumerate(prompts):
             if stop_at[i] is not None:
@@ -233,9 +236,9 @@ class Engine:
             ids = host["out"][i, : host["length"][i]].tolist()
             if len(ids) == checked[i]:
                 continue
-            if _has_stop(continuation_text(self.tokenizer, prompt, ids), stop_strings):
+            if _has_stop(continuation_text(tok, prompt, ids), stop_strings):
                 m = checked[i] + 1
-                while not _has_stop(continuation_text(self.tokenizer, prompt, ids[:m]), stop_strings):
+                while not _has_stop(continuation_text(tok, prompt, ids[:m]), stop_strings):
                     m += 1
                 stop_at[i] = m
                 if not host["done"][i]:
@@ -246,6 +249,7 @@ class Engine:
     def _completion(self, prompt, host, i, stop_at, sampling: SamplingParams) -> Completion:
         ids = host["out"][i, : host["length"][i]].tolist()
         if stop_at is not None:
+            assert self.tokenizer is not None  # stop strings need a tokenizer
             ids = ids[:stop_at]
             text = continuation_text(self.tokenizer, prompt, ids)
             cut = min(text.find(s) for s in sampling.stop_strings if s in text)
@@ -268,6 +272,6 @@ def _fetch(state: DecodeState) -> dict:
         from jax.experimental import multihost_utils
 
         arrays = multihost_utils.process_allgather(arrays, tiled=True)
-    host = {k: np.array(v) for k, v in arrays.items()}
+    host: dict[str, Any] = {k: np.array(v) for k, v in arrays.items()}
     host["step"] = int(host["step"])
     return host

@@ -13,6 +13,7 @@ greedy/filtered switches and the shapes select a compiled program.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -36,14 +37,14 @@ MAX_STOP_IDS = 8  # stop-id slots in a program; more ids round up to a multiple 
 @flax.struct.dataclass
 class DecodeState:
     cache: Any  # the model's "cache" collection (K, V, valid mask, write index per layer)
-    token: jax.Array  # [b] last chosen token, not yet fed to the model
-    position: jax.Array  # [b, 1] its position
-    counts: jax.Array  # [b, vocab] int32 occurrences in the output (frequency penalty)
-    out: jax.Array  # [b, max_steps] chosen tokens
-    length: jax.Array  # [b] tokens generated per row
-    done: jax.Array  # [b] bool
-    step: jax.Array  # [] tokens chosen so far (all rows move together)
-    keys: jax.Array  # [b] PRNG keys
+    token: Any  # [b] last chosen token, not yet fed to the model
+    position: Any  # [b, 1] its position
+    counts: Any  # [b, vocab] int32 occurrences in the output (frequency penalty)
+    out: Any  # [b, max_steps] chosen tokens
+    length: Any  # [b] tokens generated per row
+    done: Any  # [b] bool
+    step: Any  # [] tokens chosen so far (all rows move together)
+    keys: Any  # [b] PRNG keys
 
 
 def inference_rules(rules, config: ModelConfig, mesh: Mesh, model_name: str = "the model"):
@@ -87,8 +88,8 @@ class Programs:
             self.rules = ()
             self.param_shardings = None
             self.batch_shards = 1
-        self._prefill = {}
-        self._decode = {}
+        self._prefill: dict[tuple, Any] = {}
+        self._decode: dict[tuple, Any] = {}
         self._compiler_options = compiler_options  # XLA options, e.g. a lower CPU codegen level in tests
 
     # -- placement -------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ class Programs:
                 params, s.cache, s.token[:, None], s.position, jnp.ones_like(s.position), "decode"
             )
             tok = sampling.next_tokens(logits, s.counts, s.keys, s.step, knobs, greedy=greedy, filtered=filtered)
-            s = s.replace(cache=cache, position=s.position + 1)
+            s = dataclasses.replace(s, cache=cache, position=s.position + 1)
             return _record(s, tok, stop_ids, max_new)
 
         return jax.lax.while_loop(cond, body, state)
@@ -227,7 +228,7 @@ class Programs:
     def prefill_fn(self, batch: int, cache_len: int, max_steps: int, greedy: bool, filtered: bool):
         key = (batch, cache_len, max_steps, greedy, filtered)
         if key not in self._prefill:
-            kw = {}
+            kw: dict[str, Any] = {}
             if self.mesh is not None:
                 b, b2, rep = self._sharding("batch"), self._sharding("batch", None), self._sharding()
                 knob_sh = dict.fromkeys(("temperature", "top_k", "top_p", "penalty"), rep)
@@ -244,7 +245,7 @@ class Programs:
     def decode_fn(self, batch: int, cache_len: int, greedy: bool, filtered: bool):
         key = (batch, cache_len, greedy, filtered)
         if key not in self._decode:
-            kw = {}
+            kw: dict[str, Any] = {}
             if self.mesh is not None:
                 rep = self._sharding()
                 state_sh = self.state_shardings(batch, cache_len)
@@ -312,7 +313,7 @@ def unstack_layers(params, num_layers: int) -> dict:
         raise ValueError(f"expected scanned parameters with a 'layers' entry, got keys {sorted(params)}")
     out = {k: v for k, v in params.items() if k != "layers"}
     leaves, treedef = jax.tree.flatten(params["layers"])
-    per_layer = [[] for _ in range(num_layers)]
+    per_layer: list[list] = [[] for _ in range(num_layers)]
     for leaf in leaves:
         if leaf.shape[0] != num_layers:
             raise ValueError(f"stacked layer parameter of shape {leaf.shape} does not have {num_layers} layers")
@@ -335,7 +336,7 @@ def _record(state: DecodeState, tok, stop_ids, max_new) -> DecodeState:
     counts = state.counts.at[jnp.arange(tok.shape[0]), tok].add(live.astype(jnp.int32))
     stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
     done = state.done | stopped | (length >= max_new)
-    return state.replace(token=tok, out=out, length=length, counts=counts, done=done, step=state.step + 1)
+    return dataclasses.replace(state, token=tok, out=out, length=length, counts=counts, done=done, step=state.step + 1)
 
 
 def _cache_len(cache) -> int:
