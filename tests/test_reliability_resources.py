@@ -66,8 +66,8 @@ print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSA
 
 
 def test_a_2gib_fake_tensor_is_refused_from_the_header(tmp_path):
-    """Before: the 2 GiB tensor was read, then its shape checked (4.6 GiB peak RSS for a 1 MB model).
-    Now the header's shape is compared with the model's first; the peak is the interpreter's own (~0.6 GiB)."""
+    """Before: the 2 GiB tensor was read, then its shape checked (4.3 GiB peak RSS for a 1 MB model).
+    Now the header's shape is compared with the model's first; the peak is the interpreter's own (~0.2 GiB)."""
     src = _fake_2gib_model(tmp_path / "m")
     assert os.path.getsize(os.path.join(src, "model.safetensors")) > 2 << 30
     env = dict(os.environ, JAX_PLATFORMS="cpu")
