@@ -1,6 +1,8 @@
 """The engine sharded over 8 fake CPU devices (FSDP, tensor parallelism, both) gives the single-device
 output token for token, and its decode program compiles for a real TPU topology (libtpu, no TPU)."""
 
+import json
+
 import jax
 import pytest
 
@@ -62,3 +64,17 @@ def test_decode_compiles_for_tpu_v5e_2x2():
     assert r.temp_bytes < r.cache_bytes_per_chip
     assert r.total_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
     assert "fits" in r.summary()
+
+
+def test_decode_that_does_not_fit_exits_3(capsys):
+    """16k rows × 16k cached tokens of the tiny model: ~17 GiB of cache per v5e chip. libtpu refuses the
+    program; the CLI reports its numbers and exits 3."""
+    from meditron_jax.infer.aot import main
+
+    code = main(
+        ["--model", "tiny", "--topology", "v5e:2x2", "--mesh", "fsdp=4", "--batch", "16384", "--max-len", "16384"]
+    )
+    out = capsys.readouterr().out
+    assert code == 3 and "DOES NOT FIT" in out and "RESOURCE_EXHAUSTED" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["fits"] is False and result["cache_bytes_per_chip"] > result["hbm_bytes"]

@@ -49,13 +49,15 @@ class DecodeAotResult:
 
     def summary(self) -> str:
         gib = 1 << 30
+        cache_role = " written as an output" if self.program == "prefill" else ""
         return "\n".join(
             [
                 f"{self.program} of {self.model} on {self.topology} ({self.num_chips} chips), mesh {self.mesh}",
                 f"batch {self.batch}, KV cache {self.max_len} tokens",
                 f"per chip: arguments {self.argument_bytes / gib:.2f} GiB "
                 f"(params {self.params_bytes_per_chip / gib:.2f}, "
-                f"KV cache {self.cache_bytes_per_chip / gib:.2f}), outputs {self.output_bytes / gib:.2f} GiB "
+                f"KV cache {self.cache_bytes_per_chip / gib:.2f}{cache_role}), "
+                f"outputs {self.output_bytes / gib:.2f} GiB "
                 f"(aliased {self.alias_bytes / gib:.2f}), temporaries {self.temp_bytes / gib:.2f} GiB",
                 f"total {self.total_bytes / gib:.2f} GiB of {self.hbm_bytes / gib:.2f} GiB usable HBM "
                 f"({self.total_bytes / self.hbm_bytes:.0%}) -> {'fits' if self.fits else 'DOES NOT FIT'}",
