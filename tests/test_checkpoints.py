@@ -427,3 +427,12 @@ def test_training_continues_from_the_previous_checkpoint_when_the_newest_is_dama
     records = _train_records(run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1)) + [STEPS - 1, STEPS]
     _assert_same_run(run, reference)
+
+
+def test_keep_settings_are_checked():
+    from meditron_jax.train.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 1"):
+        TrainConfig(model_dir="/unused", keep_checkpoints=0)
+    with pytest.raises(ValueError, match="keep_every must be >= 0"):
+        TrainConfig(model_dir="/unused", keep_every=-1)

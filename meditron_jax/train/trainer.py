@@ -71,10 +71,11 @@ class TrainConfig:
     def __post_init__(self):
         if not self.model_dir:
             raise ValueError("TrainConfig.model_dir is empty: pass --gin.MODEL_DIR=... (or TrainConfig.model_dir)")
-        for name in ("sequence_length", "global_batch", "train_steps", "checkpoint_every", "log_every", "eval_steps"):
+        positive = ("sequence_length", "global_batch", "train_steps", "checkpoint_every", "log_every", "eval_steps")
+        for name in (*positive, "keep_checkpoints"):  # keeping 0 would delete the checkpoint just written
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("keep_checkpoints", "keep_every", "eval_every"):
+        for name in ("keep_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (got {getattr(self, name)})")
 
@@ -180,7 +181,6 @@ def train(
 
 
 def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run, notice) -> dict:
-    from meditron_jax.data.pipeline import make_iterator
 
     model_cfg = model_config(config)
     mesh = create_mesh(mesh_config or MeshConfig())
@@ -202,12 +202,16 @@ def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_thi
         keep_every=config.keep_every,
         async_save=config.async_checkpoints,
     )
-    data_kwargs = dict(
-        sequence_length=config.sequence_length,
-        seed=config.seed,
-        host_index=jax.process_index(),
-        host_count=jax.process_count(),
-    )
+    try:
+        return _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run)
+    finally:
+        ckpts.close()  # waits for an asynchronous save still in flight
+
+
+def _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs):
+    """(first step, state, input iterator): the newest intact checkpoint, else a fresh start."""
+    from meditron_jax.data.pipeline import make_iterator
+
     had_checkpoints = bool(ckpts.all_steps())
     resumed = ckpts.restore_latest(
         step_fn.abstract_state,
@@ -225,6 +229,17 @@ def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_thi
         else:
             state = step_fn.init_state(jax.random.PRNGKey(config.seed))
         iterator = make_iterator(config.mixture, batch_size=config.global_batch, **data_kwargs)
+    return start, state, iterator
+
+
+def _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run) -> dict:
+    data_kwargs = dict(
+        sequence_length=config.sequence_length,
+        seed=config.seed,
+        host_index=jax.process_index(),
+        host_count=jax.process_count(),
+    )
+    start, state, iterator = _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs)
     if jax.process_index() == 0:
         model_cfg.to_json(os.path.join(config.model_dir, RUN_CONFIG_FILE))
         with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
@@ -284,6 +299,5 @@ def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_thi
         ckpts.wait()
     finally:
         writer.close()
-        ckpts.close()
     last["preempted"] = preempted
     return last
