@@ -234,6 +234,7 @@ class Checkpoints:
         (a failure there is damage too).
         """
         for step in sorted(self.all_steps(), reverse=True):
+            error = None
             try:
                 state = self.restore(step, abstract_state)
                 try:
@@ -243,10 +244,17 @@ class Checkpoints:
                         f"checkpoint {os.path.join(self.state_dir, str(step))}: input position "
                         f"{self.input_path(step)} does not restore ({type(e).__name__}: {e})"
                     ) from e
-                return step, state, iterator
             except DamagedCheckpoint as e:
-                moved = self._move_aside(step)
-                log.warning("skipping damaged checkpoint: %s; moved to %s; trying the previous one", e, moved)
+                error = e
+            # Hosts must agree, or one would resume from another step than the rest (each reads its own
+            # input position and its own array shards).
+            if _all_hosts(error is None):
+                return step, state, iterator
+            error = error or DamagedCheckpoint(
+                f"checkpoint {os.path.join(self.state_dir, str(step))}: damaged on another host"
+            )
+            moved = self._move_aside(step)
+            log.warning("skipping damaged checkpoint: %s; moved to %s; trying the previous one", error, moved)
         return None
 
     def _move_aside(self, step: int) -> str:
@@ -269,6 +277,14 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _all_hosts(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
 def _check_same_tree(stored, target, where: str) -> None:
