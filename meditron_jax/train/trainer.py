@@ -291,7 +291,13 @@ def _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run) -
                 with meter.exclude():
                     writer.eval(done, validation.run(state.params))
             with meter.exclude():
-                ckpts.save(done, state, iterator, force=done == end or stop)
+                t = time.perf_counter()
+                if ckpts.save(done, state, iterator, force=done == end or stop):
+                    log.info(
+                        "checkpoint %d: %.2f s blocking, the rest written in the background",
+                        done,
+                        time.perf_counter() - t,
+                    )
             if stop:
                 preempted = True
                 log.warning("preempted: checkpoint of step %d saved; stopping (rerun the command to resume)", done)
