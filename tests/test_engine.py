@@ -203,6 +203,15 @@ def test_results_in_prompt_order(stories, engine):
     assert forward == backward[::-1]
 
 
+def test_stacked_params_sliced_in_program_give_the_same_tokens(stories, engine):
+    """The no-copy layout (stacked parameters sliced inside the program, the TPU default) against the
+    split-once layout the CPU uses by default."""
+    sliced = Engine(stories.config, stories.params, stories.tokenizer, max_batch=8, stacked_params="slice", **FAST)
+    assert "layers" in sliced.params and "layers_0" in engine.params
+    sp = SamplingParams(max_new_tokens=40, frequency_penalty=1.0)
+    assert sliced.generate(PROMPTS, sp) == engine.generate(PROMPTS, sp)
+
+
 def test_kv_cache_is_updated_in_place(stories):
     """The compiled decode loop aliases its whole state (KV cache included) to the output and needs far
     less temporary memory than one copy of the cache."""

@@ -113,7 +113,7 @@ def compile_decode_step(
     programs.check_batch(batch)
     params = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        nn.meta.unbox(abstract_params(programs.config)),
+        nn.meta.unbox(abstract_params(programs.param_config)),
         programs.param_shardings,
     )
     start = time.perf_counter()

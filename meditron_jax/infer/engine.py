@@ -68,6 +68,8 @@ class Engine:
     ``length_buckets`` round the longest prompt of a batch, ``batch_buckets`` the number of rows (both up
     to the next listed size); ``new_token_buckets`` round ``max_new_tokens`` for the cache and output
     buffers. On a mesh, batch sizes are also rounded up to a multiple of the batch shards (data × fsdp).
+    ``stacked_params``: how scanned-layout parameters reach the (unrolled) model: "split" copies them once
+    into per-layer arrays, "slice" slices them inside the program (no second copy), "auto" slices on TPU.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Engine:
         new_token_buckets: Sequence[int] = DEFAULT_NEW_TOKEN_BUCKETS,
         stop_check_every: int = 32,
         compiler_options: dict | None = None,
+        stacked_params: str = "auto",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -91,7 +94,7 @@ class Engine:
             raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
         self.config = config
         self.tokenizer = tokenizer
-        self.programs = Programs(config, mesh, rules, compiler_options)
+        self.programs = Programs(config, mesh, rules, compiler_options, stacked_params)
         shards = self.programs.batch_shards
         self.max_batch = -(-max_batch // shards) * shards
         if batch_buckets is None:

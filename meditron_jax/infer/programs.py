@@ -70,19 +70,30 @@ class Programs:
         mesh: Mesh | None = None,
         rules: Sequence | None = None,
         compiler_options: dict | None = None,
+        stacked_params: str = "auto",
     ):
         # Layers unrolled: each layer's KV cache is its own buffer, written in place one slot per step. With
         # scanned layers the layer scan re-stacks every layer's cache as a new output each step (a full
         # copy of the cache per token; measured in tests/test_engine.py::test_kv_cache_is_updated_in_place).
+        # Scanned (stacked) parameters reach the unrolled model either split once into per-layer arrays
+        # ("split": a second copy of the weights) or sliced per layer inside the program ("slice": no copy;
+        # free on TPU, where XLA fuses the slices, but XLA:CPU copies them every step). "auto": slice on TPU.
+        if stacked_params not in ("auto", "split", "slice"):
+            raise ValueError(f"stacked_params must be 'auto', 'split' or 'slice', got {stacked_params!r}")
+        if stacked_params == "auto":
+            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+            stacked_params = "slice" if device.platform == "tpu" else "split"
+        self.input_config = config
         self.config = config.replace(scan_layers=False)
-        self.stacked_input = config.scan_layers
+        self.split_layers = config.scan_layers and stacked_params == "split"
+        self.slice_layers = config.scan_layers and stacked_params == "slice"
         self.mesh = mesh
         self.model = Llama(self.config)
         self.traces = 0
         self.notes: tuple[str, ...] = ()
         if mesh is not None:
             self.rules, self.notes = inference_rules(rules, config, mesh)
-            self.param_shardings = nn.logical_to_mesh_sharding(logical_axes(self.config), mesh, self.rules)
+            self.param_shardings = nn.logical_to_mesh_sharding(logical_axes(self.param_config), mesh, self.rules)
             self.batch_shards = mesh_axis_size(dict(mesh.shape), logical_to_spec(("batch",), self.rules)[0])
         else:
             self.rules = ()
@@ -101,7 +112,7 @@ class Programs:
 
     def place_params(self, params):
         """Parameters in the unrolled layout on the device(s); host arrays are copied shard by shard."""
-        if self.stacked_input:
+        if self.split_layers:
             params = unstack_layers(params, self.config.num_layers)
         if self.mesh is None:
             return jax.device_put(params)
@@ -169,9 +180,16 @@ class Programs:
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 yield
 
+    @property
+    def param_config(self) -> ModelConfig:
+        """The configuration whose parameter layout the engine holds (stacked when slicing in-program)."""
+        return self.input_config if self.slice_layers else self.config
+
     def _forward(self, params, cache, tokens, positions, segment_ids, mode):
         """Logits at the last position only: the final norm's output is cut to one position before the
         output projection, so prefill never builds [b, length, vocab] logits."""
+        if self.slice_layers:
+            params = unstack_layers(params, self.config.num_layers)  # static slices, inside the program
 
         def last_position(next_fun, args, kwargs, context):
             if context.module.name == "final_norm" and context.method_name == "__call__":
@@ -317,10 +335,10 @@ def unstack_layers(params, num_layers: int) -> dict:
     for leaf in leaves:
         if leaf.shape[0] != num_layers:
             raise ValueError(f"stacked layer parameter of shape {leaf.shape} does not have {num_layers} layers")
-        if isinstance(leaf, jax.Array):
-            parts = jax.jit(lambda x: tuple(x[i] for i in range(num_layers)))(leaf)
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+            parts = [leaf[i] for i in range(num_layers)]  # inside a program, or host views
         else:
-            parts = [leaf[i] for i in range(num_layers)]
+            parts = jax.jit(lambda x: tuple(x[i] for i in range(num_layers)))(leaf)
         for i, part in enumerate(parts):
             per_layer[i].append(part)
     for i, layer in enumerate(per_layer):
