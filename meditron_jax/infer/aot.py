@@ -101,15 +101,18 @@ def compile_decode_step(
     model_overrides: dict | None = None,
     prefill: bool = False,
     greedy: bool = True,
+    stacked_params: str = "split",
 ) -> DecodeAotResult:
     """Lower and compile the decode loop (or the prefill) for ``topology``; memory from XLA's analysis.
 
     ``max_len`` is the cache length; for prefill the prompt is ``max_len - 16`` tokens (16 new tokens).
+    ``stacked_params``: "split" (an engine built from host parameters) or "slice" (from stacked device
+    arrays), see `meditron_jax.infer.engine.Engine`.
     """
     topo = parse_topology(topology, num_slices)
     config = inference_config(model, **(model_overrides or {}))
     device_mesh = create_mesh(mesh or MeshConfig(), topo.devices())
-    programs = Programs(config, device_mesh, rules)
+    programs = Programs(config, device_mesh, rules, stacked_params=stacked_params)
     programs.check_batch(batch)
     params = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -187,6 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-len", type=int, required=True, help="KV cache length (prompt + new tokens)")
     ap.add_argument("--prefill", action="store_true", help="compile the prefill instead of the decode loop")
     ap.add_argument("--sampling", action="store_true", help="the top-k/top-p sampling program, not greedy")
+    ap.add_argument(
+        "--stacked-params",
+        choices=("split", "slice"),
+        default="split",
+        help="layer weights as per-layer arrays (split) or sliced from stacked arrays in the program",
+    )
     args = ap.parse_args(argv)
     result = compile_decode_step(
         args.model,
@@ -196,6 +205,7 @@ def main(argv=None) -> int:
         mesh=MeshConfig.from_flags(args.mesh),
         prefill=args.prefill,
         greedy=not args.sampling,
+        stacked_params=args.stacked_params,
     )
     print(result.summary())
     print(json.dumps(dataclasses.asdict(result)))

@@ -69,7 +69,9 @@ class Engine:
     to the next listed size); ``new_token_buckets`` round ``max_new_tokens`` for the cache and output
     buffers. On a mesh, batch sizes are also rounded up to a multiple of the batch shards (data × fsdp).
     ``stacked_params``: how scanned-layout parameters reach the (unrolled) model: "split" copies them once
-    into per-layer arrays, "slice" slices them inside the program (no second copy), "auto" slices on TPU.
+    into per-layer arrays, "slice" slices them inside the program (no second copy of arrays the caller
+    keeps). "auto": slice when given device arrays on a TPU (splitting them would double the weights in
+    HBM), split otherwise (host arrays are split as views; XLA:CPU copies in-program slices every step).
     """
 
     def __init__(
@@ -94,6 +96,10 @@ class Engine:
             raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
         self.config = config
         self.tokenizer = tokenizer
+        if stacked_params == "auto":
+            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+            on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+            stacked_params = "slice" if device.platform == "tpu" and on_device else "split"
         self.programs = Programs(config, mesh, rules, compiler_options, stacked_params)
         shards = self.programs.batch_shards
         self.max_batch = -(-max_batch // shards) * shards

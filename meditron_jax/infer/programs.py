@@ -70,19 +70,16 @@ class Programs:
         mesh: Mesh | None = None,
         rules: Sequence | None = None,
         compiler_options: dict | None = None,
-        stacked_params: str = "auto",
+        stacked_params: str = "split",
     ):
         # Layers unrolled: each layer's KV cache is its own buffer, written in place one slot per step. With
         # scanned layers the layer scan re-stacks every layer's cache as a new output each step (a full
         # copy of the cache per token; measured in tests/test_engine.py::test_kv_cache_is_updated_in_place).
         # Scanned (stacked) parameters reach the unrolled model either split once into per-layer arrays
-        # ("split": a second copy of the weights) or sliced per layer inside the program ("slice": no copy;
-        # free on TPU, where XLA fuses the slices, but XLA:CPU copies them every step). "auto": slice on TPU.
-        if stacked_params not in ("auto", "split", "slice"):
-            raise ValueError(f"stacked_params must be 'auto', 'split' or 'slice', got {stacked_params!r}")
-        if stacked_params == "auto":
-            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-            stacked_params = "slice" if device.platform == "tpu" else "split"
+        # ("split") or sliced per layer inside the program ("slice": no second copy when the caller keeps
+        # its stacked device arrays; fused on TPU, but XLA:CPU copies the slices every step).
+        if stacked_params not in ("split", "slice"):
+            raise ValueError(f"stacked_params must be 'split' or 'slice', got {stacked_params!r}")
         self.input_config = config
         self.config = config.replace(scan_layers=False)
         self.split_layers = config.scan_layers and stacked_params == "split"
