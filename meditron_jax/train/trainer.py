@@ -152,6 +152,16 @@ def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, mixture: s
             )
 
 
+def _write_tokenizer(mixture: str, model_dir: str) -> None:
+    """The mixture's vocabulary as HF tokenizer files, so MODEL_DIR is a model directory that load(), the
+    evaluation and the converter read without being told where the tokenizer is."""
+    import seqio
+
+    vocab = seqio.get_mixture_or_task(mixture).output_features["targets"].vocabulary
+    if hasattr(vocab, "write_tokenizer_files"):
+        vocab.write_tokenizer_files(model_dir)
+
+
 @gin.configurable
 def train(
     config: TrainConfig = gin.REQUIRED,
@@ -242,6 +252,7 @@ def _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run) -
     start, state, iterator = _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs)
     if jax.process_index() == 0:
         model_cfg.to_json(os.path.join(config.model_dir, RUN_CONFIG_FILE))
+        _write_tokenizer(config.mixture, config.model_dir)
         with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
             f.write(gin.operative_config_str())
 
