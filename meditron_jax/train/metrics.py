@@ -35,6 +35,7 @@ def model_flops_per_token(cfg: ModelConfig, sequence_length: int) -> float:
     (that is hardware FLOPs, not model FLOPs).
     """
     d, heads, q = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    assert q is not None  # ModelConfig.__post_init__ fills it in
     attn = d * q * (2 * heads + 2 * cfg.num_kv_heads)  # q, o and k, v projections
     mlp = 3 * d * cfg.intermediate_size  # gate, up, down
     matmul_params = cfg.num_layers * (attn + mlp) + cfg.vocab_size * d

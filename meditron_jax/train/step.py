@@ -51,7 +51,7 @@ from meditron_jax.parallel.rules import (
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    step: Any  # a scalar array; a ShapeDtypeStruct or PartitionSpec in the abstract and sharding trees
     params: Any
     opt_state: Any
 
@@ -340,7 +340,7 @@ class TrainStep:
     def _jit(self, keys: tuple[str, ...]):
         if keys not in self._jitted:
             batch_sh = {k: self.batch_sharding for k in keys}
-            metrics_sh = self._replicated
+            metrics_sh: Any = self._replicated
             if self._return_grads:
                 names = ["loss", "grad_norm", "tokens"] + (["learning_rate"] if self.lr_schedule else [])
                 metrics_sh = {**{k: self._replicated for k in names}, "grads": self.state_shardings.params}

@@ -113,6 +113,7 @@ def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, source: st
 def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig):
     """Parameters of ``init_from``, with the vocabulary extended when the model's is larger
     (Llama-2's 32,000 tokens → MEDITRON's 32,017, whose marker tokens the curated corpus contains)."""
+    assert cfg.init_from is not None
     execution = {name: getattr(model_cfg, name) for name in EXECUTION_FIELDS}
     params, stored = load_model_dir(cfg.init_from, **execution)
     return extend_vocab(params, stored, model_cfg)
