@@ -20,7 +20,3 @@ def _root_with(name: str) -> pathlib.Path:
 def gin_dir() -> pathlib.Path:
     """The folder of the gin recipes (models/, runs/, data/, parallel/)."""
     return _root_with("gin")
-
-
-def configs_dir() -> pathlib.Path:
-    return _root_with("configs")

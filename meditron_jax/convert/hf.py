@@ -184,10 +184,6 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", 
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
-def _is_count(d) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
-
-
 def safetensors_header(file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (dtype, shape)} from a safetensors file's header, checked against the file before any tensor
     data is read: every declared byte range must hold exactly its shape × dtype and lie inside the file."""

@@ -144,20 +144,6 @@ def logical_to_spec(names: Sequence[str | None], rules: Sequence[Rule]) -> Parti
     return cast(PartitionSpec, nn.logical_to_mesh_axes(tuple(names), tuple(rules)))
 
 
-def tree_shardings(logical_tree, mesh: Mesh, rules: Sequence[Rule]):
-    """NamedShardings for a tree whose leaves are logical PartitionSpecs (e.g. `model.logical_axes`)."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, tuple(rules))
-
-
-def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh_shape: dict[str, int], what: str) -> None:
-    for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)):
-        ways = mesh_axis_size(mesh_shape, axes)
-        if dim % ways:
-            raise MeshError(
-                f"{what}: dimension {i} of size {dim} is split over {axes!r} ({ways} ways), which does not divide it"
-            )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Sharding report
 
