@@ -9,8 +9,6 @@ prompt needs more temporaries and can be compiled too (``prefill=True``).
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import time
 
 import jax
@@ -22,7 +20,7 @@ from meditron_jax.infer import sampling
 from meditron_jax.infer.programs import MAX_STOP_IDS, Programs
 from meditron_jax.model import abstract_params
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh, describe
-from meditron_jax.parallel.topology import parse_topology
+from meditron_jax.parallel.topology import CompiledMemory, parse_oom_message, parse_topology, shard_bytes
 
 
 @dataclasses.dataclass
@@ -67,15 +65,6 @@ class DecodeAotResult:
         )
 
 
-@dataclasses.dataclass
-class _Memory:
-    argument_size_in_bytes: int
-    output_size_in_bytes: int
-    alias_size_in_bytes: int
-    temp_size_in_bytes: int
-    generated_code_size_in_bytes: int
-
-
 def inference_config(model: str | ModelConfig, **overrides) -> ModelConfig:
     """bf16 weights and compute, scanned layers, no remat: how a model is served."""
     base = dict(dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat_policy="none")
@@ -83,10 +72,6 @@ def inference_config(model: str | ModelConfig, **overrides) -> ModelConfig:
     if isinstance(model, ModelConfig):
         return model.replace(**base)
     return get_config(model, **base)
-
-
-def _shard_bytes(x) -> int:
-    return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
 def compile_decode_step(
@@ -136,8 +121,8 @@ def compile_decode_step(
     else:
         lowered = programs.lower_decode(params, batch, max_len, max_steps, greedy=greedy, filtered=not greedy)
     cache = programs.abstract_state(batch, max_len, max_steps).cache
-    params_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
-    cache_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+    params_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(params))
+    cache_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(cache))
     notes = list(programs.notes)
     try:
         mem = lowered.compile().memory_analysis()
@@ -146,10 +131,10 @@ def compile_decode_step(
         # libtpu refuses programs that exceed HBM; keep its numbers instead of memory_analysis().
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        notes.append("XLA: " + str(e).strip().splitlines()[0][:400])
-        m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
-        temp = int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024) if m else -1
-        mem = _Memory(params_bytes + cache_bytes, cache_bytes, cache_bytes, temp, 0)
+        oom = parse_oom_message(str(e))
+        notes.append("XLA: " + oom["message"])
+        temp = oom.get("required", -1)
+        mem = CompiledMemory(params_bytes + cache_bytes, cache_bytes, cache_bytes, temp, 0)
         fits = False
     seconds = time.perf_counter() - start
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes

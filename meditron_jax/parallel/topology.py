@@ -12,6 +12,8 @@ import math
 import os
 import re
 
+import numpy as np
+
 from meditron_jax.hardware import Chip, get_chip
 
 # Chip grid by chip count: 3D tori (v4, v5p) and 2D tori (v5e, v6e); the Cloud TPU standard slice shapes.
@@ -122,3 +124,44 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     if num_slices < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     return Topology(name, chip, shape, num_slices)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a compiled program needs per chip (shared by the train-step and decode-step AOT tools)
+
+
+@dataclasses.dataclass
+class CompiledMemory:
+    """The fields of XLA's ``memory_analysis()``, for when libtpu refused the program and only its error
+    message says how much it needed."""
+
+    argument_size_in_bytes: int
+    output_size_in_bytes: int
+    alias_size_in_bytes: int
+    temp_size_in_bytes: int
+    generated_code_size_in_bytes: int
+
+
+def shard_bytes(x) -> int:
+    """Bytes of one device's shard of an abstract array."""
+    return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_oom_message(text: str) -> dict:
+    """Numbers from libtpu's "Ran out of memory in memory space hbm" compile error, where present.
+
+    e.g. "the total memory required for HLO temporaries (24.24G) exceeds available HBM (15.75G)".
+    """
+    first = text.strip().splitlines()[0] if text.strip() else text
+    out: dict = {"message": first[:400]}
+    m = re.search(r"required for ([\w ]+?) \(([\d.]+)([KMGT]?)i?B?\)", text)
+    if m:
+        out["required"] = int(float(m.group(2)) * _UNITS[m.group(3)])
+        out["required_for"] = m.group(1)
+    m = re.search(r"available HBM \(([\d.]+)([KMGT]?)i?B?\)", text)
+    if m:
+        out["available"] = int(float(m.group(1)) * _UNITS[m.group(2)])
+    return out

@@ -4,8 +4,6 @@ the chip's HBM (MaxText keeps the same tool, ``train_compile``, beside its train
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import time
 
 import jax
@@ -13,7 +11,7 @@ import jax
 from meditron_jax.config import ModelConfig, get_config
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh, describe
 from meditron_jax.parallel.pipeline import PipelineConfig
-from meditron_jax.parallel.topology import parse_topology
+from meditron_jax.parallel.topology import CompiledMemory, parse_oom_message, parse_topology, shard_bytes
 from meditron_jax.train.optimizer import make_optimizer
 from meditron_jax.train.step import TrainStep
 
@@ -135,9 +133,9 @@ def compile_train_step(
         oom = parse_oom_message(str(e))
         notes.append("XLA: " + oom["message"])
         state_bytes = params_bytes + opt_bytes + 4  # + the step counter
-        batch_bytes = sum(_shard_bytes(x) for x in step.abstract_batch(global_batch, seq_len).values())
+        batch_bytes = sum(shard_bytes(x) for x in step.abstract_batch(global_batch, seq_len).values())
         # Arguments: state + batch; outputs alias the donated state.
-        mem = _Memory(
+        mem = CompiledMemory(
             argument_size_in_bytes=state_bytes + batch_bytes,
             output_size_in_bytes=state_bytes,
             alias_size_in_bytes=state_bytes,
@@ -182,36 +180,3 @@ def compile_train_step(
         notes=notes,
         sharding_table=step.report().table(),
     )
-
-
-@dataclasses.dataclass
-class _Memory:
-    argument_size_in_bytes: int
-    output_size_in_bytes: int
-    alias_size_in_bytes: int
-    temp_size_in_bytes: int
-    generated_code_size_in_bytes: int
-
-
-def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
-    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_oom_message(text: str) -> dict:
-    """Numbers from libtpu's "Ran out of memory in memory space hbm" compile error, where present.
-
-    e.g. "the total memory required for HLO temporaries (24.24G) exceeds available HBM (15.75G)".
-    """
-    first = text.strip().splitlines()[0] if text.strip() else text
-    out: dict = {"message": first[:400]}
-    m = re.search(r"required for ([\w ]+?) \(([\d.]+)([KMGT]?)i?B?\)", text)
-    if m:
-        out["required"] = int(float(m.group(2)) * _UNITS[m.group(3)])
-        out["required_for"] = m.group(1)
-    m = re.search(r"available HBM \(([\d.]+)([KMGT]?)i?B?\)", text)
-    if m:
-        out["available"] = int(float(m.group(1)) * _UNITS[m.group(2)])
-    return out
