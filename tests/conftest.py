@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for the sharding tests, and the shared data folder."""
 
+import json
 import os
 
 # Must be set before jax initialises its backends.
@@ -28,3 +29,15 @@ def shared_data():
     if not path.is_dir():
         pytest.fail(f"shared data folder {path} is missing; set {ENV_VAR}")
     return path
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, shared_data):
+    """A curated-shard folder (the curation pipeline's output format) with real replay text."""
+    root = tmp_path_factory.mktemp("curated")
+    (root / "replay").mkdir()
+    text = (shared_data / "gap_replay_sample" / "replay_general" / "input.txt").read_text()[:60_000]
+    with open(root / "replay" / "train-00000-of-00001.jsonl", "w") as f:
+        for i, doc in enumerate(d for d in text.split("\n\n") if d.strip()):
+            f.write(json.dumps({"id": str(i), "source": "replay", "text": doc}) + "\n")
+    return root

@@ -290,17 +290,6 @@ def test_stale_lock_is_taken_over_and_other_hosts_are_refused(tmp_path, caplog):
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory, shared_data):
-    root = tmp_path_factory.mktemp("curated")
-    (root / "replay").mkdir()
-    text = (shared_data / "gap_replay_sample" / "replay_general" / "input.txt").read_text()[:60_000]
-    with open(root / "replay" / "train-00000-of-00001.jsonl", "w") as f:
-        for i, doc in enumerate(d for d in text.split("\n\n") if d.strip()):
-            f.write(json.dumps({"id": str(i), "source": "replay", "text": doc}) + "\n")
-    return root
-
-
 def _flags(model_dir, curated):
     return [
         "--gin_file=runs/tiny_cpu.gin",

@@ -16,18 +16,6 @@ pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m 
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def curated(tmp_path_factory, shared_data):
-    """A curated-shard folder (the curation pipeline's output format) with real replay text."""
-    root = tmp_path_factory.mktemp("curated")
-    (root / "replay").mkdir()
-    text = (shared_data / "gap_replay_sample" / "replay_general" / "input.txt").read_text()[:60_000]
-    with open(root / "replay" / "train-00000-of-00001.jsonl", "w") as f:
-        for i, doc in enumerate(d for d in text.split("\n\n") if d.strip()):
-            f.write(json.dumps({"id": str(i), "source": "replay", "text": doc}) + "\n")
-    return root
-
-
 def _run(model_dir, curated, *extra):
     train_main = load_script("train").main
     gin.clear_config()
