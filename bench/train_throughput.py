@@ -12,17 +12,19 @@ is 4 layers at 2 × 256 for quick checks. Rows:
 * XLA matmul: a jitted float32 4096² matmul, the machine's reference rate;
 * MaxText: only with ``MAXTEXT_PYTHON`` (synthetic data, same shape; parsed from its "completed step" lines).
 
-Each row compiles/warms up first (``--warmup`` steps), then times ``--steps`` steps one by one (JAX:
-``block_until_ready`` on the step's outputs) and reports the median. Model FLOPs per token are the trainer's
-own (``meditron_jax.train.metrics.model_flops_per_token``: 6·N + 12·L·H·Q·T) and the MFU column divides by
-the trainer's own peak (``peak_flops_per_device``: on CPU, ``measured_cpu_flops``, a 1024² matmul timed in
-this process), so it is the number the trainer would print.
+Each row compiles/warms up first (``--warmup`` steps), then the rows take turns step by step (``--steps``
+each; JAX: ``block_until_ready`` on the step's outputs) and each reports its median and fastest step: on a
+shared machine, rows run one after another measure the neighbours' load as much as the code. Model FLOPs
+per token are the trainer's own (``meditron_jax.train.metrics.model_flops_per_token``: 6·N + 12·L·H·Q·T)
+and the MFU column divides by the trainer's own peak (``peak_flops_per_device``: on CPU,
+``measured_cpu_flops``, a 1024² matmul timed in this process), so it is the number the trainer would print.
 
-``--compare_trainer`` then runs ``meditron_jax.cli.train.main`` in this same process (so it shares the
+``--compare_trainer`` also runs ``meditron_jax.cli.train.main`` in this same process (so it shares the
 measured CPU peak) on the tiny recipe with ModelConfig overridden to the bench shape, on a curated folder
 built from the replay sample, with ``log_every=1``, and compares the median of its ``metrics.jsonl``
-``tokens_per_s`` / ``mfu`` (steps after the first, which includes compiling) with this bench's meditron_jax
-row: PASS when within ``--tolerance`` (10%).
+``tokens_per_s`` / ``mfu`` (steps after the first, which includes compiling) with this bench's packed-batch
+row, whose steps then run one between every two trainer steps (inside the trainer's checkpoint call, which
+its step timing excludes): PASS when within ``--tolerance`` (10%).
 
     nice -n 5 python bench/train_throughput.py --compare_trainer      # the table in docs/performance.md
     python bench/train_throughput.py --small --steps 2                # quick check
