@@ -191,3 +191,29 @@ def test_missing_fewshot_pool_fails_before_any_generation(tmp_path):
     with pytest.raises(SystemExit, match="meditron-eval: medmcqa: .*medmcqa.*train"):
         cli.main(argv, backend=backend, process_index=0, process_count=1)
     assert backend.prompts == [] and not list(out.glob("predictions_*"))
+
+
+def test_limit_seed_samples_across_a_label_sorted_file(tmp_path, shared_data):
+    """PubMedQA's test ids are sorted by label: the first 60 are all "yes"; a seeded sample is not."""
+    truth = json.loads((shared_data / "pubmedqa" / "test_ground_truth.json").read_text())
+    assert set(list(truth.values())[:60]) == {"yes"}  # why --limit alone would mislead
+    runs = {}
+    (tmp_path / "ckpt").mkdir()
+    for name, extra in (("a", ("--limit_seed", "0")), ("b", ("--limit_seed", "0")), ("c", ("--limit_seed", "1"))):
+        out = tmp_path / name
+        argv = [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--benchmark",
+            "pubmedqa",
+            "--output",
+            str(out),
+            "--no_progress",
+        ]
+        cli.main([*argv, "--limit", "60", *extra], backend=FakeBackend(), process_index=0, process_count=1)
+        runs[name] = [(r["id"], r["gold"]) for r in _preds(out / "predictions_pubmedqa.jsonl")]
+    ids = [i for i, _ in runs["a"]]
+    assert len(ids) == len(set(ids)) == 60 and set(ids) <= set(truth)
+    assert ids == sorted(ids, key=list(truth).index)  # kept in file order
+    assert {g for _, g in runs["a"]} == {"yes", "no", "maybe"} and all(truth[i] == g for i, g in runs["a"])
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]  # the seed decides the sample

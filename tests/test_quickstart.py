@@ -36,12 +36,14 @@ def test_quickstart_runs_every_stage_without_shared_data(tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout[proc.stdout.index("=== meditron-quickstart summary ===") :]
-    assert "PubMedQA top-token accuracy" in summary and f"Hugging Face export {out / 'hf'}" in summary
+    assert "PubMedQA top_token accuracy" in summary and "PubMedQA loglik" in summary
+    assert f"Hugging Face export {out / 'hf'}" in summary
     # Every stage left its artefact under the one folder.
     assert (out / "curated" / "manifest.json").is_file()
     assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "sft" / "metrics.jsonl").is_file()
-    results = json.loads((out / "eval" / "results.json").read_text())["results"][0]
-    assert results["benchmark"] == "pubmedqa" and results["n"] == 4 and results["strategy"] == "top_token"
+    for strategy in ("top_token", "loglik"):
+        results = json.loads((out / f"eval_{strategy}" / "results.json").read_text())["results"][0]
+        assert results["benchmark"] == "pubmedqa" and results["n"] == 4 and results["strategy"] == strategy
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.model").is_file()
     # transformers reloaded the export and agreed with us.
     diff = float(summary.split("max |logit difference| ")[1].split()[0])

@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mmlu_paper_rows", action="store_true", help="drop each MMLU subject CSV's first row (1,862 items)"
     )
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark (per seed)")
+    p.add_argument(
+        "--limit_seed",
+        type=int,
+        default=None,
+        help="with --limit: a seeded random sample of N items instead of the first N (files may be sorted by label)",
+    )
     p.add_argument("--output", required=True, help="output folder (refused if it holds other files)")
     p.add_argument("--batch_size", type=int, default=16, help="items per engine call (and per resume checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="discard a previous evaluation in --output")
@@ -142,6 +148,7 @@ def main(
         "checkpoint": os.path.realpath(args.checkpoint),
         "benchmarks": list(benchmarks),
         "process_count": process_count,
+        "limit_seed": args.limit_seed,
     }
     try:
         out = output.prepare(
@@ -167,12 +174,19 @@ def main(
     # any model time is spent.
     for b in benchmarks:
         try:
-            evaluator.items(b, limit=args.limit)
+            evaluator.items(b, limit=args.limit, limit_seed=args.limit_seed)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"meditron-eval: {b}: {e}") from e
     rows_by_benchmark = {}
     for b in benchmarks:
-        rows = evaluator.run(b, out, limit=args.limit, process_index=process_index, process_count=process_count)
+        rows = evaluator.run(
+            b,
+            out,
+            limit=args.limit,
+            limit_seed=args.limit_seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
         if rows is not None:
             rows_by_benchmark[b] = rows
             trunc = sum(r["truncated_tokens"] > 0 for r in rows)

@@ -22,6 +22,8 @@ import time
 import zlib
 from collections.abc import Sequence
 
+import numpy as np
+
 from meditron_jax.data.benchmarks import MEDITRON_SEEDS
 from meditron_jax.eval import items as items_mod
 from meditron_jax.eval import output
@@ -143,8 +145,13 @@ class Evaluator:
 
     # -- items ----------------------------------------------------------------------------------------
 
-    def items(self, benchmark: str, *, limit: int | None = None, data_dir=None) -> list[items_mod.EvalItem]:
-        cache_key = (benchmark, limit, None if data_dir is None else str(data_dir))
+    def items(
+        self, benchmark: str, *, limit: int | None = None, limit_seed: int | None = None, data_dir=None
+    ) -> list[items_mod.EvalItem]:
+        """Every item (per few-shot seed), or ``limit`` of them: the first ones, or with ``limit_seed`` a
+        seeded random sample kept in file order (benchmark files can be sorted by label, as PubMedQA's
+        test ids are, so the first N would all share one answer)."""
+        cache_key = (benchmark, limit, limit_seed, None if data_dir is None else str(data_dir))
         if cache_key in self._items:
             return list(self._items[cache_key])
         s = self.settings
@@ -160,6 +167,9 @@ class Evaluator:
                 data_dir=data_dir,
             )
             self._set_answer_lengths(seed_items)
+            if limit is not None and limit_seed is not None and limit < len(seed_items):
+                keep = np.sort(np.random.default_rng(limit_seed).choice(len(seed_items), limit, replace=False))
+                seed_items = [seed_items[int(i)] for i in keep]
             out.extend(seed_items[:limit] if limit is not None else seed_items)
         self._items[cache_key] = tuple(out)
         return out
@@ -304,6 +314,7 @@ class Evaluator:
         out: pathlib.Path,
         *,
         limit: int | None = None,
+        limit_seed: int | None = None,
         process_index: int = 0,
         process_count: int = 1,
         data_dir=None,
@@ -311,7 +322,7 @@ class Evaluator:
     ) -> list[dict] | None:
         """Evaluate this host's share of ``benchmark``, resuming from its predictions file. Returns every
         host's rows (in item order) on process 0, None on the others."""
-        all_items = self.items(benchmark, limit=limit, data_dir=data_dir)
+        all_items = self.items(benchmark, limit=limit, limit_seed=limit_seed, data_dir=data_dir)
         mine = items_mod.host_share(all_items, process_index, process_count)
         path = predictions_path(out, benchmark, process_index, process_count)
         have = {r["key"]: r for r in output.read_rows(path)}
