@@ -16,6 +16,7 @@ def test_quickstart_runs_every_stage_without_shared_data(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MEDITRON_SHARED_DATA"}
     env["MEDITRON_SHARED_DATA"] = str(tmp_path / "no_shared_data_here")  # nothing may read the shared data
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = ""  # one CPU device, as on a laptop (the test session fakes 8)
     cmd = [
         sys.executable,
         "-m",

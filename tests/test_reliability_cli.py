@@ -5,6 +5,7 @@ can be generated from and converted to a Hugging Face model."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -100,13 +101,22 @@ def test_generate_and_convert_from_a_training_run(run_dir, shared_data, tmp_path
     args = ["--model_dir", str(run), "--prompt", "The patient", "--max_new_tokens", "4"]
     assert generate([*args, "--tokenizer_path", tok]) == 0
     assert capsys.readouterr().out.startswith("=== 'The patient'\nThe patient")
-    assert generate(args) == 1
+    # The trainer writes its mixture's tokenizer into MODEL_DIR, so the run folder alone is enough ...
+    assert (run / "tokenizer.model").is_file() and (run / "added_tokens.json").is_file()
+    assert generate(args) == 0
+    assert capsys.readouterr().out.startswith("=== 'The patient'\nThe patient")
+    # ... and a run folder without one (e.g. written before that) is told where the tokenizer is missing.
+    bare = tmp_path / "bare_run"
+    shutil.copytree(run, bare)
+    (bare / "tokenizer.model").unlink()
+    (bare / "added_tokens.json").unlink()
+    assert generate(["--model_dir", str(bare), "--prompt", "The patient", "--max_new_tokens", "4"]) == 1
     assert "has no tokenizer.model; pass --tokenizer_path DIR" in capsys.readouterr().err
 
     convert = load_script("convert_checkpoint").console
     out = tmp_path / "hf"
-    assert convert(["--to", "hf", "--input", str(run), "--output", str(out)]) == 1
-    assert "(a training run keeps none: pass the tokenizer's folder)" in capsys.readouterr().err
+    assert convert(["--to", "hf", "--input", str(bare), "--output", str(out)]) == 1
+    assert "(this training run's MODEL_DIR has none: pass the tokenizer's folder)" in capsys.readouterr().err
     with_tok = ["--to", "hf", "--input", str(run), "--output", str(out), "--tokenizer_dir", tok]
     assert convert([*with_tok, "--step", "7"]) == 1
     assert "training run has no finished checkpoint of step 7 (it has [2])" in capsys.readouterr().err

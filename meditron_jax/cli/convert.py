@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--step applies to a training run's MODEL_DIR; {args.input} is a {kind} model folder")
     tok_dir = None if args.no_tokenizer else (args.tokenizer_dir or args.input)
     if tok_dir is not None and not os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):
-        hint = " (a training run keeps none: pass the tokenizer's folder)" if kind == "run" else ""
+        hint = " (this training run's MODEL_DIR has none: pass the tokenizer's folder)" if kind == "run" else ""
         raise FileNotFoundError(
             f"{os.path.join(tok_dir, 'tokenizer.model')} does not exist{hint}; without it the converted model "
             "cannot generate text. Pass --tokenizer_dir DIR, or --no_tokenizer to convert the weights alone"

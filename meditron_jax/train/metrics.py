@@ -43,9 +43,11 @@ def model_flops_per_token(cfg: ModelConfig, sequence_length: int) -> float:
 
 
 @functools.cache
-def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_flops(n: int = 2048, repeats: int = 8) -> float:
     """FLOP/s of this host's CPU on a jitted float32 matmul (best of ``repeats``): a CPU has no data-sheet
-    peak to compare against, so MFU on CPU is relative to what XLA reaches on a large dense matmul."""
+    peak to compare against, so MFU on CPU is relative to what XLA reaches on a large dense matmul. 2048² ×
+    8 (about a second) rather than a few milliseconds of work: on a shared machine a short probe caught
+    whatever load was passing and gave peaks from 160 to 360 GFLOP/s in one hour (docs/performance.md)."""
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), cpu)
     matmul = jax.jit(lambda x: x @ x)
