@@ -17,7 +17,7 @@ each; JAX: ``block_until_ready`` on the step's outputs) and each reports its med
 shared machine, rows run one after another measure the neighbours' load as much as the code. Model FLOPs
 per token are the trainer's own (``meditron_jax.train.metrics.model_flops_per_token``: 6·N + 12·L·H·Q·T)
 and the MFU column divides by the trainer's own peak (``peak_flops_per_device``: on CPU,
-``measured_cpu_flops``, a 1024² matmul timed in this process), so it is the number the trainer would print.
+``measured_cpu_flops``, a 2048² matmul timed in this process), so it is the number the trainer would print.
 
 ``--compare_trainer`` also runs ``meditron_jax.cli.train.main`` in this same process (so it shares the
 measured CPU peak) on the tiny recipe with ModelConfig overridden to the bench shape, on a curated folder
