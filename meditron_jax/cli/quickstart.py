@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain_steps", type=int, default=40)
     p.add_argument("--sft_steps", type=int, default=30)
     p.add_argument("--sequence_length", type=int, default=256, help="pretraining rows")
-    p.add_argument("--sft_sequence_length", type=int, default=384, help="fine-tuning rows (one example each)")
+    p.add_argument("--sft_sequence_length", type=int, default=512, help="fine-tuning rows (one example each)")
     p.add_argument("--sft_batch", type=int, default=8, help="examples per fine-tuning step (MEDITRON: 64)")
     p.add_argument("--eval_limit", type=int, default=60, help="PubMedQA test items to score (of 500; a seeded sample)")
     p.add_argument("--overwrite", action="store_true", help="reuse an --output that holds other files")
