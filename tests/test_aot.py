@@ -54,6 +54,7 @@ def _run(capsys, *flags):
     return code, lines, json.loads(lines[-1])
 
 
+@pytest.mark.slow
 def test_aot_compile_tiny_for_v5e_slice(capsys):
     code, lines, result = _run(
         capsys,

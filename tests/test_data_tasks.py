@@ -186,6 +186,7 @@ def test_split_to_sequence_length_keeps_every_token():
     assert lengths(1, 4) == [1] and lengths(3, 4) == [3]
 
 
+@pytest.mark.slow
 def test_gap_replay_tfrecord_shards_read_the_same(curated, tmp_path, monkeypatch):
     root, docs = curated
     source = "pubmed_abstracts"

@@ -121,6 +121,7 @@ def test_sampled_frequencies_match_filtered_softmax(temperature, top_k, top_p, p
     assert 0.5 * np.abs(observed / draws - expected).sum() < 0.01  # total variation
 
 
+@pytest.mark.slow
 def test_batched_rows_equal_rows_alone(stories, engine):
     sp = SamplingParams(max_new_tokens=24, frequency_penalty=1.0)
     together = engine.generate(PROMPTS, sp)
@@ -163,6 +164,7 @@ def test_finished_batches_stop_decoding(engine):
     assert eng.last_decode_steps == 1
 
 
+@pytest.mark.slow
 def test_n_samples_differ_and_are_reproducible(stories, engine):
     sp = SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=3)
     out = engine.generate(PROMPTS[:2], sp)

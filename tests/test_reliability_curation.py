@@ -50,6 +50,7 @@ def _training_docs(root, monkeypatch, source="guidelines", split="train"):
     return ids
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_the_output_set(corpus, tmp_path, capsys, monkeypatch):
     """Used to leave the 3 old shards beside the 2 new ones: every document twice, and the documents the
     stricter rerun removed (here the short ones) survived."""
@@ -69,6 +70,7 @@ def test_a_rerun_replaces_the_output_set(corpus, tmp_path, capsys, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_shards_beside_the_manifest_are_not_read(corpus, tmp_path, capsys, monkeypatch):
     inp, docs = corpus
     out = tmp_path / "out"

@@ -154,6 +154,7 @@ def test_a_conversion_without_tokenizer_is_refused_unless_asked_for(stories_with
     assert not (out / "tokenizer.model").exists()
 
 
+@pytest.mark.slow
 def test_generating_from_a_model_without_tokenizer_names_the_flag(
     stories_without_tokenizer, shared_data, tmp_path, capsys
 ):

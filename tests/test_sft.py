@@ -62,6 +62,7 @@ def _first(ds):
     return {k: v.numpy() for k, v in next(iter(ds)).items()}
 
 
+@pytest.mark.slow
 def test_unpacked_rows_hold_one_example_and_weigh_only_the_answer_turn(sft_train_data, shared_data):
     ds = pipeline.make_dataset(
         "medmcqa_sft", sequence_length=192, batch_size=64, pack=False, shuffle=False, num_epochs=1
@@ -172,6 +173,7 @@ def test_pack_examples_refuses_a_step_that_does_not_fit():
         sft.pack_examples(tok, role, rows=1, length=12, bos_id=1)
 
 
+@pytest.mark.slow
 def test_overlong_examples_are_counted_then_dropped_or_cut_left(tmp_path, shared_data, caplog):
     (tmp_path / "medmcqa").mkdir()
     rows = [_medmcqa_row(i) for i in range(40)]
