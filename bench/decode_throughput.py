@@ -48,20 +48,12 @@ if _threads_from_argv(None) == 1:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meditron_jax.config import ModelConfig  # noqa: E402
+from meditron_jax.config import get_config  # noqa: E402
 from meditron_jax.convert import hf  # noqa: E402
 from meditron_jax.infer import Engine, SamplingParams  # noqa: E402
 from meditron_jax.model import init_params  # noqa: E402
 
-CONFIG = ModelConfig(
-    vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_layers=12,
-    num_heads=12,
-    num_kv_heads=12,
-    max_position_embeddings=2048,
-)
+CONFIG = get_config("bench-134m")
 
 
 def best_of(fn, repeats: int) -> float:

@@ -52,12 +52,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meditron_jax.config import ModelConfig  # noqa: E402
+from meditron_jax.config import ModelConfig, get_config  # noqa: E402
 from meditron_jax.train.metrics import (  # noqa: E402
     measured_cpu_flops,
     model_flops_per_token,
     peak_flops_per_device,
 )
+
+BENCH = get_config("bench-134m")  # the shape decode_throughput.py measures too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +67,10 @@ class Shape:
     layers: int
     batch: int
     seq_len: int
-    hidden: int = 768
-    heads: int = 12
-    mlp: int = 2048
-    vocab: int = 32000
+    hidden: int = BENCH.hidden_size
+    heads: int = BENCH.num_heads
+    mlp: int = BENCH.intermediate_size
+    vocab: int = BENCH.vocab_size
 
     def model_config(self) -> ModelConfig:
         # max_position_embeddings as in gin/models/tiny.gin, which the trainer comparison starts from.

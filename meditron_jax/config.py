@@ -230,6 +230,16 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=1,
         max_position_embeddings=1024,
     ),
+    # The ~134M Llama-2 shape the CPU benchmarks share (bench/train_throughput.py, bench/decode_throughput.py).
+    "bench-134m": ModelConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=12,
+        max_position_embeddings=2048,
+    ),
     # 100M-ish: large enough to exercise sharding and kernels for real, small enough to compile on CPU.
     "small": ModelConfig(
         vocab_size=32000,

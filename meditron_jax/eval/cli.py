@@ -102,9 +102,7 @@ def default_backend(
 
         scorer = LoglikScorer(lm.config, lm.params, batch_size=max(1, batch_size))
     else:
-        from meditron_jax.infer.engine import Engine
-
-        engine = Engine(lm.config, lm.params, lm.tokenizer)
+        engine = lm.engine()
     return lm.tokenizer, lm.config.max_position_embeddings, engine, scorer, lm.config
 
 
