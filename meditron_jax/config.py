@@ -1,4 +1,4 @@
-"""Model configuration and the named presets (Llama-2 and MEDITRON sizes, tiny test models)."""
+"""Model configuration and the named presets (Llama-1/2, Falcon and MEDITRON sizes, tiny test models)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ class ModelConfig:
     # Embedding/head rows are padded to this multiple so the vocab axis can be sharded (MEDITRON's
     # 32,017 tokens divide by nothing useful). Padded logits are sliced off before anyone sees them.
     vocab_pad_multiple: int = 128
+    # Model family: "llama" (Llama-1, Llama-2, MEDITRON) or "falcon" (FalconForCausalLM: LayerNorm with bias,
+    # GELU MLP). The Falcon-only fields below keep their defaults for Llama.
+    family: str = "llama"
+    parallel_attn: bool = False  # attention and MLP both read the block input; their outputs are summed
+    parallel_norms: int = 1  # with parallel_attn: 1 LayerNorm feeding both (Falcon-7B) or 2, ln_attn/ln_mlp (40B)
+    # HF's Falcon-40B/180B layout: the fused query_key_value tensor grouped per KV head (conversion only).
+    new_decoder_architecture: bool = False
+    layer_norm_eps: float = 1e-5
     # Execution options.
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype of activations and matmuls
@@ -63,6 +71,7 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be float32, bfloat16 or float16")
+        _check_family(self)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -77,8 +86,11 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         assert self.head_dim is not None  # __post_init__ fills it in
         attn = d * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else v * d
+        if self.family == "falcon":  # GELU MLP (2 matrices); LayerNorms have a scale and a bias
+            norms = self.parallel_norms if self.parallel_attn else 2
+            return self.num_layers * (attn + 2 * d * f + norms * 2 * d) + v * d + head + 2 * d
+        per_layer = attn + 3 * d * f + 2 * d
         return self.num_layers * per_layer + v * d + head + d
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,11 +142,15 @@ _POSITIVE_INTS = (
     "num_kv_heads",
     "max_position_embeddings",
     "vocab_pad_multiple",
+    "parallel_norms",
 )
 _TOKEN_IDS = ("bos_token_id", "eos_token_id")
-_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
-_BOOLS = ("tie_word_embeddings", "scan_layers")
-_STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "layer_norm_eps")
+_BOOLS = ("tie_word_embeddings", "scan_layers", "parallel_attn", "new_decoder_architecture")
+_STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl", "family")
+FAMILIES = ("llama", "falcon")
+# Fields that only Falcon reads, with the value a Llama config must keep.
+_FALCON_ONLY = {"parallel_attn": False, "parallel_norms": 1, "new_decoder_architecture": False, "layer_norm_eps": 1e-5}
 
 
 def _is_int(v: Any) -> bool:
@@ -172,6 +188,28 @@ def _check_types(cfg: ModelConfig) -> None:
             raise ConfigError(name, v, "must be a string")
 
 
+def _check_family(cfg: ModelConfig) -> None:
+    if cfg.family not in FAMILIES:
+        raise ConfigError("family", cfg.family, f"must be one of {FAMILIES}")
+    if cfg.family == "llama":
+        for name, default in _FALCON_ONLY.items():
+            if getattr(cfg, name) != default:
+                raise ConfigError(
+                    name, getattr(cfg, name), f"applies to family 'falcon' only (Llama keeps {default!r})"
+                )
+        return
+    if cfg.rms_norm_eps != 1e-5:
+        raise ConfigError("rms_norm_eps", cfg.rms_norm_eps, "Falcon has no RMSNorm; set layer_norm_eps")
+    if cfg.parallel_norms not in (1, 2):
+        raise ConfigError("parallel_norms", cfg.parallel_norms, "must be 1 or 2")
+    if cfg.parallel_norms == 2 and not cfg.parallel_attn:
+        raise ConfigError("parallel_norms", 2, "two LayerNorms feed attention and MLP in parallel: set parallel_attn")
+    if cfg.new_decoder_architecture and not cfg.parallel_attn:
+        raise ConfigError(
+            "new_decoder_architecture", True, "Falcon's new decoder is always parallel: set parallel_attn"
+        )
+
+
 # MEDITRON's vocabulary: 32,000 Llama pieces + 5 Megatron specials + 12 marker tokens (MEDITRON.md §1).
 MEDITRON_VOCAB_SIZE = 32017
 
@@ -195,7 +233,44 @@ _LLAMA2_70B = ModelConfig(
     hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8, max_position_embeddings=4096
 )
 
+# Llama-1 (Touvron et al. 2023a): MHA, a 2,048 context, RMSNorm eps 1e-6; same code as Llama-2.
+_LLAMA1 = dict(max_position_embeddings=2048, rms_norm_eps=1e-6)
+# Falcon (Almazrouei et al. 2023; tiiuae/falcon-* config.json): 65,024-token vocabulary, a 2,048 context, GELU
+# MLP of 4 × hidden, tied head, bos = eos = 11. 7B: multi-query, one LayerNorm; 40B/180B: the new decoder,
+# 8 KV groups and two LayerNorms. All rotary (ALiBi Falcons are refused on import).
+_FALCON = dict(
+    family="falcon",
+    vocab_size=65024,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    bos_token_id=11,
+    eos_token_id=11,
+    parallel_attn=True,
+)
+_FALCON_NEW = dict(_FALCON, parallel_norms=2, new_decoder_architecture=True, num_kv_heads=8)
+
 PRESETS: dict[str, ModelConfig] = {
+    "llama1-7b": ModelConfig(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, **_LLAMA1
+    ),
+    "llama1-13b": ModelConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, **_LLAMA1
+    ),
+    "llama1-33b": ModelConfig(
+        hidden_size=6656, intermediate_size=17920, num_layers=60, num_heads=52, num_kv_heads=52, **_LLAMA1
+    ),
+    "llama1-65b": ModelConfig(
+        hidden_size=8192, intermediate_size=22016, num_layers=80, num_heads=64, num_kv_heads=64, **_LLAMA1
+    ),
+    "falcon-7b": ModelConfig(
+        hidden_size=4544, intermediate_size=4 * 4544, num_layers=32, num_heads=71, num_kv_heads=1, **_FALCON
+    ),
+    "falcon-40b": ModelConfig(
+        hidden_size=8192, intermediate_size=4 * 8192, num_layers=60, num_heads=128, **_FALCON_NEW
+    ),
+    "falcon-180b": ModelConfig(
+        hidden_size=14848, intermediate_size=4 * 14848, num_layers=80, num_heads=232, **_FALCON_NEW
+    ),
     "llama2-7b": _LLAMA2_7B,
     "llama2-13b": _LLAMA2_13B,
     "llama2-70b": _LLAMA2_70B,
@@ -229,6 +304,31 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=4,
         num_kv_heads=1,
         max_position_embeddings=1024,
+    ),
+    # Falcon's two layouts at test size: multi-query with one LayerNorm (7B), grouped KV with two (40B).
+    "tiny-falcon-mqa": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        max_position_embeddings=1024,
+        family="falcon",
+        parallel_attn=True,
+    ),
+    "tiny-falcon": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+        family="falcon",
+        parallel_attn=True,
+        parallel_norms=2,
+        new_decoder_architecture=True,
     ),
     # The ~134M Llama-2 shape the CPU benchmarks share (bench/train_throughput.py, bench/decode_throughput.py).
     "bench-134m": ModelConfig(

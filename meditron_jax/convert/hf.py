@@ -76,6 +76,10 @@ class ConversionError(ValueError):
 def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelConfig:
     if not isinstance(hf, dict):
         raise ConversionError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type") == "falcon":
+        from meditron_jax.convert import hf_falcon
+
+        return hf_falcon.config_from_hf(hf, source, **overrides)
     unknown = sorted(set(hf) - set(_TRANSLATED) - set(_REQUIRED_VALUES) - _IGNORED)
     if unknown:
         raise ConversionError(f"{source}: unknown config keys {unknown}; refusing to guess their meaning")
@@ -83,7 +87,7 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
         if key in hf and hf[key] != want:
             raise ConversionError(f"{source}: {key}={hf[key]!r} is not supported (only {want!r})")
     if hf.get("model_type") != "llama":
-        raise ConversionError(f"{source}: model_type must be 'llama' (got {hf.get('model_type')!r})")
+        raise ConversionError(f"{source}: model_type must be 'llama' or 'falcon' (got {hf.get('model_type')!r})")
     if hf.get("rope_scaling"):
         raise ConversionError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not implemented")
     rope = hf.get("rope_parameters") or {}
@@ -121,6 +125,10 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides) -> ModelC
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    if cfg.family == "falcon":
+        from meditron_jax.convert import hf_falcon
+
+        return hf_falcon.config_to_hf(cfg, dtype)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -429,6 +437,10 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
 
     from meditron_jax.model import abstract_params
 
+    if cfg.family == "falcon":
+        from meditron_jax.convert import hf_falcon
+
+        return hf_falcon.load_hf_params(path, cfg)
     reader = TensorReader(path)
     dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
     shapes = nn.meta.unbox(abstract_params(cfg))
@@ -497,6 +509,19 @@ def _looks_like_hf_export(folder: str, names: set[str]) -> bool:
 HF_OUTPUT = OutputKind("hf_model", "Hugging Face model folder", _looks_like_hf_export)
 
 
+def _export_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array in HF layout) of every tensor :func:`save_hf` writes."""
+    if cfg.family == "falcon":
+        from meditron_jax.convert import hf_falcon
+
+        yield from hf_falcon.export_tensors(params, cfg)
+        return
+    for ours, name, i in _hf_names(cfg):
+        tree, idx = _layer_dict(params, cfg, i)
+        w = np.asarray(_get(tree, ours))
+        yield name, _to_hf(cfg, ours, w if idx is None else w[idx])
+
+
 def save_hf(
     params: dict,
     cfg: ModelConfig,
@@ -520,11 +545,8 @@ def save_hf(
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         total = 0
-        for ours, name, i in _hf_names(cfg):
-            tree, idx = _layer_dict(params, cfg, i)
-            w = np.asarray(_get(tree, ours))
-            w = w if idx is None else w[idx]
-            w = np.ascontiguousarray(_to_hf(cfg, ours, w).astype(np_dtype))
+        for name, w in _export_tensors(params, cfg):
+            w = np.ascontiguousarray(w.astype(np_dtype))
             if size and size + w.nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.model.layers import MODES, WEIGHT_INIT, DecoderLayer, RMSNorm, constrain, dtype_of, param
+from meditron_jax.model.families import decoder_layer_class, norm_class
+from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dtype_of, param
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -19,7 +20,7 @@ _REMAT_POLICIES = {
 
 def layer_stack(config: ModelConfig, mode: str):
     """The decoder-layer class as configured: rematerialised and/or scanned over ``layers``."""
-    cls = DecoderLayer
+    cls = decoder_layer_class(config)  # Llama's or Falcon's block (ModelConfig.family)
     if config.remat_policy != "none":
         cls = nn.remat(cls, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
     if config.scan_layers:
@@ -63,7 +64,7 @@ class Llama(nn.Module):
             for i in range(cfg.num_layers):
                 x, _ = stack(cfg, mode, name=f"layers_{i}")(x, positions, segment_ids)
 
-        x = RMSNorm(cfg, name="final_norm")(x)
+        x = norm_class(cfg)(cfg, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             head = embedding.T
         else:
@@ -105,6 +106,8 @@ def init_params(config: ModelConfig, seed=0):
     def draw(path, s):
         if jax.tree_util.keystr(path).endswith("['scale']"):
             return np.ones(s.shape, dtype)
+        if jax.tree_util.keystr(path).endswith("['bias']"):  # Falcon's LayerNorm biases
+            return np.zeros(s.shape, dtype)
         return (0.02 * rng.standard_normal(s.shape, np.float32)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(config)))

@@ -33,7 +33,8 @@ from jax.sharding import PartitionSpec
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.model import llama
-from meditron_jax.model.layers import RMSNorm, constrain
+from meditron_jax.model.families import norm_class
+from meditron_jax.model.layers import constrain
 from meditron_jax.model.llama import layer_stack
 from meditron_jax.parallel.mesh import MeshError
 
@@ -152,7 +153,7 @@ def head(config: ModelConfig, params, x):
     head, the logits and the loss are not computed once per stage.
     """
     x = _over_stages(x, ("batch", "length", "embed"))
-    x = RMSNorm(config).apply({"params": params["final_norm"]}, x)
+    x = norm_class(config)(config).apply({"params": params["final_norm"]}, x)
     w = params["embedding"].T if config.tie_word_embeddings else params["lm_head"]
     return llama.vocab_logits(config, x, w, constrain_fn=_over_stages)
 
