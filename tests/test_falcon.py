@@ -227,9 +227,7 @@ def test_kv_cache_decode_matches_the_full_forward():
     full = Llama(cfg).apply({"params": params}, tokens)
     model = Llama(cfg)
     cache = init_cache(cfg, 2, 16)
-    logits, state = model.apply(
-        {"params": params, "cache": cache}, tokens[:, :8], mode="prefill", mutable=["cache"]
-    )
+    logits, state = model.apply({"params": params, "cache": cache}, tokens[:, :8], mode="prefill", mutable=["cache"])
     steps = [logits]
     for t in range(8, 12):
         pos = jnp.full((2, 1), t, jnp.int32)
