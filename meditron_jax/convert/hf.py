@@ -7,16 +7,18 @@ Nothing is unpickled: safetensors, or PyTorch ``.bin`` files through ``torch.loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from meditron_jax.config import ConfigError, ModelConfig
+from meditron_jax.convert import streaming
 from meditron_jax.convert.files import TOKENIZER_FILES, OutputKind, atomic_directory, copy_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -328,6 +330,19 @@ class TensorReader:
         t = self._torch_file(file)[name]
         return t.float().numpy().astype(ml_dtypes.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
 
+    @contextlib.contextmanager
+    def sliced(self, name: str) -> Iterator[streaming.Sliceable]:
+        """The tensor for reading rectangles of it (``src[a:b, c:d]``): from safetensors only the bytes of
+        that rectangle are copied; a PyTorch tensor is read whole. The file is unmapped afterwards."""
+        file = self._file_of(name)
+        if not file.endswith(".safetensors"):
+            yield self.get(name)
+            return
+        from safetensors import safe_open
+
+        with safe_open(file, framework="numpy") as f:
+            yield f.get_slice(name)
+
 
 def _torch_load(file: str):
     import torch
@@ -384,21 +399,26 @@ def _hf_shape(cfg: ModelConfig, ours: tuple[str, ...]) -> tuple[int, ...]:
     }[ours]
 
 
+def _transform(cfg: ModelConfig, ours: tuple[str, ...]) -> streaming.Transform:
+    """How the HF tensor of ``ours`` (a path from :func:`_hf_names`) becomes our array. The eager import
+    applies it to whole tensors, the streaming one reads slices through it."""
+    h, kvh, hd, vp = cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.padded_vocab_size
+    table: dict[tuple[str, ...], streaming.Transform] = {
+        ("embedding",): streaming.PadRows(vp),
+        ("lm_head",): streaming.TransposePadCols(vp),
+        ("attention", "query"): streaming.SplitHeads(h, hd),
+        ("attention", "key"): streaming.SplitHeads(kvh, hd),
+        ("attention", "value"): streaming.SplitHeads(kvh, hd),
+        ("attention", "out"): streaming.MergeHeads(h, hd),
+        ("mlp", "gate"): streaming.Transpose(),
+        ("mlp", "up"): streaming.Transpose(),
+        ("mlp", "down"): streaming.Transpose(),
+    }
+    return table.get(ours, streaming.Copy())
+
+
 def _to_ours(cfg: ModelConfig, ours: tuple[str, ...], w: np.ndarray) -> np.ndarray:
-    d, h, kvh, hd, vp = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, _head_dim(cfg), cfg.padded_vocab_size
-    if ours == ("embedding",):
-        return np.pad(w, ((0, vp - w.shape[0]), (0, 0)))
-    if ours == ("lm_head",):
-        return np.pad(w.T, ((0, 0), (0, vp - w.shape[0])))
-    if ours == ("attention", "query"):
-        return w.T.reshape(d, h, hd)
-    if ours in (("attention", "key"), ("attention", "value")):
-        return w.T.reshape(d, kvh, hd)
-    if ours == ("attention", "out"):
-        return w.T.reshape(h, hd, d)
-    if ours[0] == "mlp":
-        return w.T
-    return w
+    return _transform(cfg, ours).apply(w)
 
 
 def _to_hf(cfg: ModelConfig, ours: tuple[str, ...], w: np.ndarray) -> np.ndarray:
@@ -431,8 +451,42 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
+def _param_dtype(cfg: ModelConfig) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+
+
+def _check_tensor(reader: TensorReader, path: str, cfg: ModelConfig, ours: tuple[str, ...], name: str) -> tuple:
+    """The tensor's HF shape, checked from the file header: a wrong or oversized tensor is refused before
+    it is read."""
+    kind, shape = reader.info(name)
+    want = _hf_shape(cfg, ours)
+    if shape != want:
+        raise ConversionError(
+            f"{path}: tensor {name!r} has shape {shape}, expected {want} for the config in config.json"
+        )
+    if kind not in _FLOAT_DTYPES:
+        raise ConversionError(f"{path}: tensor {name!r} has dtype {kind}, expected a floating-point type")
+    return want
+
+
+def _check_no_extra(reader: TensorReader, path: str, cfg: ModelConfig, used: set[str]) -> None:
+    extra = sorted(
+        k
+        for k in reader.keys()
+        if k not in used
+        and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
+        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    )
+    if extra:
+        raise ConversionError(
+            f"{path}: unexpected tensors {extra[:8]}{' …' if len(extra) > 8 else ''} "
+            f"(not part of a {'Falcon' if cfg.family == 'falcon' else 'Llama'} model with this config)"
+        )
+
+
 def load_hf_params(path: str, cfg: ModelConfig) -> dict:
-    """Read an HF Llama directory's weights into our (host numpy) parameter tree for ``cfg``."""
+    """Read an HF Llama directory's weights into our (host numpy) parameter tree for ``cfg``: the whole
+    model on the host. :func:`lazy_hf_params` + :func:`streaming.place` load straight into device shards."""
     from flax import linen as nn
 
     from meditron_jax.model import abstract_params
@@ -442,21 +496,13 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
 
         return hf_falcon.load_hf_params(path, cfg)
     reader = TensorReader(path)
-    dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+    dtype = _param_dtype(cfg)
     shapes = nn.meta.unbox(abstract_params(cfg))
     params = _map_tree(shapes, lambda s: np.empty(s.shape, dtype))
     used = set()
     names = list(_hf_names(cfg))
     for n, (ours, name, i) in enumerate(names):
-        # Shape and dtype come from the header: a wrong or oversized tensor is refused before it is read.
-        kind, shape = reader.info(name)
-        want = _hf_shape(cfg, ours)
-        if shape != want:
-            raise ConversionError(
-                f"{path}: tensor {name!r} has shape {shape}, expected {want} for the config in config.json"
-            )
-        if kind not in _FLOAT_DTYPES:
-            raise ConversionError(f"{path}: tensor {name!r} has dtype {kind}, expected a floating-point type")
+        want = _check_tensor(reader, path, cfg, ours, name)
         w = reader.get(name)
         if tuple(w.shape) != want:  # the library disagrees with the header it was given
             raise ConversionError(f"{path}: tensor {name!r} reads as shape {tuple(w.shape)}, expected {want}")
@@ -470,19 +516,76 @@ def load_hf_params(path: str, cfg: ModelConfig) -> dict:
         else:
             target[idx] = value
         used.add(name)
-    extra = sorted(
-        k
-        for k in reader.keys()
-        if k not in used
-        and not k.endswith(_IGNORED_TENSOR_SUFFIXES)
-        and not (cfg.tie_word_embeddings and k == "lm_head.weight")
-    )
-    if extra:
-        raise ConversionError(
-            f"{path}: unexpected tensors {extra[:8]}{' …' if len(extra) > 8 else ''} "
-            "(not part of a Llama model with this config)"
-        )
+    _check_no_extra(reader, path, cfg, used)
     return params
+
+
+def _stream_entries(
+    path: str, cfg: ModelConfig, reader: TensorReader
+) -> Iterator[tuple[tuple[str, ...], str, int | None, tuple, streaming.Transform]]:
+    """(our path within a layer or the top, HF name, layer or None, checked HF shape, transform) of every
+    tensor: the table the streaming import consumes. Llama's transforms read slices; a family whose
+    conversion is a table of whole-tensor functions (Falcon's fused QKV) reads each tensor whole."""
+    if cfg.family == "falcon":
+        from meditron_jax.convert import hf_falcon
+
+        for name, want, i, our_paths, to_ours, _ in hf_falcon._entries(cfg):
+            kind, shape = reader.info(name)
+            if shape != want:
+                raise ConversionError(
+                    f"{path}: tensor {name!r} has shape {shape}, expected {want} for the config in config.json"
+                )
+            if kind not in _FLOAT_DTYPES:
+                raise ConversionError(f"{path}: tensor {name!r} has dtype {kind}, expected a floating-point type")
+            for j, our_path in enumerate(our_paths):
+                yield our_path, name, i, want, streaming.Whole(_nth(to_ours, j))
+        return
+    for ours, name, i in _hf_names(cfg):
+        yield ours, name, i, _check_tensor(reader, path, cfg, ours, name), _transform(cfg, ours)
+
+
+def _nth(fn: Callable[[np.ndarray], tuple[np.ndarray, ...]], j: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda w: fn(w)[j]
+
+
+def lazy_hf_params(path: str, cfg: ModelConfig) -> dict:
+    """Our parameter tree for ``cfg`` with :class:`streaming.LazyParam` leaves over an HF directory.
+
+    Every tensor's header is checked here (names, shapes, dtypes, nothing left over); no data is read until
+    a leaf is indexed, e.g. by :func:`streaming.place`."""
+    from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
+
+    reader = TensorReader(path)
+    dtype = _param_dtype(cfg)
+    shapes = nn.meta.unbox(abstract_params(cfg))
+    parts: dict[tuple[str, ...], list[streaming.Part]] = {}
+    for ours, name, i, want, transform in _stream_entries(path, cfg, reader):
+        where = () if i is None else ("layers",) if cfg.scan_layers else (f"layers_{i}",)
+        parts.setdefault(where + ours, []).append(streaming.Part(reader, name, want, transform))
+    _check_no_extra(reader, path, cfg, {part.name for ps in parts.values() for part in ps})
+
+    def lazy(keys: tuple[str, ...], shape) -> streaming.LazyParam:
+        stacked = cfg.scan_layers and keys[0] == "layers"
+        if keys not in parts:
+            raise ConversionError(f"{path}: no tensor of the checkpoint gives our parameter {'/'.join(keys)}")
+        return streaming.LazyParam(shape.shape, dtype, parts[keys], stacked)
+
+    return _map_tree_with_path(shapes, lazy)
+
+
+def load_hf_sharded(path: str, cfg: ModelConfig, shardings=None, *, max_chunk_bytes: int | None = None) -> dict:
+    """An HF Llama directory's weights as ``jax.Array`` s in ``shardings`` (a tree like the params, or one
+    sharding; None: the default device), read straight into each device's shard: the host holds at most
+    about one checkpoint tensor at a time, never the model."""
+    return streaming.place(lazy_hf_params(path, cfg), shardings, max_chunk_bytes=max_chunk_bytes)
+
+
+def _map_tree_with_path(tree, fn, keys: tuple[str, ...] = ()):
+    if isinstance(tree, dict):
+        return {k: _map_tree_with_path(v, fn, keys + (k,)) for k, v in tree.items()}
+    return fn(keys, tree)
 
 
 def _map_tree(tree, fn):
