@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.convert.hub import resolve_model_path
 from meditron_jax.convert.model_dir import load_model_dir
 from meditron_jax.data.vocabulary import Tokenizer
 from meditron_jax.infer.engine import Engine
@@ -93,18 +94,22 @@ def load(
     **config_overrides,
 ) -> LanguageModel:
     """Load a Hugging Face Llama directory, a meditron_jax orbax model directory, or a training run's
-    ``MODEL_DIR`` (its newest checkpoint; the tokenizer then comes from ``tokenizer_path``).
+    ``MODEL_DIR`` (its newest checkpoint; the tokenizer then comes from ``tokenizer_path``). A Hugging Face
+    hub id (``"epfl-llm/meditron-7b"``, ``"owner/name@revision"``) that is not a local path is read from the
+    hub cache, downloaded first unless HF_HUB_OFFLINE=1.
 
     dtype/param_dtype set the compute and storage precision ("float32", "bfloat16"); other keyword
     arguments override ModelConfig fields that do not change the weights (e.g. scan_layers, attention_impl).
     """
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     overrides = dict(config_overrides)
     if dtype:
         overrides["dtype"] = dtype
     if param_dtype:
         overrides["param_dtype"] = param_dtype
     params, config = load_model_dir(path, **overrides)
+    if tokenizer_path:
+        tokenizer_path = resolve_model_path(tokenizer_path)
     tok_dir = tokenizer_path or path
     tokenizer = None
     if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")):

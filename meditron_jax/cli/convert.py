@@ -9,6 +9,13 @@ folder must be new, empty, or an earlier output of the same format (then it is r
 anything else needs --overwrite. The output is never the input, inside it, or around it. A converted model
 needs tokenizer.model to generate text: it is copied from --tokenizer_dir (default: the input), and a
 conversion without one is refused unless --no_tokenizer says the weights alone are wanted.
+
+--input, --tokenizer_dir: a folder or a Hugging Face hub id (epfl-llm/meditron-7b), read from the hub cache.
+--to hf also writes a model card (README.md: architecture, the run's data mixture and hyperparameters from
+its operative_config.gin, the tables of --eval_results DIR, a meditron-eval --output folder) and, with
+--push_to_hub OWNER/NAME, uploads the folder to the hub:
+
+meditron-convert --to hf --input RUN_DIR --output HF_DIR --eval_results EVAL_DIR --push_to_hub me/my-meditron
 """
 
 import argparse
@@ -38,11 +45,26 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer_dir", default=None, help="where tokenizer.model comes from (default: --input)")
     parser.add_argument("--no_tokenizer", action="store_true", help="convert without tokenizer files")
     parser.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size for --to hf")
+    parser.add_argument(
+        "--eval_results",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--to hf: a meditron-eval --output folder (or its results.json) whose table goes into the model card; "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--base_model",
+        default=None,
+        help="--to hf: the card's base_model hub id (default: the run's init_from if a hub id)",
+    )
+    parser.add_argument("--push_to_hub", default=None, metavar="OWNER/NAME", help="--to hf: upload the output there")
+    parser.add_argument("--private", action="store_true", help="--push_to_hub: create the repository private")
     add_verbose(parser)
     args = parser.parse_args(argv)
     quiet_startup(args.verbose)
 
-    from meditron_jax.convert import hf, orbax
+    from meditron_jax.convert import hf, hub, model_card, orbax
     from meditron_jax.convert.files import check_output_dir
     from meditron_jax.convert.model_dir import load_model_dir, model_dir_kind
 
@@ -50,6 +72,17 @@ def main(argv=None) -> int:
         raise ValueError(f"--max_shard_gb {args.max_shard_gb} must be a positive number of GiB")
     if args.step is not None and args.step < 0:
         raise ValueError(f"--step {args.step} must be a checkpoint step (>= 0)")
+    if args.to != "hf":
+        given = [f for f in ("eval_results", "base_model", "push_to_hub", "private") if getattr(args, f)]
+        if given:
+            raise ValueError(f"--{given[0]} applies to --to hf (a model card and a hub upload are Hugging Face things)")
+    if args.push_to_hub:
+        hub.check_push_target(args.push_to_hub)
+    evals = [model_card.read_eval_results(p) for p in args.eval_results]  # bad files fail before the slow part
+    source = args.input
+    args.input = hub.resolve_model_path(args.input)
+    if args.tokenizer_dir:
+        args.tokenizer_dir = hub.resolve_model_path(args.tokenizer_dir)
     kind = model_dir_kind(args.input)
     if args.step is not None and kind != "run":
         raise ValueError(f"--step applies to a training run's MODEL_DIR; {args.input} is a {kind} model folder")
@@ -84,7 +117,71 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
     print(f"wrote {args.output} ({config.num_params():,} parameters)")
+    if args.to == "hf":
+        card = _model_card(args, source, kind, config, evals)
+        print(f"wrote {model_card.write(args.output, card)} (model card)")
+    if args.push_to_hub:
+        url = hub.push_model_dir(args.output, args.push_to_hub, private=args.private)
+        print(f"uploaded {args.output} to {url}")
     return 0
+
+
+# Hub copies of what a mixture trains on. GAP-REPLAY: only its guidelines are released (MEDITRON.md §2);
+# SFT: the train benchmark of each data.tasks.SFT_SOURCES entry (tests/test_hub.py checks they agree).
+GAP_REPLAY_DATASETS = ("epfl-llm/guidelines",)
+SFT_TRAIN_BENCHMARK = {
+    "medqa": "medqa_5opt",
+    "medmcqa": "medmcqa",
+    "pubmedqa": "pubmedqa_artificial",
+    "pubmedqa_pqal": "pubmedqa",
+    "medmcqa_cot": "medmcqa",
+    "pubmedqa_cot": "pubmedqa_artificial",
+}
+
+
+def mixture_datasets(mixture: str | None) -> list[str]:
+    from meditron_jax.data.benchmarks import HUB_SOURCES
+
+    if not mixture:
+        return []
+    if mixture.startswith("gap_replay"):
+        return list(GAP_REPLAY_DATASETS)
+    bench = SFT_TRAIN_BENCHMARK.get(mixture.removesuffix("_sft"))
+    return [HUB_SOURCES[bench][0]] if bench in HUB_SOURCES else []
+
+
+def _model_card(args, source: str, kind: str, config, evals) -> str:
+    from meditron_jax.convert import hub, model_card
+
+    operative = os.path.join(args.input, "operative_config.gin")
+    text = open(operative).read() if kind == "run" and os.path.isfile(operative) else None
+    bindings = model_card.parse_operative_config(text, operative) if text else {}
+    base = args.base_model
+    init_from = bindings.get("TrainConfig.init_from")
+    if base is None and isinstance(init_from, str) and hub.looks_like_hub_id(init_from):
+        base = init_from
+    if base is None and kind == "hf" and hub.looks_like_hub_id(source):
+        base = source
+    for ev in evals:
+        evaluated = ev.payload.get("config", {}).get("checkpoint")
+        if evaluated and os.path.realpath(evaluated) != os.path.realpath(args.input):
+            print(f"warning: {ev.path} evaluated {evaluated}, not {args.input}", file=sys.stderr)
+    what = {"run": "a meditron_jax training run", "orbax": "a meditron_jax model folder", "hf": "a Hugging Face folder"}
+    step = ""
+    if kind == "run":
+        from meditron_jax.convert.model_dir import latest_run_step
+
+        step = f" (step {args.step if args.step is not None else latest_run_step(args.input)})"
+    return model_card.render(
+        config,
+        name=(args.push_to_hub or os.path.basename(os.path.abspath(args.output))),
+        source=f"{what[kind]}{step}",
+        operative_config=text,
+        eval_results=evals,
+        base_model=base,
+        datasets=mixture_datasets(bindings.get("TrainConfig.mixture")),
+        repo_id=args.push_to_hub,
+    )
 
 
 def console(argv=None) -> int:

@@ -16,7 +16,11 @@ def main(argv=None) -> int:
     from meditron_jax.data.paths import shared_data_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", default=str(shared_data_dir() / "stories260K_hf"))
+    parser.add_argument(
+        "--model_dir",
+        default=str(shared_data_dir() / "stories260K_hf"),
+        help="HF, orbax or training-run folder, or a Hugging Face hub id (epfl-llm/meditron-7b)",
+    )
     parser.add_argument("--prompt", action="append", help="repeatable; default: 'Once upon a time'")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -1,6 +1,6 @@
 """One answer to "what kind of model directory is this, load it": Hugging Face, our orbax model format, or a
-training run's ``MODEL_DIR`` (its newest checkpoint). The API, the trainer's ``init_from`` and the scripts
-all come through here."""
+training run's ``MODEL_DIR`` (its newest checkpoint), given as a path or as a Hugging Face hub id
+(``convert.hub``). The API, the trainer's ``init_from``, the evaluation and the scripts all come through here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.convert import hf, orbax
+from meditron_jax.convert.hub import resolve_model_path
 
 # What the trainer writes into MODEL_DIR (meditron_jax.train.trainer): the architecture and orbax steps.
 RUN_CONFIG_FILE = "model_config.json"
@@ -19,7 +20,7 @@ RUN_CHECKPOINTS = "checkpoints"
 
 def model_dir_kind(path: str | os.PathLike) -> str:
     """``"orbax"``, ``"hf"`` or ``"run"``; a clear error for anything else."""
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"{path} is not a directory (expected a Hugging Face or meditron_jax model, or a run dir)"
@@ -39,7 +40,7 @@ def model_dir_kind(path: str | os.PathLike) -> str:
 
 def read_model_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     """The stored architecture of any model directory, with ``overrides`` applied."""
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     kind = model_dir_kind(path)
     if kind == "hf":
         return hf.read_hf_config(path, **overrides)
@@ -94,7 +95,7 @@ def load_model_dir(path: str | os.PathLike, *, step: int | None = None, **overri
     ``overrides`` change how the model computes (dtype, param_dtype, scan_layers, attention_impl, ...);
     ``step`` picks a training run's checkpoint (default: the newest).
     """
-    path = os.fspath(path)
+    path = resolve_model_path(path)
     kind = model_dir_kind(path)
     config = read_model_config(path, **overrides)
     if kind == "hf":

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from meditron_jax.convert.hub import parse_hub_id
 from meditron_jax.data.benchmarks import MEDITRON_SEEDS
 from meditron_jax.eval import items as items_mod
 from meditron_jax.eval import output, published, report
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="HF folder, orbax folder, or a training run's model dir")
+    p.add_argument("--checkpoint", required=True, help="HF, orbax or training-run folder, or a hub id (owner/name)")
     p.add_argument("--benchmark", default="all", choices=(*items_mod.ALL, "all"))
     p.add_argument("--strategy", default="top_token", choices=STRATEGIES)
     p.add_argument("--shots", type=int, default=0, help="few-shot exemplars (raw models; paper: 3 for 7B, 5 for 70B)")
@@ -143,7 +144,7 @@ def main(
     benchmarks = items_mod.expand(args.benchmark)
     config = {
         **settings.to_config(),
-        "checkpoint": os.path.realpath(args.checkpoint),
+        "checkpoint": args.checkpoint if parse_hub_id(args.checkpoint) else os.path.realpath(args.checkpoint),
         "benchmarks": list(benchmarks),
         "process_count": process_count,
         "limit_seed": args.limit_seed,
