@@ -2,8 +2,11 @@
 
     meditron-prepare-data --input_dir ../shared/data/gap_replay_sample --output_dir /tmp/gap
 
-Unknown arguments are Beam pipeline options, passed through (e.g. for Dataflow: --project, --region,
---temp_location gs://..., --setup_file ./setup.py; for Flink: --flink_master, --environment_type).
+Beam pipeline options go in --beam_options (one string) or as unknown arguments, passed through
+(e.g. two local worker processes: --beam_options="--direct_running_mode=multi_processing --direct_num_workers=2";
+Dask: --runner DaskRunner --beam_options="--dask_client_address=tcp://HOST:8786"; Dataflow: --project,
+--region, --temp_location gs://..., --setup_file ./setup.py; Flink: --flink_master, --environment_type).
+Every runner writes the same bytes. See docs/data.md, "Running curation on a cluster".
 Outputs: {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl ({"id","source","text"} per line),
 stats.json, malformed.jsonl, removed.jsonl. See docs/data.md, "Curation (GAP-REPLAY)".
 """
@@ -13,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 
 from meditron_jax.cli import common
 from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.curation.contamination import DEFAULT_REFERENCES
-from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, check_output, run
+from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, beam_args, check_output, run
 
 
 def _fractions(value: str) -> dict[str, float]:
@@ -48,7 +53,17 @@ def main(argv=None) -> int:
         help="replaced as a whole when the run succeeds; must be new, empty or an earlier curation output",
     )
     ap.add_argument("--overwrite", action="store_true", help="replace an --output_dir that holds other files")
-    ap.add_argument("--runner", default="DirectRunner", help="DirectRunner | DataflowRunner | FlinkRunner | ...")
+    ap.add_argument(
+        "--runner",
+        default="DirectRunner",
+        help="DirectRunner | DaskRunner (the 'dask' extra) | DataflowRunner | FlinkRunner | PrismRunner | ...",
+    )
+    ap.add_argument(
+        "--beam_options",
+        default="",
+        help="more Beam pipeline options, one shell-quoted string, e.g. "
+        "'--direct_running_mode=multi_processing --direct_num_workers=2'",
+    )
     ap.add_argument("--num_shards", type=int, default=4, help="train shards per source")
     ap.add_argument("--num_validation_shards", type=int, default=1, help="validation shards per source")
     ap.add_argument(
@@ -92,12 +107,14 @@ def main(argv=None) -> int:
             help=f"comma-separated patterns for {src} (relative to --input_dir unless absolute)",
         )
     common.add_verbose(ap)
-    args, beam_args = ap.parse_known_args(argv)
+    args, unknown = ap.parse_known_args(argv)
     common.quiet_startup(args.verbose)
     if not args.verbose:
         # Beam logs a worker's error with its whole traceback before re-raising it; the error line says it all.
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # the Dask runner's cluster chatter
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # ... and its worker processes
 
     if args.no_decontaminate and args.contamination_refs:
         ap.error("--no_decontaminate and --contamination_refs contradict each other: give one")
@@ -138,10 +155,11 @@ def main(argv=None) -> int:
     # Settings and inputs are checked here, before Beam starts (its errors come wrapped in worker tracebacks).
     config.validate()
     check_output(config, args.overwrite)
+    pipeline_args = beam_args([f"--runner={args.runner}", *shlex.split(args.beam_options), *unknown])
     n_files = sum(len(v) for v in config.input_files().values())
     print(f"curating {n_files} input files of {args.input_dir} into {args.output_dir} ({args.runner})", file=sys.stderr)
     start = time.time()
-    stats = run(config, [f"--runner={args.runner}", *beam_args], overwrite=args.overwrite)
+    stats = run(config, pipeline_args, overwrite=args.overwrite)
     summary = {
         src: {
             "malformed": s["malformed"],

@@ -7,9 +7,10 @@
     -> {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl, stats.json, malformed.jsonl, removed.jsonl,
        and last manifest.json (the shards training reads); a local output folder is replaced as a whole
 
-Every transform is a plain Beam transform, so the same graph runs on DirectRunner locally and on
-Dataflow or Flink for the full corpus (file access goes through ``FileSystems``: local paths, gs://, ...).
-Each stage reports what it removed to a ``stats`` side output; nothing is dropped without an event.
+Every transform is a plain Beam transform, so the same graph runs on DirectRunner (one process or several),
+Dask, Dataflow or Flink (file access goes through ``FileSystems``: local paths, gs://, ...). The output
+bytes do not depend on the runner: documents go to shards by a hash of their id and every file is written
+sorted. Each stage reports what it removed to a ``stats`` stream; nothing is dropped without an event.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import TaggedOutput
 
 from meditron_jax.convert.files import OutputError, OutputKind, atomic_directory, check_output_dir
 
@@ -164,10 +164,25 @@ def sort_key(doc: Doc) -> str:
     return f"{SOURCE_RANK.get(doc.source, 9)}|{doc.id}"
 
 
-def _removed(filter_name: str, doc: Doc, **detail) -> Iterable[TaggedOutput]:
-    yield TaggedOutput("stats", ((doc.source, "removed", filter_name, "docs"), 1))
-    yield TaggedOutput("stats", ((doc.source, "removed", filter_name, "chars"), len(doc.text)))
-    yield TaggedOutput("removed", {"filter": filter_name, "id": doc.id, "source": doc.source, **detail})
+# Every stage emits one stream of (tag, value) pairs, split afterwards by tag (``_split``). Beam's multi-output
+# ParDo (``with_outputs``) would do it in one pass, but the Dask runner of apache-beam 2.77 merges all outputs
+# of a ParDo into one bag; a stream filtered per tag means the same on every runner.
+DOCS, STATS, REMOVED, MALFORMED, LINES = "docs", "stats", "removed", "malformed", "lines"
+
+
+def _select(item: tuple[str, Any], tag: str) -> Iterable[Any]:
+    if item[0] == tag:
+        yield item[1]
+
+
+def _split(pcoll, label: str, tags: tuple[str, ...]) -> dict[str, Any]:
+    return {t: pcoll | f"{label}/{t}" >> beam.FlatMap(_select, t) for t in tags}
+
+
+def _removed(filter_name: str, doc: Doc, **detail) -> Iterable[tuple[str, Any]]:
+    yield STATS, ((doc.source, "removed", filter_name, "docs"), 1)
+    yield STATS, ((doc.source, "removed", filter_name, "chars"), len(doc.text))
+    yield REMOVED, {"filter": filter_name, "id": doc.id, "source": doc.source, **detail}
 
 
 # ---------------------------------------------------------------- read + parse
@@ -180,7 +195,7 @@ class _MatchFn(beam.DoFn):
     def process(self, item):
         source, pattern = item
         full = pattern if "://" in pattern or os.path.isabs(pattern) else FileSystems.join(self.input_dir, pattern)
-        for meta in FileSystems.match([full])[0].metadata_list:
+        for meta in sorted(FileSystems.match([full])[0].metadata_list, key=lambda m: m.path):
             yield source, meta.path
 
 
@@ -202,12 +217,12 @@ class ParseFile(beam.DoFn):
         raise ValueError(f"unknown source {source!r}")
 
     def _malformed(self, m: Malformed):
-        yield TaggedOutput("stats", ((m.source, "malformed"), 1))
-        yield TaggedOutput("malformed", m.to_json())
+        yield STATS, ((m.source, "malformed"), 1)
+        yield MALFORMED, m.to_json()
 
     def process(self, item):
         source, path = item
-        yield TaggedOutput("stats", ((source, "input", "files"), 1))
+        yield STATS, ((source, "input", "files"), 1)
         n = 0
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
@@ -218,11 +233,11 @@ class ParseFile(beam.DoFn):
                     if self.config.max_docs_per_file is not None and n >= self.config.max_docs_per_file:
                         break
                     n += 1
-                    yield TaggedOutput("stats", ((source, "input", "docs"), 1))
-                    yield TaggedOutput("stats", ((source, "input", "raw_chars"), rec.raw_chars))
+                    yield STATS, ((source, "input", "docs"), 1)
+                    yield STATS, ((source, "input", "raw_chars"), rec.raw_chars)
                     for key, v in S.cleaning_events(source, rec.removed):
-                        yield TaggedOutput("stats", (key, v))
-                    yield rec
+                        yield STATS, (key, v)
+                    yield DOCS, rec
         except Exception as e:  # one bad file must not fail the run; it is reported instead
             where = traceback.extract_tb(e.__traceback__)[-1]
             yield from self._malformed(
@@ -255,7 +270,23 @@ class DocFilters(beam.DoFn):
         elif doc.source == "replay" and _unit_hash(c.seed, "replay", doc.id) >= c.replay_keep_fraction:
             yield from _removed("replay_not_sampled", doc)
         else:
-            yield doc
+            yield DOCS, doc
+
+
+def _is_abstract(doc: Doc) -> bool:
+    return doc.source == "pubmed_abstracts"
+
+
+def _is_not_abstract(doc: Doc) -> bool:
+    return doc.source != "pubmed_abstracts"
+
+
+def _key_by_pmid(doc: Doc) -> tuple[str, Doc]:
+    return doc.meta.get("pmid") or doc.id, doc
+
+
+def _paper_pmids(doc: Doc) -> list[tuple[str, int]]:
+    return [(doc.meta["pmid"], 1)] if doc.source == "pmc_papers" and doc.meta.get("pmid") else []
 
 
 def _drop_abstracts_with_papers(item):
@@ -266,13 +297,17 @@ def _drop_abstracts_with_papers(item):
         if has_paper:
             yield from _removed("abstract_has_full_text", doc, pmid=doc.meta.get("pmid"))
         else:
-            yield doc
+            yield DOCS, doc
+
+
+def _key_by_text(doc: Doc) -> tuple[str, Doc]:
+    return exact_key(doc.text), doc
 
 
 def _keep_first(item):
     _, docs = item
     docs = sorted(docs, key=sort_key)
-    yield docs[0]
+    yield DOCS, docs[0]
     for d in docs[1:]:
         yield from _removed("exact_duplicate", d, duplicate_of=docs[0].id)
 
@@ -291,6 +326,18 @@ class _Signature(beam.DoFn):
             yield band, (key, sig)
 
 
+def _candidate_pairs(item, config: MinHashConfig):
+    return near_duplicate_pairs(list(item[1]), config)  # sorts the bucket by key: arrival order does not matter
+
+
+def _key_dropped(pair) -> tuple[str, tuple[str, float]]:
+    return pair[0], (pair[1], round(pair[2], 3))
+
+
+def _key_by_sort_key(doc: Doc) -> tuple[str, Doc]:
+    return sort_key(doc), doc
+
+
 def _drop_near_duplicates(item):
     _, groups = item
     drops = list(groups["drop"])
@@ -299,7 +346,7 @@ def _drop_near_duplicates(item):
             kept, sim = min(drops)
             yield from _removed("near_duplicate", doc, duplicate_of=kept.split("|", 1)[1], similarity=sim)
         else:
-            yield doc
+            yield DOCS, doc
 
 
 class ContaminationFilter(beam.DoFn):
@@ -316,14 +363,32 @@ class ContaminationFilter(beam.DoFn):
         bad, labels = self.index.is_contaminated(doc.text)
         if bad:
             yield from _removed("contaminated", doc, benchmarks=labels[:10])
-            for label in {lb.split(":", 1)[0] for lb in labels}:
-                yield TaggedOutput("stats", ((doc.source, "contaminated_by", label), 1))
+            for label in sorted({lb.split(":", 1)[0] for lb in labels}):
+                yield STATS, ((doc.source, "contaminated_by", label), 1)
         else:
-            yield doc
+            yield DOCS, doc
+
+
+def shard_path(source: str, split: str, index: int, count: int) -> str:
+    """A shard's path relative to the output folder (the layout ``tasks.py`` and the manifest read)."""
+    return f"{source}/{split}-{index:05d}-of-{count:05d}.jsonl"
+
+
+def shard_paths(config: CurationConfig) -> list[str]:
+    """Every shard the run writes (an empty one too: the count is fixed by the flags, not by the data)."""
+    out = []
+    for src in SOURCES:
+        out += [shard_path(src, "train", i, config.num_shards) for i in range(config.num_shards)]
+        if config.validation_fraction.get(src, 0.0) > 0:
+            n = config.num_validation_shards
+            out += [shard_path(src, "validation", i, n) for i in range(n)]
+    return out
 
 
 class SplitAndCount(beam.DoFn):
-    """Train/validation assignment (hash of seed + id) and output statistics, including Llama-2 tokens."""
+    """Train/validation assignment and shard (hashes of seed + id) and output statistics with Llama-2 tokens.
+
+    The shard is a hash of the id, not the order documents arrive in, so every runner writes the same files."""
 
     def __init__(self, config: CurationConfig):
         self.config = config
@@ -343,21 +408,111 @@ class SplitAndCount(beam.DoFn):
             self.tokenizer = Tokenizer(path, extra_tokens=MEDITRON_EXTRA_TOKENS)
 
     def process(self, doc: Doc):
-        frac = self.config.validation_fraction.get(doc.source, 0.0)
-        split = "validation" if _unit_hash(self.config.seed, "split", doc.id) < frac else "train"
-        yield TaggedOutput("stats", ((doc.source, "output", split, "docs"), 1))
-        yield TaggedOutput("stats", ((doc.source, "output", split, "chars"), len(doc.text)))
+        c = self.config
+        frac = c.validation_fraction.get(doc.source, 0.0)
+        split = "validation" if _unit_hash(c.seed, "split", doc.id) < frac else "train"
+        yield STATS, ((doc.source, "output", split, "docs"), 1)
+        yield STATS, ((doc.source, "output", split, "chars"), len(doc.text))
         if self.tokenizer is not None:
             n = len(self.tokenizer.encode(doc.text, bos=False, eos=False))
-            yield TaggedOutput("stats", ((doc.source, "output", split, "tokens"), n))
-        yield (doc.source, split), json.dumps(doc.output(), ensure_ascii=False)
+            yield STATS, ((doc.source, "output", split, "tokens"), n)
+        count = c.num_shards if split == "train" else c.num_validation_shards
+        index = int(_unit_hash(c.seed, "shard", doc.id) * count)
+        line = json.dumps(doc.output(), ensure_ascii=False)
+        yield LINES, (shard_path(doc.source, split, index, count), (doc.id, line))
+
+
+# ---------------------------------------------------------------- output files
+
+
+class WriteFiles(beam.DoFn):
+    """``(path relative to the output folder, [(sort key, line) or None, ...])`` -> that file, its lines in
+    sort-key order, written whole; yields the path. ``None`` only makes sure the file exists.
+
+    Sorting makes the bytes independent of the runner; writing a whole file per element makes a retried
+    bundle rewrite the same bytes (no temporary shards to rename). A file's lines must fit in a worker's
+    memory: raise ``--num_shards`` for bigger corpora."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def process(self, item):
+        rel, rows = item
+        lines = [line for _, line in sorted(r for r in rows if r is not None)]
+        path = FileSystems.join(self.output_dir, *rel.split("/"))
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+        yield rel
+
+
+def _removed_row(rec: dict) -> tuple[str, tuple[tuple, str]]:
+    order = S.FILTERS.index(rec["filter"]) if rec["filter"] in S.FILTERS else len(S.FILTERS)
+    line = json.dumps(rec)
+    return "removed.jsonl", ((order, rec["filter"], rec["id"]), line)
+
+
+def _malformed_order(m: dict) -> tuple[str, str, str]:
+    return m["file"], json.dumps(m["position"], sort_keys=True), m["error"]
+
+
+def _malformed_row(m: dict) -> tuple[str, tuple[tuple, str]]:
+    return "malformed.jsonl", (_malformed_order(m), json.dumps(m))
+
+
+def _removed_order(rec: dict) -> tuple[str, str]:
+    return rec["id"], json.dumps(rec, sort_keys=True)
+
+
+def _by_filter(rec: dict) -> tuple[str, dict]:
+    return rec["filter"], rec
+
+
+def _by_nothing(value: Any) -> tuple[str, Any]:
+    return "", value
+
+
+def _tagged(value: Any, tag: str) -> tuple[str, tuple[str, Any]]:
+    return "stats.json", (tag, value)
+
+
+class AssembleStats(beam.DoFn):
+    """All statistics events (summed), malformed and removed examples -> ``stats.json``; yields its path."""
+
+    def __init__(self, output_dir: str, config: dict[str, Any], contamination: dict | None, count_tokens: bool):
+        self.output_dir = output_dir
+        self.config = config
+        self.contamination = contamination
+        self.count_tokens = count_tokens
+
+    def process(self, item):
+        _, rows = item
+        counts, malformed, removed = [], [], []
+        for tag, value in rows:
+            if tag == "counts":
+                counts.append(value)
+            elif tag == "malformed":
+                malformed += value[1]
+            elif tag == "removed":
+                removed += value[1]
+        report = S.assemble(
+            sorted(counts),  # the order keys first appear in stats.json: by key, whichever runner summed them
+            config=self.config,
+            malformed_examples=malformed,
+            removed_examples=removed,
+            contamination=self.contamination,
+            sources=SOURCES,
+            count_tokens=self.count_tokens,
+        )
+        with FileSystems.create(FileSystems.join(self.output_dir, "stats.json")) as f:
+            f.write((json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        yield "stats.json"
+
+
+def _sorted_paths(item) -> list[str]:
+    return sorted(item[1])
 
 
 # ---------------------------------------------------------------- graph
-
-
-def _partition_index(item, n, keys):
-    return keys.index(item[0])
 
 
 def build(
@@ -368,154 +523,135 @@ def build(
     report_config: dict[str, Any] | None = None,
 ):
     """Add the curation transforms to ``p``; ``contamination_path``: a pickled ``ContaminationIndex``;
-    ``report_config``: the settings stats.json records (default: ``config``'s)."""
+    ``report_config``: the settings stats.json records (default: ``config``'s).
+
+    Returns the PCollection of the one list of files written; it is the graph's last step and depends on
+    every write (the Dask runner computes only the last step's ancestors)."""
     stats_pcolls, removed_pcolls = [], []
 
     specs = [(src, pat) for src in SOURCES for pat in config.patterns.get(src, ())]
-    parsed = (
+    parsed = _split(
         p
         | "Patterns" >> beam.Create(specs)
         | "Match" >> beam.ParDo(_MatchFn(config.input_dir))
         | "SpreadFiles" >> beam.Reshuffle()
-        | "Parse" >> beam.ParDo(ParseFile(config)).with_outputs("stats", "malformed", main="docs")
+        | "Parse" >> beam.ParDo(ParseFile(config)),
+        "Parsed",
+        (DOCS, STATS, MALFORMED),
     )
-    stats_pcolls.append(parsed.stats)
+    stats_pcolls.append(parsed[STATS])
 
-    filtered = parsed.docs | "Filter" >> beam.ParDo(DocFilters(config)).with_outputs("stats", "removed", main="docs")
-    stats_pcolls.append(filtered.stats)
-    removed_pcolls.append(filtered.removed)
-    docs = filtered.docs
+    filtered = _split(parsed[DOCS] | "Filter" >> beam.ParDo(DocFilters(config)), "Filtered", (DOCS, STATS, REMOVED))
+    stats_pcolls.append(filtered[STATS])
+    removed_pcolls.append(filtered[REMOVED])
+    docs = filtered[DOCS]
 
-    abstracts = (
-        docs
-        | "Abstracts" >> beam.Filter(lambda d: d.source == "pubmed_abstracts")
-        | "KeyAbstracts" >> beam.Map(lambda d: (d.meta.get("pmid") or d.id, d))
-    )
-    paper_pmids = docs | "PaperPmids" >> beam.FlatMap(
-        lambda d: [(d.meta["pmid"], 1)] if d.source == "pmc_papers" and d.meta.get("pmid") else []
-    )
-    kept_abstracts = (
+    abstracts = docs | "Abstracts" >> beam.Filter(_is_abstract) | "KeyAbstracts" >> beam.Map(_key_by_pmid)
+    paper_pmids = docs | "PaperPmids" >> beam.FlatMap(_paper_pmids)
+    kept_abstracts = _split(
         {"abstract": abstracts, "paper": paper_pmids}
         | "JoinFullText" >> beam.CoGroupByKey()
-        | "DropAbstractsWithPaper"
-        >> beam.FlatMap(_drop_abstracts_with_papers).with_outputs("stats", "removed", main="docs")
+        | "DropAbstractsWithPaper" >> beam.FlatMap(_drop_abstracts_with_papers),
+        "KeptAbstracts",
+        (DOCS, STATS, REMOVED),
     )
-    stats_pcolls.append(kept_abstracts.stats)
-    removed_pcolls.append(kept_abstracts.removed)
-    others = docs | "NotAbstracts" >> beam.Filter(lambda d: d.source != "pubmed_abstracts")
-    docs = (kept_abstracts.docs, others) | "MergeAbstracts" >> beam.Flatten()
+    stats_pcolls.append(kept_abstracts[STATS])
+    removed_pcolls.append(kept_abstracts[REMOVED])
+    others = docs | "NotAbstracts" >> beam.Filter(_is_not_abstract)
+    docs = (kept_abstracts[DOCS], others) | "MergeAbstracts" >> beam.Flatten()
 
-    exact = (
+    exact = _split(
         docs
-        | "ExactKey" >> beam.Map(lambda d: (exact_key(d.text), d))
+        | "ExactKey" >> beam.Map(_key_by_text)
         | "GroupExact" >> beam.GroupByKey()
-        | "KeepFirstExact" >> beam.FlatMap(_keep_first).with_outputs("stats", "removed", main="docs")
+        | "KeepFirstExact" >> beam.FlatMap(_keep_first),
+        "ExactDedup",
+        (DOCS, STATS, REMOVED),
     )
-    stats_pcolls.append(exact.stats)
-    removed_pcolls.append(exact.removed)
-    docs = exact.docs
+    stats_pcolls.append(exact[STATS])
+    removed_pcolls.append(exact[REMOVED])
+    docs = exact[DOCS]
 
     mh = config.minhash
     drops = (
         docs
         | "MinHash" >> beam.ParDo(_Signature(mh))
         | "GroupBands" >> beam.GroupByKey()
-        | "CandidatePairs" >> beam.FlatMap(lambda kv: near_duplicate_pairs(list(kv[1]), mh))
-        | "KeyDropped" >> beam.Map(lambda t: (t[0], (t[1], round(t[2], 3))))
+        | "CandidatePairs" >> beam.FlatMap(_candidate_pairs, mh)
+        | "KeyDropped" >> beam.Map(_key_dropped)
     )
-    near = (
-        {"doc": docs | "KeyBySortKey" >> beam.Map(lambda d: (sort_key(d), d)), "drop": drops}
+    near = _split(
+        {"doc": docs | "KeyBySortKey" >> beam.Map(_key_by_sort_key), "drop": drops}
         | "JoinNear" >> beam.CoGroupByKey()
-        | "DropNear" >> beam.FlatMap(_drop_near_duplicates).with_outputs("stats", "removed", main="docs")
+        | "DropNear" >> beam.FlatMap(_drop_near_duplicates),
+        "NearDedup",
+        (DOCS, STATS, REMOVED),
     )
-    stats_pcolls.append(near.stats)
-    removed_pcolls.append(near.removed)
-    docs = near.docs
+    stats_pcolls.append(near[STATS])
+    removed_pcolls.append(near[REMOVED])
+    docs = near[DOCS]
 
     if contamination_path is not None:
-        clean = docs | "Contamination" >> beam.ParDo(ContaminationFilter(contamination_path)).with_outputs(
-            "stats", "removed", main="docs"
+        clean = _split(
+            docs | "Contamination" >> beam.ParDo(ContaminationFilter(contamination_path)),
+            "Decontaminated",
+            (DOCS, STATS, REMOVED),
         )
-        stats_pcolls.append(clean.stats)
-        removed_pcolls.append(clean.removed)
-        docs = clean.docs
+        stats_pcolls.append(clean[STATS])
+        removed_pcolls.append(clean[REMOVED])
+        docs = clean[DOCS]
 
-    out = docs | "SplitAndCount" >> beam.ParDo(SplitAndCount(config)).with_outputs("stats", main="lines")
-    stats_pcolls.append(out.stats)
+    out = _split(docs | "SplitAndCount" >> beam.ParDo(SplitAndCount(config)), "Output", (LINES, STATS))
+    stats_pcolls.append(out[STATS])
 
-    keys = [(src, split) for src in SOURCES for split in ("train", "validation")]
-    parts = out.lines | "BySourceSplit" >> beam.Partition(_partition_index, len(keys), keys)  # type: ignore[arg-type]
-    for (src, split), part in zip(keys, parts, strict=True):
-        if split == "validation" and config.validation_fraction.get(src, 0.0) <= 0:
-            continue
-        n = config.num_shards if split == "train" else config.num_validation_shards
-        _ = (
-            part
-            | f"Lines/{src}/{split}" >> beam.Values()
-            | f"Write/{src}/{split}"
-            >> beam.io.WriteToText(
-                FileSystems.join(config.output_dir, src, split),
-                file_name_suffix=".jsonl",
-                num_shards=n,
-                shard_name_template="-SSSSS-of-NNNNN",
-            )
-        )
-
-    malformed = parsed.malformed
+    malformed = parsed[MALFORMED]
     removed = tuple(removed_pcolls) | "AllRemoved" >> beam.Flatten()
-    _ = (
-        malformed
-        | "MalformedJson" >> beam.Map(json.dumps)
-        | "WriteMalformed"
-        >> beam.io.WriteToText(
-            FileSystems.join(config.output_dir, "malformed"), file_name_suffix=".jsonl", shard_name_template=""
+    every_file = [(rel, None) for rel in [*shard_paths(config), "removed.jsonl", "malformed.jsonl"]]
+    written = (
+        (
+            p | "EveryFile" >> beam.Create(every_file),
+            out[LINES],
+            removed | "RemovedRows" >> beam.Map(_removed_row),
+            malformed | "MalformedRows" >> beam.Map(_malformed_row),
         )
-    )
-    _ = (
-        removed
-        | "RemovedJson" >> beam.Map(json.dumps)
-        | "WriteRemoved"
-        >> beam.io.WriteToText(
-            FileSystems.join(config.output_dir, "removed"), file_name_suffix=".jsonl", shard_name_template=""
-        )
+        | "AllRows" >> beam.Flatten()
+        | "GroupByFile" >> beam.GroupByKey()
+        | "WriteFiles" >> beam.ParDo(WriteFiles(config.output_dir))
     )
 
     counts = tuple(stats_pcolls) | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
-    malformed_top = malformed | "MalformedExamples" >> beam.combiners.Top.Smallest(
-        config.max_examples, key=lambda m: (m["file"], json.dumps(m["position"], sort_keys=True))
+    malformed_top = (
+        malformed
+        | "KeyMalformed" >> beam.Map(_by_nothing)
+        | "MalformedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples, key=_malformed_order)
     )
     removed_top = (
         removed
-        | "KeyRemoved" >> beam.Map(lambda r: (r["filter"], r))
-        | "RemovedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples, key=lambda r: r["id"])
-        | "FlattenExamples" >> beam.FlatMap(lambda kv: kv[1])
+        | "KeyRemoved" >> beam.Map(_by_filter)
+        | "RemovedExamples" >> beam.combiners.Top.SmallestPerKey(config.max_examples, key=_removed_order)
     )
-    contamination = contamination_stats
-    report = (
-        p
-        | "ReportSeed" >> beam.Create([None])
+    stats_written = (
+        (
+            p | "StatsSeed" >> beam.Create([("stats.json", ("counts_seed", None))]),
+            counts | "TagCounts" >> beam.Map(_tagged, "counts"),
+            malformed_top | "TagMalformed" >> beam.Map(_tagged, "malformed"),
+            removed_top | "TagRemoved" >> beam.Map(_tagged, "removed"),
+        )
+        | "AllReportRows" >> beam.Flatten()
+        | "GroupReport" >> beam.GroupByKey()
         | "Assemble"
-        >> beam.Map(
-            lambda _, counts, mal, rem: json.dumps(
-                S.assemble(
-                    counts,
-                    config=report_config or config.to_json(),
-                    malformed_examples=[m for ms in mal for m in ms],
-                    removed_examples=list(rem),
-                    contamination=contamination,
-                    sources=SOURCES,
-                    count_tokens=bool(config.tokenizer_model),
-                ),
-                indent=1,
-                ensure_ascii=False,
-            ),
-            counts=beam.pvalue.AsList(counts),
-            mal=beam.pvalue.AsList(malformed_top),
-            rem=beam.pvalue.AsList(removed_top),
+        >> beam.ParDo(
+            AssembleStats(
+                config.output_dir, report_config or config.to_json(), contamination_stats, bool(config.tokenizer_model)
+            )
         )
     )
-    _ = report | "WriteStats" >> beam.io.WriteToText(
-        FileSystems.join(config.output_dir, "stats"), file_name_suffix=".json", shard_name_template=""
+    return (
+        (written, stats_written)
+        | "AllWritten" >> beam.Flatten()
+        | "KeyWritten" >> beam.Map(_by_nothing)
+        | "GroupWritten" >> beam.GroupByKey()
+        | "Written" >> beam.Map(_sorted_paths)
     )
 
 
@@ -588,26 +724,63 @@ def _run_into(
         path = FileSystems.join(out, "contamination_index.pkl")
         with FileSystems.create(path) as f:
             f.write(pickle.dumps(contamination_index))
-    options = PipelineOptions(pipeline_args or ["--runner=DirectRunner"])
+    options = PipelineOptions(beam_args(pipeline_args))
+    p = beam.Pipeline(options=options)
+    build(
+        p,
+        work,
+        path,
+        contamination_index.stats if contamination_index is not None else None,
+        report_config=config.to_json(),
+    )
+    result = None
     try:
-        with beam.Pipeline(options=options) as p:
-            build(
-                p,
-                work,
-                path,
-                contamination_index.stats if contamination_index is not None else None,
-                report_config=config.to_json(),
-            )
+        result = p.run()
+        result.wait_until_finish()
     except Exception as e:  # Beam re-raises a worker's error with the failing step in its message
         raise CurationError(f"the curation pipeline failed: {type(e).__name__}: {e}") from e
+    finally:
+        client = getattr(result, "client", None)  # the Dask runner leaves its client (and own cluster) open
+        if client is not None:
+            client.close()
+    expected = [*shard_paths(config), "removed.jsonl", "malformed.jsonl", "stats.json"]
+    missing = [rel for rel in expected if not FileSystems.exists(FileSystems.join(out, *rel.split("/")))]
+    if missing:  # a runner that skipped part of the graph and still reported success
+        raise CurationError(f"the runner finished without writing {len(missing)} output files, e.g. {missing[0]}")
     with FileSystems.open(FileSystems.join(out, "stats.json")) as f:
         stats = json.loads(f.read())
-    shards = {}
-    for src in SOURCES:
-        for split in ("train", "validation"):
-            found = FileSystems.match([FileSystems.join(out, src, f"{split}-*-of-*.jsonl")])[0].metadata_list
-            if found:
-                shards[(src, split)] = [f"{src}/{os.path.basename(m.path)}" for m in found]
+    shards: dict[tuple[str, str], list[str]] = {}
+    for rel in shard_paths(config):
+        src, name = rel.split("/")
+        shards.setdefault((src, name.split("-", 1)[0]), []).append(rel)
     with FileSystems.create(FileSystems.join(out, MANIFEST_FILE)) as f:
         f.write(json.dumps(build_manifest(shards, stats), indent=1).encode())
     return stats
+
+
+# Beam 2.77 knows its Dask runner only by module path.
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+def beam_args(pipeline_args: list[str] | None) -> list[str]:
+    """Beam's command line with ``--runner=DaskRunner`` spelled out; DirectRunner when no runner is named.
+    A clear error when the Dask runner is asked for without dask installed (the ``dask`` extra)."""
+    args = list(pipeline_args or [])
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.insert(0, "--runner=DirectRunner")
+    for i, a in enumerate(args):
+        name = a.split("=", 1)[1] if a.startswith("--runner=") else None
+        if name is None and i and args[i - 1] == "--runner":
+            name = a
+        if name is None:
+            continue
+        if name in RUNNER_ALIASES or name.endswith("dask_runner.DaskRunner"):
+            try:
+                import dask.distributed  # noqa: F401
+            except ImportError as e:
+                raise ValueError(
+                    f"--runner {name} needs dask and distributed: pip install 'meditron_jax[dask]' ({e})"
+                ) from e
+        full = RUNNER_ALIASES.get(name, name)
+        args[i] = f"--runner={full}" if a.startswith("--runner=") else full
+    return args
