@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.convert import streaming
 from meditron_jax.convert.hub import resolve_model_path
 from meditron_jax.convert.model_dir import load_model_dir
 from meditron_jax.data.vocabulary import Tokenizer
@@ -107,7 +108,8 @@ def load(
         overrides["dtype"] = dtype
     if param_dtype:
         overrides["param_dtype"] = param_dtype
-    params, config = load_model_dir(path, **overrides)
+    params, config = load_model_dir(path, lazy=True, **overrides)
+    params = streaming.place(params)  # one device; a Hugging Face model is read tensor by tensor into it
     if tokenizer_path:
         tokenizer_path = resolve_model_path(tokenizer_path)
     tok_dir = tokenizer_path or path

@@ -202,14 +202,18 @@ def _write_checkpoint(folder, *, layers, hidden, inter, vocab, shard_layers):
     return str(folder), sum(t.nbytes for t in tensors.values()), max(t.nbytes for t in tensors.values())
 
 
-def test_host_memory_is_one_tensor_not_the_model(tmp_path):
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big") / "ckpt"
+    return _write_checkpoint(folder, layers=12, hidden=512, inter=1024, vocab=1024, shard_layers=4)
+
+
+def test_host_memory_is_one_tensor_not_the_model(big_checkpoint):
     """Peak host (numpy / safetensors) allocations while importing, from tracemalloc: the eager import holds the
     whole model; the streaming one holds a few checkpoint tensors of a ~130 MB, 12-layer model beyond what
     stays allocated as the placed parameters themselves (the CPU backend may keep an aligned numpy buffer as
     the device buffer, zero-copy, so that part is device memory here, not import overhead)."""
-    src, total, largest = _write_checkpoint(
-        tmp_path / "ckpt", layers=12, hidden=512, inter=1024, vocab=1024, shard_layers=4
-    )
+    src, total, largest = big_checkpoint
     cfg = hf.read_hf_config(src)
     sh = _shardings(cfg, MESHES["fsdp8"])
     hf.load_hf_sharded(src, cfg, sh)  # compile the on-device layer writes first
@@ -230,3 +234,56 @@ def test_host_memory_is_one_tensor_not_the_model(tmp_path):
     # Layers are read in groups of at most the largest tensor (2 MiB), plus the slice being converted;
     # 3 × largest leaves room for Python's own allocations.
     assert stream_peak - held <= 3 * largest, (stream_peak, held, largest, total)
+
+
+def test_trainer_init_from_streams_into_the_step_shardings(shared_data, tmp_path):
+    """The trainer's init_from path (_resume_or_init): lazy load, vocabulary grown (512 → 600 rows), placed in
+    the model-layout shardings, then the step-0 state; equal to the same parameters read onto the host."""
+    from meditron_jax.train import OptimizerConfig, TrainStep, make_optimizer
+    from meditron_jax.train.trainer import TrainConfig, _initial_params, model_config
+
+    src = str(shared_data / "stories260K_hf")
+    cfg = TrainConfig(model_dir=str(tmp_path / "run"), init_from=src, model_overrides={"vocab_size": 600})
+    model_cfg = model_config(cfg)
+    mesh = create_mesh(MeshConfig(ici_fsdp=2, ici_tensor=4, dcn_data=1))
+    step = TrainStep(model_cfg, mesh, make_optimizer(OptimizerConfig(warmup_steps=1, train_steps=2)))
+    shardings = nn.logical_to_mesh_sharding(logical_axes(model_cfg), mesh, step.rules)
+    placed = _initial_params(cfg, model_cfg, shardings)
+    host = jax.tree.map(
+        np.asarray, _initial_params(cfg, model_cfg), is_leaf=lambda x: isinstance(x, streaming.LazyParam)
+    )
+    assert host["embedding"].shape[0] == model_cfg.padded_vocab_size == 640
+    _assert_same_bits(host, placed, shardings)
+    _assert_same_bits(host, step.state_from_params(placed).params, step.state_shardings.params)
+
+
+def test_export_holds_one_shard_file_not_the_model(big_checkpoint, tmp_path):
+    """save_hf writes each shard file as soon as it is full: peak host allocations stay near one shard
+    (8 MiB here) plus a tensor, not the ~130 MB model; the written files equal the source bit for bit."""
+    from safetensors.numpy import load_file
+
+    src, total, largest = big_checkpoint
+    cfg = hf.read_hf_config(src)
+    params = hf.load_hf_params(src, cfg)
+    shard = 8 * 2**20
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        hf.save_hf(params, cfg, str(tmp_path / "out"), max_shard_bytes=shard)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= shard + 3 * largest, (peak, shard, largest, total)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(index.values()))
+    assert len(files) >= total // shard and files[-1].endswith(f"-of-{len(files):05d}.safetensors")
+    source = json.loads(open(f"{src}/model.safetensors.index.json").read())["weight_map"]
+    assert set(index) == set(source)
+    for file in files:
+        written = load_file(str(tmp_path / "out" / file))
+        original = {}
+        for name in written:
+            with safe_open(f"{src}/{source[name]}", framework="numpy") as f:
+                original[name] = f.get_tensor(name)
+        for name, w in written.items():
+            assert index[name] == file and np.array_equal(w.view(np.uint8), original[name].view(np.uint8)), name

@@ -1,7 +1,10 @@
 """Hugging Face Llama checkpoints ⇄ meditron_jax parameters.
 
-Import reads one tensor at a time (safetensors are memory-mapped), so host memory stays near one copy
-of the weights; export writes sharded safetensors with an index that ``transformers`` loads.
+Each HF tensor maps to one of our parameters through a table (:func:`_hf_names`, :func:`_transform`). The
+eager import (:func:`load_hf_params`) builds the whole tree on the host; the streaming one
+(:func:`lazy_hf_params` + `streaming.place`, or :func:`load_hf_sharded`) reads each device's slice of each
+tensor straight into that device's shard, so the host holds about one tensor, never the model. Export writes
+sharded safetensors with an index that ``transformers`` loads, one shard file at a time.
 Nothing is unpickled: safetensors, or PyTorch ``.bin`` files through ``torch.load(weights_only=True)``.
 """
 
@@ -621,8 +624,9 @@ def _export_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
         return
     for ours, name, i in _hf_names(cfg):
         tree, idx = _layer_dict(params, cfg, i)
-        w = np.asarray(_get(tree, ours))
-        yield name, _to_hf(cfg, ours, w if idx is None else w[idx])
+        w = _get(tree, ours)
+        # Index before converting: a device array then sends one layer to the host, not the whole stack.
+        yield name, _to_hf(cfg, ours, np.asarray(w if idx is None else w[idx]))
 
 
 def save_hf(
@@ -645,24 +649,36 @@ def save_hf(
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     inputs = [*inputs, *([tokenizer_dir] if tokenizer_dir else [])]
     with atomic_directory(out_dir, HF_OUTPUT, inputs=inputs, overwrite=overwrite, record=record) as tmp:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        total = 0
+        # Each shard file is written as soon as it is full, so the host holds one shard (≤ max_shard_bytes)
+        # and not the whole model; the files get their "-of-N" names once N is known.
+        written: list[tuple[str, list[str], int]] = []  # (temporary name, tensor names, bytes)
+        shard: dict[str, np.ndarray] = {}
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            part = f".shard-{len(written):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, part), metadata={"format": "pt"})
+            written.append((part, list(shard), size))
+            shard, size = {}, 0
+
         for name, w in _export_tensors(params, cfg):
             w = np.ascontiguousarray(w.astype(np_dtype))
             if size and size + w.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = w
+                flush()
+            shard[name] = w
             size += w.nbytes
             total += w.nbytes
-        n = len(shards)
+            del w
+        if shard or not written:
+            flush()
+        n = len(written)
         weight_map = {}
-        for k, shard in enumerate(shards):
+        for k, (part, names, nbytes) in enumerate(written):
             fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-            log.info("wrote %s (%d/%d, %.2f GiB)", fname, k + 1, n, sum(w.nbytes for w in shard.values()) / 2**30)
+            os.replace(os.path.join(tmp, part), os.path.join(tmp, fname))
+            weight_map.update(dict.fromkeys(names, fname))
+            log.info("wrote %s (%d/%d, %.2f GiB)", fname, k + 1, n, nbytes / 2**30)
         if n > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

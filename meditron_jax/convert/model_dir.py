@@ -89,17 +89,21 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
     return jax.tree.map(fit, params, want)
 
 
-def load_model_dir(path: str | os.PathLike, *, step: int | None = None, **overrides) -> tuple[dict, ModelConfig]:
+def load_model_dir(
+    path: str | os.PathLike, *, step: int | None = None, lazy: bool = False, **overrides
+) -> tuple[dict, ModelConfig]:
     """(host parameters, config) of a Hugging Face, meditron_jax orbax, or training-run directory.
 
     ``overrides`` change how the model computes (dtype, param_dtype, scan_layers, attention_impl, ...);
-    ``step`` picks a training run's checkpoint (default: the newest).
+    ``step`` picks a training run's checkpoint (default: the newest). ``lazy``: a Hugging Face directory's
+    parameters are `streaming.LazyParam` s, read only when placed (`streaming.place`), so the model never
+    sits whole on the host; the other kinds are read onto the host either way.
     """
     path = resolve_model_path(path)
     kind = model_dir_kind(path)
     config = read_model_config(path, **overrides)
     if kind == "hf":
-        return hf.load_hf_params(path, config), config
+        return (hf.lazy_hf_params if lazy else hf.load_hf_params)(path, config), config
     if kind == "orbax":
         return orbax.load_orbax(path, config)
     return _load_run(path, config, step), config

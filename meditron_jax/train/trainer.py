@@ -19,9 +19,12 @@ from typing import Any
 import gin
 import jax
 import numpy as np
+from flax import linen as nn
 
 from meditron_jax.config import EXECUTION_FIELDS, ModelConfig, get_config
+from meditron_jax.convert import streaming
 from meditron_jax.convert.model_dir import RUN_CONFIG_FILE, load_model_dir, read_model_config
+from meditron_jax.model import logical_axes
 from meditron_jax.parallel import distributed
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh
 from meditron_jax.parallel.pipeline import PipelineConfig
@@ -110,13 +113,17 @@ def check_same_architecture(stored: ModelConfig, wanted: ModelConfig, source: st
             )
 
 
-def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig):
+def _initial_params(cfg: TrainConfig, model_cfg: ModelConfig, shardings=None):
     """Parameters of ``init_from``, with the vocabulary extended when the model's is larger
-    (Llama-2's 32,000 tokens → MEDITRON's 32,017, whose marker tokens the curated corpus contains)."""
+    (Llama-2's 32,000 tokens → MEDITRON's 32,017, whose marker tokens the curated corpus contains).
+
+    With ``shardings`` (model layout) they are placed there, a Hugging Face checkpoint read slice by slice
+    straight into each device's shard (`convert.streaming`); without, they are host / lazy arrays."""
     assert cfg.init_from is not None
     execution = {name: getattr(model_cfg, name) for name in EXECUTION_FIELDS}
-    params, stored = load_model_dir(cfg.init_from, **execution)
-    return extend_vocab(params, stored, model_cfg)
+    params, stored = load_model_dir(cfg.init_from, lazy=True, **execution)
+    params = extend_vocab(params, stored, model_cfg)  # reads only the embedding and head, when it grows them
+    return params if shardings is None else streaming.place(params, shardings)
 
 
 def extend_vocab(params, old: ModelConfig, new: ModelConfig):
@@ -236,7 +243,8 @@ def _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs):
             log.warning("no checkpoint in %s could be restored: starting from step 0", ckpts.state_dir)
         start = 0
         if config.init_from:
-            state = step_fn.state_from_params(_initial_params(config, model_cfg))
+            shardings = nn.logical_to_mesh_sharding(logical_axes(model_cfg), step_fn.mesh, step_fn.rules)
+            state = step_fn.state_from_params(_initial_params(config, model_cfg, shardings))
         else:
             state = step_fn.init_state(jax.random.PRNGKey(config.seed))
         iterator = make_iterator(config.mixture, batch_size=config.global_batch, **data_kwargs)
