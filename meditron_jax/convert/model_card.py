@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tokenize
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +68,7 @@ def parse_operative_config(text: str, source: str = "operative_config.gin") -> d
                 bindings[f"{key}.{st.arg_name}"] = st.value
             else:
                 macros[key] = st.value
-    except SyntaxError as e:
+    except (SyntaxError, tokenize.TokenError) as e:  # gin raises both for malformed text
         raise ValueError(f"{source}: not a gin config ({e})") from None
     for k, v in bindings.items():
         if isinstance(v, str) and v.startswith("%") and v[1:] in macros:
