@@ -234,11 +234,11 @@ _LLAMA2_70B = ModelConfig(
 )
 
 # Llama-1 (Touvron et al. 2023a): MHA, a 2,048 context, RMSNorm eps 1e-6; same code as Llama-2.
-_LLAMA1 = dict(max_position_embeddings=2048, rms_norm_eps=1e-6)
+_LLAMA1: dict[str, Any] = dict(max_position_embeddings=2048, rms_norm_eps=1e-6)
 # Falcon (Almazrouei et al. 2023; tiiuae/falcon-* config.json): 65,024-token vocabulary, a 2,048 context, GELU
 # MLP of 4 × hidden, tied head, bos = eos = 11. 7B: multi-query, one LayerNorm; 40B/180B: the new decoder,
 # 8 KV groups and two LayerNorms. All rotary (ALiBi Falcons are refused on import).
-_FALCON = dict(
+_FALCON: dict[str, Any] = dict(
     family="falcon",
     vocab_size=65024,
     max_position_embeddings=2048,
@@ -247,7 +247,7 @@ _FALCON = dict(
     eos_token_id=11,
     parallel_attn=True,
 )
-_FALCON_NEW = dict(_FALCON, parallel_norms=2, new_decoder_architecture=True, num_kv_heads=8)
+_FALCON_NEW: dict[str, Any] = dict(_FALCON, parallel_norms=2, new_decoder_architecture=True, num_kv_heads=8)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama1-7b": ModelConfig(

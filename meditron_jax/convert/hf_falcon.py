@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -74,7 +75,7 @@ def config_from_hf(cfg_json: dict, source: str = "config.json", **overrides) -> 
             raise hf.ConversionError(f"{source}: {key}={cfg_json[key]!r}: {why}")
     if cfg_json.get("rope_scaling"):
         raise hf.ConversionError(f"{source}: rope_scaling={cfg_json['rope_scaling']!r} is not implemented")
-    rope = cfg_json.get("rope_parameters") or {}
+    rope: Any = cfg_json.get("rope_parameters") or {}
     if (
         not isinstance(rope, dict)
         or rope.get("rope_type", "default") != "default"
@@ -88,7 +89,7 @@ def config_from_hf(cfg_json: dict, source: str = "config.json", **overrides) -> 
 
     # transformers' FalconConfig defaults for absent keys (the published tiiuae configs omit several).
     get = {"parallel_attn": True, "new_decoder_architecture": False, "max_position_embeddings": 2048}
-    kwargs = {ours: cfg_json.get(theirs, get.get(theirs)) for theirs, ours in _TRANSLATED.items()}
+    kwargs: dict[str, Any] = {ours: cfg_json.get(theirs, get.get(theirs)) for theirs, ours in _TRANSLATED.items()}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     kwargs["family"] = "falcon"
     kwargs.setdefault("tie_word_embeddings", True)
@@ -148,7 +149,7 @@ def config_from_hf(cfg_json: dict, source: str = "config.json", **overrides) -> 
         ) from e
     except (TypeError, ValueError) as e:
         raise hf.ConversionError(f"{source}: {e}") from e
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+    if cast(int, cfg.head_dim) * cfg.num_heads != cfg.hidden_size:
         raise hf.ConversionError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
     return cfg
 
@@ -218,6 +219,7 @@ def split_qkv(cfg: ModelConfig, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     """HF ``query_key_value.weight`` [rows, d] → our query [d, h, hd], key and value [d, kv, hd]."""
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     assert hd is not None
+    g: np.ndarray
     if cfg.new_decoder_architecture:
         g = w.reshape(kv, h // kv + 2, hd, d)
         q, k, v = g[:, :-2].reshape(h, hd, d), g[:, -2], g[:, -1]
