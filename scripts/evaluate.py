@@ -3,7 +3,7 @@ and docs/evaluation.md."""
 
 import sys
 
-from meditron_jax.eval.cli import main
+from meditron_jax.cli.evaluate import console, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

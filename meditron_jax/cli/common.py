@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 # Errors a user can fix from the message alone (bad values, files, disk full); anything else is a bug and
@@ -13,17 +14,41 @@ from collections.abc import Callable, Sequence
 USER_ERRORS = (ValueError, KeyError, OSError)
 
 
+# Library log messages that say nothing about this run (each checked in tests/test_quiet_output.py):
+NOISE_MESSAGES = (
+    # seqio, on every SentencePiece vocabulary: T5's pad id 0 is what the whole project uses.
+    "T5 library uses PAD_ID=",
+    # Apache Beam, on import: the BigQuery connectors it offers are not used here.
+    "apitools not found, and bigquery client libraries are not available",
+    "No module named google.cloud.bigquery_storage_v1",
+    # jax's platform notices when an accelerator plugin is installed but not the one in use.
+    "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not installed",
+    "Unable to initialize backend",
+)
+# Python warnings of the same kind (regular expressions matched against the start of the message).
+NOISE_WARNINGS = (
+    # orbax, restoring a training run to the host (convert.model_dir): there is no sharding to give it.
+    r"Sharding info not provided when restoring",
+    r"Couldn't find sharding info under RestoreArgs",
+)
+
+
 def quiet_startup(verbose: bool) -> None:
-    """Silence TensorFlow/absl start-up chatter unless asked; must run before they are imported."""
+    """Silence TensorFlow/absl/SeqIO/Beam start-up chatter unless asked; must run before they are imported.
+    What native libraries write to stderr themselves is filtered by :func:`run` (cli/stderr_filter.py)."""
     if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # also TF's start-up "errors" about oneDNN
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ logs once absl is initialised
     level = logging.DEBUG if verbose else logging.INFO
     # Configure the root logger before gin or absl can, so their first message does not set a bare format.
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
     if not verbose:
-        for name in ("absl", "tensorflow", "jax._src", "orbax", "seqio"):
+        for name in ("absl", "tensorflow", "jax._src", "orbax", "seqio", "apache_beam"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger().addFilter(_gin_search_misses)
+        for handler in logging.getLogger().handlers:  # handler filters see records of every logger
+            handler.addFilter(_library_noise)
+        for pattern in NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
 
 
 def _gin_search_misses(record: logging.LogRecord) -> bool:
@@ -32,14 +57,69 @@ def _gin_search_misses(record: logging.LogRecord) -> bool:
     return record.module != "resource_reader"
 
 
+def _library_noise(record: logging.LogRecord) -> bool:
+    try:
+        message = record.getMessage()
+    except Exception:  # a malformed library record: let logging report it as usual
+        return True
+    return not any(noise in message for noise in NOISE_MESSAGES)
+
+
+_FILTER_ENV = "MEDITRON_STDERR_FILTERED"  # set once the filter runs: child commands inherit it, and the pipe
+
+
+def filter_native_stderr() -> None:
+    """Route file descriptor 2 through cli/stderr_filter.py (a child process) so that native libraries'
+    start-up lines are dropped; everything else passes unchanged. Once per process tree; a no-op where fd 2
+    cannot be replaced."""
+    if os.environ.get(_FILTER_ENV):
+        return
+    import atexit
+    import subprocess
+
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        child = subprocess.Popen(
+            [sys.executable, "-I", os.path.join(os.path.dirname(os.path.abspath(__file__)), "stderr_filter.py")],
+            stdin=subprocess.PIPE,
+            stdout=real,
+            stderr=real,
+            close_fds=True,
+        )
+    except OSError:
+        return
+    assert child.stdin is not None
+    os.dup2(child.stdin.fileno(), 2)
+    child.stdin.close()
+    os.environ[_FILTER_ENV] = "1"
+
+    def drain() -> None:
+        # Give stderr back and let the filter pass on the last lines before the shell prompt returns.
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real, 2)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a grandchild still holds the pipe: it keeps filtering for it
+            pass
+
+    atexit.register(drain)
+
+
 def add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="full tracebacks and library logs")
 
 
 def run(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; a user error prints ``error: ...`` and exits 1 (with --verbose, the traceback)."""
+    from_command_line = argv is None  # a console script; a test calling console([...]) keeps its stderr
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
+    if from_command_line and not verbose:
+        filter_native_stderr()
     try:
         return main(argv)
     except USER_ERRORS as e:

@@ -68,8 +68,20 @@ def main(argv=None) -> int:
             f"(misspelled? the macros used are the %NAME references in {', '.join(args.gin_file)})"
         )
     metrics = trainer.train()
-    print(metrics)
+    print(summary(metrics))
     return 0
+
+
+def summary(metrics: dict) -> str:
+    """The run's last logged step in one line (every step's numbers are in MODEL_DIR/metrics.jsonl)."""
+    if "loss" not in metrics:
+        return "training finished; this invocation logged no step (see MODEL_DIR/metrics.jsonl)"
+    line = f"training: last logged step {metrics['step']}, loss {metrics['loss']:.4f}"
+    if "tokens_per_s" in metrics:
+        line += f", {metrics['tokens_per_s']:,.0f} tokens/s"
+    if metrics.get("preempted"):
+        line += " (preempted: run the same command again to resume)"
+    return line
 
 
 def console(argv=None) -> int:

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--verbose", action="store_true", help="library logs and tracebacks (meditron-eval command)")
     p.add_argument("--checkpoint", required=True, help="HF, orbax or training-run folder, or a hub id (owner/name)")
     p.add_argument("--benchmark", default="all", choices=(*items_mod.ALL, "all"))
     p.add_argument("--strategy", default="top_token", choices=STRATEGIES)
