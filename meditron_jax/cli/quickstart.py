@@ -196,10 +196,11 @@ def main(argv=None) -> int:
         )
         rows[strategy] = json.loads((out / f"eval_{strategy}" / RESULTS_JSON).read_text())["results"][0]
 
-    _stage(5, "exporting to Hugging Face format")
+    _stage(5, "exporting to Hugging Face format, with a model card (README.md) holding the evaluation")
     from meditron_jax.cli import convert
 
-    convert.main(["--to", "hf", "--input", str(out / "sft"), "--output", str(out / "hf")])
+    evals = [arg for strategy in rows for arg in ("--eval_results", str(out / f"eval_{strategy}"))]
+    convert.main(["--to", "hf", "--input", str(out / "sft"), "--output", str(out / "hf"), *evals])
 
     _stage(6, "reloading the export in transformers")
     reload_note = _reload_in_transformers(out / "hf")
