@@ -5,6 +5,7 @@ training run's ``MODEL_DIR`` (its newest checkpoint), given as a path or as a Hu
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -73,7 +74,10 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
         if step not in steps:
             raise FileNotFoundError(f"{path}: training run has no finished checkpoint of step {step} (it has {steps})")
     item = os.path.join(os.path.abspath(path), RUN_CHECKPOINTS, str(step), "default")
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
+        # Restored to host arrays, then reshaped to the model's layout: no device topology is involved, so
+        # orbax's advice to pass shardings (printed on every load) does not apply.
+        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
         tree = ckptr.restore(item)
     params = tree["params"]
     want = nn.meta.unbox(abstract_params(config))
