@@ -34,6 +34,7 @@ from . import SOURCES, guidelines, jats, medline, replay
 from . import stats as S
 from .contamination import DEFAULT_REFERENCES, NGRAM, ContaminationIndex
 from .dedup import MinHashConfig, MinHasher, exact_key, near_duplicate_pairs
+from .extsort import external_sorted
 from .manifest import MANIFEST_FILE, build_manifest
 from .records import Doc, Malformed
 from .text import english_score
@@ -430,18 +431,18 @@ class WriteFiles(beam.DoFn):
     sort-key order, written whole; yields the path. ``None`` only makes sure the file exists.
 
     Sorting makes the bytes independent of the runner; writing a whole file per element makes a retried
-    bundle rewrite the same bytes (no temporary shards to rename). A file's lines must fit in a worker's
-    memory: raise ``--num_shards`` for bigger corpora."""
+    bundle rewrite the same bytes (no temporary shards to rename). The sort spills to the worker's local
+    disk beyond ``extsort.RUN_SIZE`` lines, so a file may be bigger than a worker's memory."""
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 
     def process(self, item):
         rel, rows = item
-        lines = [line for _, line in sorted(r for r in rows if r is not None)]
         path = FileSystems.join(self.output_dir, *rel.split("/"))
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+            for _, line in external_sorted(r for r in rows if r is not None):
+                f.write(line.encode("utf-8") + b"\n")
         yield rel
 
 
