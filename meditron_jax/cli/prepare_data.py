@@ -5,7 +5,8 @@
 Beam pipeline options go in --beam_options (one string) or as unknown arguments, passed through
 (e.g. two local worker processes: --beam_options="--direct_running_mode=multi_processing --direct_num_workers=2";
 Dask: --runner DaskRunner --beam_options="--dask_client_address=tcp://HOST:8786"; Dataflow: --project,
---region, --temp_location gs://..., --setup_file ./setup.py; Flink: --flink_master, --environment_type).
+--region, --temp_location gs://..., --sdk_container_image or --setup_file ./pyproject.toml;
+Flink: --flink_master, --environment_type).
 Every runner writes the same bytes. See docs/data.md, "Running curation on a cluster".
 Outputs: {output_dir}/{source}/{split}-{i:05d}-of-{n:05d}.jsonl ({"id","source","text"} per line),
 stats.json, malformed.jsonl, removed.jsonl. See docs/data.md, "Curation (GAP-REPLAY)".
