@@ -24,8 +24,8 @@ from meditron_jax.data.curation.contamination import ContaminationIndex
 from meditron_jax.data.curation.pipeline import CurationConfig, CurationError, beam_args, run
 from meditron_jax.data.paths import shared_path
 
-pytestmark = pytest.mark.slow  # each run starts worker processes that load the tokenizer: 15-120 s
-
+# Each pipeline run below is marked slow: it loads the tokenizer, and the cluster runs start worker processes
+# that load it again (15-110 s each on 2 shared cores).
 CAP = 6  # documents per input file: every source present, a run in seconds of work
 CONTAMINATION_REF = "which of the following drugs is the first line treatment for acute angle closure glaucoma"
 
@@ -93,6 +93,7 @@ def reference(planted, tmp_path_factory):
     return out, stats
 
 
+@pytest.mark.slow
 def test_reference_output_exercises_every_file(reference):
     """The comparison below means something only if every file has content and every filter fired."""
     out, stats = reference
@@ -131,6 +132,7 @@ def _same_as_reference(reference, planted, out, args, monkeypatch):
     assert {k: v for k, v in stats.items() if k != "config"} == {k: v for k, v in ref_stats.items() if k != "config"}
 
 
+@pytest.mark.slow
 def test_direct_runner_in_process_is_what_the_probe_catches(planted, tmp_path, monkeypatch):
     """The probe of the two tests below: in this process the broken filter fails the run."""
     monkeypatch.setattr(pipeline, "english_score", lambda text: 1 / 0)
@@ -138,11 +140,13 @@ def test_direct_runner_in_process_is_what_the_probe_catches(planted, tmp_path, m
         run(_config(*planted, tmp_path / "out"), ["--runner=DirectRunner"], _index())
 
 
+@pytest.mark.slow
 def test_multi_process_direct_runner_writes_the_same_bytes(reference, planted, tmp_path, monkeypatch):
     args = ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     _same_as_reference(reference, planted, tmp_path / "out", args, monkeypatch)
 
 
+@pytest.mark.slow
 def test_dask_runner_on_a_local_cluster_writes_the_same_bytes(reference, planted, tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed", reason="the 'dask' extra of setup.cfg")
     monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -151,6 +155,7 @@ def test_dask_runner_on_a_local_cluster_writes_the_same_bytes(reference, planted
         _same_as_reference(reference, planted, tmp_path / "out", args, monkeypatch)
 
 
+@pytest.mark.slow
 def test_runner_names_and_missing_writes(planted, tmp_path, monkeypatch):
     assert beam_args(None) == ["--runner=DirectRunner"]
     assert beam_args(["--direct_num_workers=2"]) == ["--runner=DirectRunner", "--direct_num_workers=2"]
@@ -174,3 +179,24 @@ def test_runner_names_and_missing_writes(planted, tmp_path, monkeypatch):
     with pytest.raises(CurationError, match="without writing 1 output files, e.g. replay/train-00001-of-00004.jsonl"):
         run(config, ["--runner=DirectRunner"])
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_passes_runner_and_beam_options_through(shared_data, tmp_path, monkeypatch):
+    from meditron_jax.cli import prepare_data
+
+    seen = {}
+
+    def fake_run(config, pipeline_args, overwrite):
+        seen["args"] = pipeline_args
+        return {"sources": {}}
+
+    monkeypatch.setattr(prepare_data, "run", fake_run)
+    argv = ["--input_dir", str(shared_data / "gap_replay_sample"), "--output_dir", str(tmp_path / "out")]
+    argv += ["--tokenizer_model", "none", "--runner", "DaskRunner", "--dask_client_address=tcp://h:1"]
+    assert prepare_data.main([*argv, "--beam_options", "--dask_npartitions=2 --job_name='a b'"]) == 0
+    assert seen["args"] == [
+        "--runner=apache_beam.runners.dask.dask_runner.DaskRunner",
+        "--dask_npartitions=2",
+        "--job_name=a b",
+        "--dask_client_address=tcp://h:1",
+    ]
