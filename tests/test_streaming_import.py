@@ -287,3 +287,29 @@ def test_export_holds_one_shard_file_not_the_model(big_checkpoint, tmp_path):
                 original[name] = f.get_tensor(name)
         for name, w in written.items():
             assert index[name] == file and np.array_equal(w.view(np.uint8), original[name].view(np.uint8)), name
+
+
+def test_export_of_sharded_params_gathers_one_layer_and_keeps_nothing(big_checkpoint, tmp_path):
+    """save_hf of device-sharded parameters (FSDP over 8): the same files as from host arrays, and no host
+    copy left behind on the arrays (np.asarray would cache one per parameter for as long as it lives)."""
+    from safetensors.numpy import load_file
+
+    src, total, largest = big_checkpoint
+    cfg = hf.read_hf_config(src, scan_layers=False)  # unrolled: every parameter is its own array
+    placed = hf.load_hf_sharded(src, cfg, _shardings(cfg, MESHES["fsdp8"]))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        hf.save_hf(placed, cfg, str(tmp_path / "out"), max_shard_bytes=16 * 2**20)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < largest, (kept, largest, total)
+    written = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    source = json.loads(open(f"{src}/model.safetensors.index.json").read())["weight_map"]
+    assert set(written) == set(source)
+    for name, w in written.items():
+        with safe_open(f"{src}/{source[name]}", framework="numpy") as f:
+            assert np.array_equal(w.view(np.uint8), f.get_tensor(name).view(np.uint8)), name

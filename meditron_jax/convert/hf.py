@@ -615,6 +615,22 @@ def _looks_like_hf_export(folder: str, names: set[str]) -> bool:
 HF_OUTPUT = OutputKind("hf_model", "Hugging Face model folder", _looks_like_hf_export)
 
 
+def host_array(x, index: int | None = None) -> np.ndarray:
+    """``x[index]`` (or ``x``) on the host. Of a device array only that layer is gathered, shard by shard, and
+    nothing stays behind: ``np.asarray`` of a sharded ``jax.Array`` keeps its host copy alive as long as the
+    array, which in an export would pile up the whole model on the host."""
+    import jax
+
+    if index is not None:
+        x = x[index]
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out
+
+
 def _export_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) of every tensor :func:`save_hf` writes."""
     if cfg.family == "falcon":
@@ -624,9 +640,7 @@ def _export_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.nd
         return
     for ours, name, i in _hf_names(cfg):
         tree, idx = _layer_dict(params, cfg, i)
-        w = _get(tree, ours)
-        # Index before converting: a device array then sends one layer to the host, not the whole stack.
-        yield name, _to_hf(cfg, ours, np.asarray(w if idx is None else w[idx]))
+        yield name, _to_hf(cfg, ours, host_array(_get(tree, ours), idx))
 
 
 def save_hf(
