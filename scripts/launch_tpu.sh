@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch meditron-train (or meditron-eval) on a Cloud TPU pod slice, or on several slices (multi-slice).
 #
-#   scripts/launch_tpu.sh --name meditron-70b --zone us-east5-a --slice meditron-70b-pretrain \
+#   bash scripts/launch_tpu.sh --name meditron-70b --zone us-east5-a --slice meditron-70b-pretrain \
 #       --repo git+https://github.com/ORG/meditron_jax@v0.1.0 -- \
 #       --gin.MODEL_DIR="'gs://BUCKET/runs/70b'" --gin.curated_data_dir.path="'gs://BUCKET/gap_replay'"
 #
