@@ -14,6 +14,7 @@ NOISE = (
     "Could not find cuda drivers on your machine",  # TF cudart_stub.cc
     "This TensorFlow binary is optimized to use available CPU instructions",  # TF cpu_feature_guard.cc
     "T5 library uses PAD_ID=0",  # seqio, per SentencePiece vocabulary
+    "Using an uncached FunctionDataset for training",  # seqio, per in-memory task
     "precompiled_charsmap is empty",  # SentencePiece inside tensorflow-text
     "apitools not found",  # Apache Beam import
     "google.cloud.bigquery_storage_v1",  # Apache Beam import
@@ -57,6 +58,7 @@ def test_python_logged_noise_is_dropped_and_the_rest_kept():
         "logging.getLogger('apache_beam.io.gcp.bigquery').info("
         "'No module named google.cloud.bigquery_storage_v1. As a result, ...')\n"
         "logging.getLogger('absl').warning('T5 library uses PAD_ID=0, which is different from the sentencepiece')\n"
+        "logging.getLogger('absl').warning('Using an uncached FunctionDataset for training is not recommended')\n"
         "warnings.warn('Sharding info not provided when restoring. Populating sharding info from file.')\n"
         "logging.getLogger('meditron_jax.train').warning('kept: a real warning')\n"
         "warnings.warn('kept: a real Python warning')\n"

@@ -18,6 +18,8 @@ USER_ERRORS = (ValueError, KeyError, OSError)
 NOISE_MESSAGES = (
     # seqio, on every SentencePiece vocabulary: T5's pad id 0 is what the whole project uses.
     "T5 library uses PAD_ID=",
+    # seqio, on every in-memory SFT task: caching them (seqio's cache_tasks_main) is for corpora, not these.
+    "Using an uncached FunctionDataset for training is not recommended",
     # Apache Beam, on import: the BigQuery connectors it offers are not used here.
     "apitools not found, and bigquery client libraries are not available",
     "No module named google.cloud.bigquery_storage_v1",

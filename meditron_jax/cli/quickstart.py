@@ -17,6 +17,8 @@ recipe runs, with the real formats.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -76,6 +78,19 @@ def _losses(model_dir: pathlib.Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _curation_summary(report: str, curated: pathlib.Path) -> str:
+    """One line for meditron-prepare-data's JSON report (the report itself if its layout is not the expected)."""
+    try:
+        sources = json.loads(report)["sources"]
+        splits = [split for source in sources.values() for split in source["output"].values()]
+        docs, tokens = sum(s["docs"] for s in splits), sum(s["tokens"] for s in splits)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return report.rstrip()
+    return (
+        f"kept {docs} documents ({tokens:,} tokens) from {len(sources)} sources; per source: {curated / 'stats.json'}"
+    )
+
+
 def _train(argv: list[str]) -> None:
     import gin
 
@@ -96,9 +111,11 @@ def _reload_in_transformers(hf_dir: pathlib.Path) -> str:
     except ImportError:
         return "transformers is not installed (pip install '.[test]'): reload skipped"
     import numpy as np
+    from transformers.utils import logging as hf_logging
 
     import meditron_jax
 
+    hf_logging.disable_progress_bar()  # its weight-loading bar, for a 20 MB model
     lm = meditron_jax.load(hf_dir)
     ids = lm.tokenizer.encode("Do statins reduce mortality in elderly patients?", bos=True)
     ours = lm.logits([ids])[0]
@@ -125,20 +142,23 @@ def main(argv=None) -> int:
     from meditron_jax.cli import prepare_data
 
     pubmedqa_sets = "pubmedqa/test,pubmedqa/train,pubmedqa/validation"  # what this run fine-tunes and scores on
-    prepare_data.main(
-        [
-            "--input_dir",
-            str(data_dir / "gap_replay_sample"),
-            "--output_dir",
-            str(out / "curated"),
-            "--num_shards",
-            "1",
-            "--contamination_refs",
-            pubmedqa_sets,
-            "--tokenizer_model",
-            str(data_dir / "llama2_tokenizer" / "tokenizer.model"),
-        ]
-    )
+    stats = io.StringIO()  # the command's per-source JSON report: summed up below, kept whole in stats.json
+    with contextlib.redirect_stdout(stats):
+        prepare_data.main(
+            [
+                "--input_dir",
+                str(data_dir / "gap_replay_sample"),
+                "--output_dir",
+                str(out / "curated"),
+                "--num_shards",
+                "1",
+                "--contamination_refs",
+                pubmedqa_sets,
+                "--tokenizer_model",
+                str(data_dir / "llama2_tokenizer" / "tokenizer.model"),
+            ]
+        )
+    print(_curation_summary(stats.getvalue(), out / "curated"))
 
     _stage(2, f"continued pretraining of a tiny Llama-2 for {args.pretrain_steps} steps")
     _train(
