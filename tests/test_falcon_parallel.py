@@ -4,6 +4,7 @@ pipeline, on both Falcon layouts. One step's loss and gradients to 1e-5 relative
 after three AdamW steps to 1e-4 (Adam's 1/sqrt(v) amplifies rounding differences a little)."""
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -94,3 +95,17 @@ def test_sharded_falcon_training_matches_single_device(name):
     np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
     assert _worst(params, ref_params) <= PARAM_RTOL
     assert ref_losses[-1] != ref_losses[0]  # the steps changed the parameters
+
+
+def test_falcon_train_step_compiles_for_a_tpu_slice(capsys):
+    """The AOT path of docs/parallelism.md §7 (libtpu, no TPU): the 40B layout's training step, FSDP × tensor
+    with the 2 KV heads replicated over tensor 4, compiles for TPU and every parameter has a sharding."""
+    from meditron_jax.cli import aot_compile
+
+    flags = ["--model", "tiny-falcon", "--topology", "v5p-16", "--seq_len", "128", "--global_batch", "8"]
+    code = aot_compile.main([*flags, "--mesh", "fsdp=2,tensor=4", "--report"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert code == 0 and result["fits"] is True and result["num_chips"] == 8
+    for name in ("layers/attention_norm/bias", "layers/mlp_norm/scale", "layers/mlp/up", "final_norm/bias"):
+        assert any(line.startswith(name) for line in lines), name
