@@ -42,7 +42,7 @@ def _eval_dir(tmp_path, checkpoint="x"):
     d = tmp_path / "eval_top_token"
     d.mkdir()
     rows = [{"benchmark": "pubmedqa", "strategy": "top_token", "shots": 0, "n": 4, "accuracy": 0.5}]
-    (d / "results.json").write_text(json.dumps({"config": {"checkpoint": checkpoint, "limit": 4}, "results": rows}))
+    (d / "results.json").write_text(json.dumps({"config": {"checkpoint": checkpoint}, "results": rows}))
     (d / "results.md").write_text(RESULTS_MD)
     return d
 
@@ -82,7 +82,7 @@ def test_card_front_matter_and_sections(tmp_path):
     # Shares normalised from the rates (0.25 / 0.75 of the whole).
     assert "| guidelines | 25.0% |" in text and "| replay | 75.0% |" in text
     assert "| `TrainConfig.train_steps` | `30` |" in text and "| `OptimizerConfig.peak_lr` | `2e-05` |" in text
-    assert RESULTS_MD.strip() in text and "limited to 4 items" in text
+    assert RESULTS_MD.strip() in text and "`meditron-eval` of `x` (eval_top_token" in text
     assert 'from_pretrained("me/tiny-meditron")' in text
     bare = model_card.render(cfg, name="x", source="a Hugging Face folder")
     assert "base_model" not in _front_matter(bare) and "Not recorded" in bare
@@ -232,3 +232,19 @@ def test_fine_tuned_from_a_hub_id_exports_a_card_and_generates_the_same_in_trans
         # The greedy paths only mean something if the logits agree: max |difference| 1e-4 in float32.
         np.testing.assert_allclose(model(torch.tensor([ids])).logits[0].numpy(), lm.logits([ids])[0], atol=1e-4)
     assert len(ours_ids) > 1 and ours_ids == theirs
+
+
+def test_card_follows_init_from_to_the_pretraining_run(tmp_path):
+    from meditron_jax.cli.convert import _earlier_stages
+
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    (pre / "operative_config.gin").write_text(OPERATIVE)  # gap_replay, from epfl-llm/meditron-7b, 30 steps
+    sft = f"TrainConfig.mixture = 'pubmedqa_pqal_sft'\nTrainConfig.init_from = '{pre}'\nTrainConfig.train_steps = 3\n"
+    stages = _earlier_stages(model_card.parse_operative_config(sft))
+    assert [(folder, b["TrainConfig.init_from"]) for folder, _, b in stages] == [(str(pre), "epfl-llm/meditron-7b")]
+    text = model_card.render(
+        get_config("tiny"), name="x", source="run", operative_config=sft, earlier_stages=[s[:2] for s in stages]
+    )
+    assert f"### Earlier stage: `{pre}` (30 steps)" in text and "| guidelines | 25.0% |" in text
+    assert "SeqIO mixture `pubmedqa_pqal_sft`" in text

@@ -156,8 +156,10 @@ def _model_card(args, source: str, kind: str, config, evals) -> str:
     operative = os.path.join(args.input, "operative_config.gin")
     text = open(operative).read() if kind == "run" and os.path.isfile(operative) else None
     bindings = model_card.parse_operative_config(text, operative) if text else {}
+    stages = _earlier_stages(bindings)
+    datasets = [d for b in [bindings, *(s[2] for s in stages)] for d in mixture_datasets(b.get("TrainConfig.mixture"))]
     base = args.base_model
-    init_from = bindings.get("TrainConfig.init_from")
+    init_from = (stages[-1][2] if stages else bindings).get("TrainConfig.init_from")  # the first stage's start
     if base is None and isinstance(init_from, str) and hub.looks_like_hub_id(init_from):
         base = init_from
     if base is None and kind == "hf" and hub.looks_like_hub_id(source):
@@ -179,9 +181,28 @@ def _model_card(args, source: str, kind: str, config, evals) -> str:
         operative_config=text,
         eval_results=evals,
         base_model=base,
-        datasets=mixture_datasets(bindings.get("TrainConfig.mixture")),
+        datasets=list(dict.fromkeys(datasets)),
         repo_id=args.push_to_hub,
+        earlier_stages=[(folder, stage_text) for folder, stage_text, _ in stages],
     )
+
+
+def _earlier_stages(bindings: dict, limit: int = 4) -> list[tuple[str, str, dict]]:
+    """(folder, operative config, bindings) of the training runs this one continued from (init_from chains
+    through local run folders), newest first."""
+    from meditron_jax.convert import model_card
+
+    stages: list[tuple[str, str, dict]] = []
+    source = bindings.get("TrainConfig.init_from")
+    while isinstance(source, str) and len(stages) < limit:
+        path = os.path.join(source, "operative_config.gin")
+        if not os.path.isfile(path):
+            break
+        text = open(path).read()
+        stage = model_card.parse_operative_config(text, path)
+        stages.append((source, text, stage))
+        source = stage.get("TrainConfig.init_from")
+    return stages
 
 
 def console(argv=None) -> int:

@@ -175,8 +175,10 @@ def render(
     base_model: str | None = None,
     datasets: Sequence[str] = (),
     repo_id: str | None = None,
+    earlier_stages: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The card's Markdown text."""
+    """The card's Markdown text. ``earlier_stages``: (run folder, operative config) of the runs this one
+    continued from, newest first (e.g. the pretraining run an SFT run started from)."""
     bindings = parse_operative_config(operative_config) if operative_config else {}
     front = [
         "---",
@@ -207,6 +209,12 @@ def render(
         body += _data(bindings, datasets)
     else:
         body.append("Not recorded: the exported checkpoint came without a training run's operative_config.gin.")
+    for folder, text in earlier_stages:
+        earlier = parse_operative_config(text, os.path.join(folder, "operative_config.gin"))
+        steps = earlier.get("TrainConfig.train_steps")
+        body += ["", f"### Earlier stage: `{folder}` ({steps} steps)", "", *_data(earlier, ())]
+        rows = [(k, earlier[k]) for k in _HYPERPARAMETERS if k in earlier]
+        body += ["", "| setting (gin) | value |", "|---|---|", *(f"| `{k}` | {_value(v)} |" for k, v in rows)]
     body += ["", "## Training hyperparameters", ""]
     if bindings:
         rows = [(k, bindings[k]) for k in _HYPERPARAMETERS if k in bindings]
@@ -227,9 +235,9 @@ def render(
     if eval_results:
         for ev in eval_results:
             cfg = ev.payload.get("config", {})
-            limit = f", limited to {cfg['limit']} items per benchmark" if cfg.get("limit") else ""
+            of = f" of `{cfg['checkpoint']}`" if cfg.get("checkpoint") else ""
             body += [
-                f"`meditron-eval` ({os.path.basename(os.path.dirname(ev.path)) or ev.path}{limit}):",
+                f"`meditron-eval`{of} ({os.path.basename(os.path.dirname(ev.path)) or ev.path}; n = items scored):",
                 "",
                 ev.table,
                 "",
