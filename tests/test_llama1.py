@@ -115,3 +115,32 @@ def test_gin_model_files_bind_the_presets(gin_file, preset, changes):
     want = get_config(preset, **changes)
     arch = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype", "dtype", "scan_layers", "remat_policy"}
     assert {k: getattr(model, k) for k in arch} == {k: getattr(want, k) for k in arch}
+
+
+def test_published_llama1_7b_config_is_the_preset():
+    """huggyllama/llama-7b's config.json (transformers 4.28 conversion of Meta's LLaMA-7B)."""
+    from meditron_jax.convert.hf import config_from_hf
+
+    published = {
+        "_name_or_path": "huggyllama/llama-7b",
+        "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 2048,
+        "max_sequence_length": 2048,
+        "model_type": "llama",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.28.0",
+        "use_cache": True,
+        "vocab_size": 32000,
+    }
+    assert config_from_hf(published) == get_config("llama1-7b")
