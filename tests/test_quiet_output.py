@@ -78,6 +78,14 @@ def test_native_noise_filter_keeps_everything_else_in_order():
         b"To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the "
         b"appropriate compiler flags.",
         b"normalizer.cc(51) LOG(INFO) precompiled_charsmap is empty. use identity normalization.",
+        b"Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type, "
+        b"please set env var `TPU_ACCELERATOR_TYPE` manually, otherwise libtpu.so may not properly initialize.",
+        b"WARNING: Logging before InitGoogle() is written to STDERR",
+        b"E0000 00:00:1796146229.537375   26322 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected worker "
+        b"hostname 'WARNING: could not determine TPU worker hostnames or IP addresses' from env var "
+        b"TPU_WORKER_HOSTNAMES. Expecting a valid hostname or IP address without port number.",
+        b"=== Source Location Trace: ===",
+        b"learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327",
     ]
     kept = [
         b"E0000 00:00:1796143783.1   20843 some_op.cc:12] a real TensorFlow error",
@@ -86,7 +94,11 @@ def test_native_noise_filter_keeps_everything_else_in_order():
         b"error: something the user must read",
         b"",
     ]
-    mixed = [kept[0], noise[0], noise[1], kept[1], noise[2], kept[2], noise[3], noise[4], noise[5], kept[3], kept[4]]
+    # A location trace under a kept error is kept; under a dropped line, dropped.
+    trace = [b"=== Source Location Trace: ===", b"some/runtime/file.cc:12"]
+    kept = [*kept[:1], *trace, *kept[1:]]
+    mixed = [kept[0], kept[1], kept[2], noise[0], noise[1], kept[3], noise[2], kept[4], noise[3], noise[4]]
+    mixed += [noise[5], *noise[6:], kept[5], kept[6]]
     data = b"\n".join(mixed) + b"\n" + b"a last line without newline"
     proc = subprocess.run([sys.executable, "-I", FILTER], input=data, capture_output=True, timeout=60)
     assert proc.returncode == 0

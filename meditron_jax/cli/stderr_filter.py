@@ -25,8 +25,16 @@ NOISE = re.compile(
     rb"|[WE]\d{4} [\d:.]+ +\d+ (?:cuda_dnn|cuda_fft|cuda_blas|cudart_stub|cpu_feature_guard|port)\.cc:\d+\] .*"
     rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\."
     rb"|\w+\.cc\(\d+\) LOG\(INFO\) .*"  # SentencePiece INFO (tensorflow-text's copy has no level setting)
+    # libtpu loaded to compile for a TPU topology on a host without TPUs (meditron-aot): no metadata server,
+    # so jax hands it placeholder strings; only on such hosts does the runtime name them.
+    rb"|Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type.*"
+    rb"|WARNING: Logging before InitGoogle\(\) is written to STDERR"
+    rb"|E\d{4} [\d:.]+ +\d+ common_lib\.cc:\d+\] INVALID_ARGUMENT: Error: unexpected worker hostname "
+    rb"'WARNING: could not determine TPU worker hostnames.*"
     rb")\r?$"
 )
+# The location trace libtpu prints under an error: dropped only right after a dropped line.
+TRACE = re.compile(rb"^(?:=== Source Location Trace: ===|[\w./-]+\.cc:\d+)\r?$")
 
 
 def is_noise(line: bytes) -> bool:
@@ -36,6 +44,7 @@ def is_noise(line: bytes) -> bool:
 def main() -> None:
     src, out = sys.stdin.buffer.fileno(), sys.stdout.buffer
     pending = b""
+    dropping = False  # the previous line was dropped
     while True:
         # A line that stays incomplete (a progress bar, a prompt) goes out after a short wait.
         ready, _, _ = select.select([src], [], [], 0.2 if pending else None)
@@ -49,7 +58,8 @@ def main() -> None:
             break
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            if not is_noise(line):
+            dropping = is_noise(line) or (dropping and TRACE.match(line) is not None)
+            if not dropping:
                 out.write(line + b"\n")
         out.flush()
     if pending and not is_noise(pending):
