@@ -677,7 +677,7 @@ def save_hf(
             shard, size = {}, 0
 
         for name, w in _export_tensors(params, cfg):
-            w = np.ascontiguousarray(w.astype(np_dtype))
+            w = np.ascontiguousarray(w, dtype=np_dtype)  # one copy: cast and row-major together
             if size and size + w.nbytes > max_shard_bytes:
                 flush()
             shard[name] = w
