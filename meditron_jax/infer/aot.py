@@ -117,7 +117,7 @@ def compile_decode_step(
         stop = jax.ShapeDtypeStruct((MAX_STOP_IDS,), jnp.int32)
         seed = jax.ShapeDtypeStruct((), jnp.uint32)
         with programs._context():
-            lowered = fn.lower(params, b2, b2, b2, b1, b1, done, knobs, stop, scalar, seed)
+            lowered = fn.lower(params, b2, b2, b2, b1, b1, done, None, knobs, stop, scalar, seed)
     else:
         lowered = programs.lower_decode(params, batch, max_len, max_steps, greedy=greedy, filtered=not greedy)
     cache = programs.abstract_state(batch, max_len, max_steps).cache

@@ -186,12 +186,24 @@ class Engine:
         greedy, filtered = sampling.greedy, sampling.filtered
         self.buckets_used.add((b, width, cache_len, greedy, filtered))
 
-        tokens = np.zeros((b, width), np.int32)
-        real = np.zeros((b, width), np.int32)
-        for i, p in enumerate(prompts):
+        # Rows of one prompt (n samples) share its prefill: each distinct prompt runs once, then its cache
+        # is copied out to its rows on the device; worth a program of its own only when it saves rows.
+        distinct = list(dict.fromkeys(pi for pi, _ in batch))
+        u = _bucket(len(distinct), self.batch_buckets)
+        source = None
+        if u < b:
+            slot = {pi: j for j, pi in enumerate(distinct)}
+            source = np.zeros((b,), np.int32)  # filler rows copy prompt 0 (they are done from the start)
+            source[: len(batch)] = [slot[pi] for pi, _ in batch]
+            prefill_prompts = [ids[pi] for pi in distinct]
+        else:
+            u, prefill_prompts = b, prompts
+        tokens = np.zeros((u, width), np.int32)
+        real = np.zeros((u, width), np.int32)
+        for i, p in enumerate(prefill_prompts):
             tokens[i, width - len(p) :] = p
             real[i, width - len(p) :] = 1
-        real[len(batch) :, -1] = 1  # filler rows: one token, finished from the start
+        real[len(prefill_prompts) :, -1] = 1  # filler rows: one token, finished from the start
         positions = np.maximum(np.cumsum(real, axis=1) - 1, 0).astype(np.int32)
         prompt_index = np.zeros((b,), np.int32)
         sample_index = np.zeros((b,), np.int32)
@@ -207,6 +219,8 @@ class Engine:
             "sample_index": P.put(sample_index, "batch"),
             "done": P.put(done, "batch"),
         }
+        if source is not None:
+            inputs["source"] = P.put(source, "batch")
         knobs = sampling.arrays(self.config.vocab_size)
         stop_ids = jnp.asarray(stop_id_array(sampling.stop_token_ids))
         max_new = jnp.int32(sampling.max_new_tokens)

@@ -134,8 +134,8 @@ class Programs:
         shapes = jax.eval_shape(lambda: init_cache(self.config, batch, cache_len))
 
         names = {
-            "key": ("batch", None, "kv_heads", "head_dim"),
-            "value": ("batch", None, "kv_heads", "head_dim"),
+            "key": ("batch", "kv_heads", None, "head_dim"),  # head-major (model.layers.Attention)
+            "value": ("batch", "kv_heads", None, "head_dim"),
             "valid": ("batch", None),
             "index": (),
         }
@@ -200,14 +200,22 @@ class Programs:
             )
         return logits[:, -1], state["cache"]
 
-    def _prefill_impl(self, params, tokens, real, positions, prompt_index, sample_index, done, knobs, stop_ids,
-                      max_new, seed, *, cache_len, max_steps, greedy, filtered):  # fmt: skip
+    def _prefill_impl(self, params, tokens, real, positions, prompt_index, sample_index, done, source, knobs,
+                      stop_ids, max_new, seed, *, cache_len, max_steps, greedy, filtered):  # fmt: skip
+        """``source`` None: one prompt row per decode row. Otherwise ``tokens`` holds each distinct prompt
+        once and ``source[r]`` names row r's prompt: the prompts run once, then their cache and last
+        logits are gathered out to the rows (``n`` samples share one prefill)."""
         self.traces += 1
-        b = tokens.shape[0]
-        cache = init_cache(self.config, b, cache_len)
+        b = tokens.shape[0] if source is None else source.shape[0]
+        cache = init_cache(self.config, tokens.shape[0], cache_len)
         if self.mesh is not None:
-            cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings(b, cache_len)[0])
+            cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings(tokens.shape[0], cache_len)[0])
         logits, cache = self._forward(params, cache, tokens, positions, real, "prefill")
+        if source is not None:
+            logits, positions = logits[source], positions[source]
+            cache = jax.tree.map(lambda x: x[source] if x.ndim else x, cache)
+            if self.mesh is not None:
+                cache = jax.lax.with_sharding_constraint(cache, self.cache_shardings(b, cache_len)[0])
         keys = sampling.row_keys(seed, prompt_index, sample_index)
         counts = jnp.zeros((b, self.config.vocab_size), jnp.int32)
         tok = sampling.next_tokens(logits, counts, keys, 0, knobs, greedy=greedy, filtered=filtered)
@@ -240,15 +248,18 @@ class Programs:
 
         return jax.lax.while_loop(cond, body, state)
 
-    def prefill_fn(self, batch: int, cache_len: int, max_steps: int, greedy: bool, filtered: bool):
-        key = (batch, cache_len, max_steps, greedy, filtered)
+    def prefill_fn(self, batch: int, cache_len: int, max_steps: int, greedy: bool, filtered: bool,
+                   prompts: int | None = None):  # fmt: skip
+        """``prompts``: distinct prompt rows when decode rows share prompts (None: one per row)."""
+        key = (batch, cache_len, max_steps, greedy, filtered, prompts)
         if key not in self._prefill:
             kw: dict[str, Any] = {}
             if self.mesh is not None:
                 b, b2, rep = self._sharding("batch"), self._sharding("batch", None), self._sharding()
                 knob_sh = dict.fromkeys(("temperature", "top_k", "top_p", "penalty"), rep)
+                src = None if prompts is None else b
                 kw = {
-                    "in_shardings": (self.param_shardings, b2, b2, b2, b, b, b, knob_sh, rep, rep, rep),
+                    "in_shardings": (self.param_shardings, b2, b2, b2, b, b, b, src, knob_sh, rep, rep, rep),
                     "out_shardings": self.state_shardings(batch, cache_len),
                 }
             impl = functools.partial(
@@ -275,11 +286,13 @@ class Programs:
 
     def prefill(self, params, inputs: dict, knobs, stop_ids, max_new, seed, *, cache_len, max_steps, greedy,
                 filtered) -> DecodeState:  # fmt: skip
-        b = inputs["tokens"].shape[0]
-        fn = self.prefill_fn(b, cache_len, max_steps, greedy, filtered)
+        source = inputs.get("source")
+        b = inputs["tokens"].shape[0] if source is None else source.shape[0]
+        prompts = None if source is None else inputs["tokens"].shape[0]
+        fn = self.prefill_fn(b, cache_len, max_steps, greedy, filtered, prompts)
         args = [inputs[k] for k in ("tokens", "real", "positions", "prompt_index", "sample_index", "done")]
         with self._context():
-            return fn(params, *args, knobs, stop_ids, max_new, seed)
+            return fn(params, *args, source, knobs, stop_ids, max_new, seed)
 
     def decode(self, params, state: DecodeState, limit, knobs, stop_ids, max_new, *, greedy, filtered):
         b = state.token.shape[0]

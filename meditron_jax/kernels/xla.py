@@ -28,6 +28,7 @@ __all__ = [
     "MASK_VALUE",
     "BlockwiseSizes",
     "blockwise_attention",
+    "decode_attention",
     "make_mask",
     "masked_attention",
     "reference_attention",
@@ -70,6 +71,33 @@ def masked_attention(q, k, v, mask, softmax_scale: float):
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=adt)
     if mask is not None:
         # Zero on the [b, q, h, d] output, not on the probabilities: keeps the reference's memory as is.
+        has_key = jnp.broadcast_to(jnp.any(mask, axis=-1), (b, q_len))
+        out = out * has_key[:, :, None, None, None].astype(out.dtype)
+    return out.reshape(b, q_len, heads, d).astype(q.dtype)
+
+
+def decode_attention(q, k, v, mask, softmax_scale: float):
+    """`masked_attention` for a few new queries against a head-major KV cache.
+
+    q: [b, q_len, heads, d]; k, v: [b, kv_heads, kv_len, d]; mask: bool [b, q_len, kv_len] or None. Same
+    result as `masked_attention`. Head-major, both products are plain batched matmuls over (batch, heads);
+    with the token-major [b, kv_len, kv_heads, d] layout XLA:CPU transposed a copy of the whole cache per
+    layer and decode step.
+    """
+    b, q_len, heads, d = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    adt = accum_dtype(q.dtype)
+    # [b, kv_heads, groups × q_len, d]: the query heads sharing a KV head share its matmul.
+    qg = q.reshape(b, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * q_len, d)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=adt) * softmax_scale
+    scores = scores.reshape(b, kv_heads, groups, q_len, -1)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv_heads, groups * q_len, -1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=adt)
+    out = out.reshape(b, kv_heads, groups, q_len, d).transpose(0, 3, 1, 2, 4)  # [b, q, kv_heads, groups, d]
+    if mask is not None:
         has_key = jnp.broadcast_to(jnp.any(mask, axis=-1), (b, q_len))
         out = out * has_key[:, :, None, None, None].astype(out.dtype)
     return out.reshape(b, q_len, heads, d).astype(q.dtype)

@@ -114,20 +114,26 @@ class Attention(nn.Module):
     def _cached_attention(self, q, k, v, segment_ids, scale):
         """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.
 
-        The cache is created by an init call with the full cache length as the sequence length.
+        The cache is created by an init call with the full cache length as the sequence length. K/V are
+        cached head-major, [b, kv_heads, length, d]: decode's attention products are then plain batched
+        matmuls over (batch, heads); token-major, XLA:CPU transposed a copy of the whole cache per layer
+        and step (docs/performance.md, decode section).
         """
         b, length = k.shape[:2]
         initialised = self.has_variable("cache", "key")
-        ck = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
-        cv = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        shape = (b, k.shape[2], length, k.shape[3])
+        ck = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
         valid = self.variable("cache", "valid", jnp.zeros, (b, length), jnp.bool_)
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if not initialised:  # the init call that sizes the cache
             return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale)
         is_real = jnp.ones((b, length), jnp.bool_) if segment_ids is None else segment_ids != 0
+        k_heads = k.astype(ck.value.dtype).transpose(0, 2, 1, 3)
+        v_heads = v.astype(cv.value.dtype).transpose(0, 2, 1, 3)
         if self.mode == "prefill":
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, 0, 0, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, 0, 0, 0))
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (0, 0, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (0, 0, 0, 0))
             valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, 0))
             index.value = jnp.asarray(length, jnp.int32)
             return kernels.attention(
@@ -135,14 +141,14 @@ class Attention(nn.Module):
             )
         # decode: `length` new tokens (usually 1) at cache slots [index, index + length)
         i = index.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (0, 0, i, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (0, 0, i, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, i))
         index.value = i + length
-        slots = jnp.arange(ck.value.shape[1])
+        slots = jnp.arange(ck.value.shape[2])
         q_slots = i + jnp.arange(length)
         mask = valid.value[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
-        return xla_attention.masked_attention(q, ck.value, cv.value, mask, scale)
+        return xla_attention.decode_attention(q, ck.value, cv.value, mask, scale)
 
 
 class DecoderLayer(nn.Module):
