@@ -21,7 +21,7 @@ import pytest
 
 from meditron_jax.data.curation import SOURCES, pipeline
 from meditron_jax.data.curation.contamination import ContaminationIndex
-from meditron_jax.data.curation.pipeline import CurationConfig, CurationError, beam_args, run
+from meditron_jax.data.curation.pipeline import CurationConfig, CurationError, beam_args, check_runner_paths, run
 from meditron_jax.data.paths import shared_path
 
 # Each pipeline run below is marked slow: it loads the tokenizer, and the cluster runs start worker processes
@@ -200,3 +200,21 @@ def test_cli_passes_runner_and_beam_options_through(shared_data, tmp_path, monke
         "--job_name=a b",
         "--dask_client_address=tcp://h:1",
     ]
+
+
+def test_a_remote_runner_refuses_local_paths_before_launching(shared_data, tmp_path):
+    local_in, out = str(shared_data / "gap_replay_sample"), tmp_path / "out"
+    config = CurationConfig(input_dir=local_in, output_dir=str(out), contamination_refs=())
+    with pytest.raises(ValueError, match=f"--input_dir {local_in} is a local path, which DataflowRunner's workers"):
+        run(config, ["--runner=DataflowRunner", "--project=p"])
+    assert not out.exists()
+    check_runner_paths(config, ["--runner", "DirectRunner"])  # one machine: local paths are fine
+    remote = CurationConfig(input_dir="gs://b/raw", output_dir="gs://b/out", tokenizer_model="/home/me/tok.model")
+    with pytest.raises(ValueError, match="--tokenizer_model /home/me/tok.model is a local path"):
+        check_runner_paths(remote, ["--runner=DataflowRunner"])
+    remote.tokenizer_model = "gs://b/tok.model"
+    remote.patterns["replay"] = ("/data/extra.jsonl",)
+    with pytest.raises(ValueError, match="--replay_glob /data/extra.jsonl is a local path"):
+        check_runner_paths(remote, ["--runner=DataflowRunner"])
+    remote.patterns["replay"] = ("replay/*.jsonl",)  # relative to the gs:// input folder
+    check_runner_paths(remote, ["--runner=DataflowRunner"])

@@ -25,7 +25,14 @@ import time
 from meditron_jax.cli import common
 from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.curation.contamination import DEFAULT_REFERENCES
-from meditron_jax.data.curation.pipeline import MEDITRON_VALIDATION, CurationConfig, beam_args, check_output, run
+from meditron_jax.data.curation.pipeline import (
+    MEDITRON_VALIDATION,
+    CurationConfig,
+    beam_args,
+    check_output,
+    check_runner_paths,
+    run,
+)
 
 
 def _fractions(value: str) -> dict[str, float]:
@@ -157,6 +164,7 @@ def main(argv=None) -> int:
     config.validate()
     check_output(config, args.overwrite)
     pipeline_args = beam_args([f"--runner={args.runner}", *shlex.split(args.beam_options), *unknown])
+    check_runner_paths(config, pipeline_args)
     n_files = sum(len(v) for v in config.input_files().values())
     print(f"curating {n_files} input files of {args.input_dir} into {args.output_dir} ({args.runner})", file=sys.stderr)
     start = time.time()

@@ -698,6 +698,7 @@ def run(
     pass ``ContaminationIndex.build([...])`` to use other references, or set ``contamination_refs=()`` to
     skip the filter."""
     config.validate()
+    check_runner_paths(config, pipeline_args)
     check_output(config, overwrite)
     if "://" in config.output_dir:
         return _run_into(config, config.output_dir, pipeline_args, contamination_index)
@@ -785,3 +786,28 @@ def beam_args(pipeline_args: list[str] | None) -> list[str]:
         full = RUNNER_ALIASES.get(name, name)
         args[i] = f"--runner={full}" if a.startswith("--runner=") else full
     return args
+
+
+# Runners whose workers are other machines: a local path means nothing there.
+REMOTE_RUNNERS = ("DataflowRunner",)
+
+
+def runner_name(pipeline_args: list[str] | None) -> str:
+    """The runner the Beam command line names (the last ``--runner``), DirectRunner by default."""
+    args = beam_args(pipeline_args)
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--runner=")]
+    names += [b for a, b in zip(args, args[1:], strict=False) if a == "--runner"]
+    return names[-1] if names else "DirectRunner"
+
+
+def check_runner_paths(config: CurationConfig, pipeline_args: list[str] | None) -> None:
+    """Refuse local paths for a runner whose workers run elsewhere, before anything is launched."""
+    runner = runner_name(pipeline_args)
+    if not runner.endswith(REMOTE_RUNNERS):
+        return
+    paths = [("input_dir", config.input_dir), ("output_dir", config.output_dir)]
+    paths += [("tokenizer_model", config.tokenizer_model or "none://")]
+    paths += [(f"{src}_glob", p) for src, pats in config.patterns.items() for p in pats if os.path.isabs(p)]
+    for flag, value in paths:
+        if "://" not in value:
+            raise ValueError(f"--{flag} {value} is a local path, which {runner}'s workers cannot read; use gs://...")
