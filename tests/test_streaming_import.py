@@ -91,6 +91,21 @@ def test_random_sharded_checkpoint_streamed_equals_eager(random_checkpoint, para
         assert np.array_equal(got.view(np.uint8), e.view(np.uint8)), jax.tree_util.keystr(path)
 
 
+def test_pytorch_bin_checkpoint_streams_too(shared_data, tmp_path):
+    """A ``pytorch_model.bin`` folder (read whole per tensor, weights_only) gives the same bits."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = shared_data / "stories260K_hf"
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    torch.save(load_file(str(src / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    cfg = hf.read_hf_config(str(tmp_path))
+    sh = _shardings(cfg, MESHES["fsdp2-tensor4"])
+    _assert_same_bits(hf.load_hf_params(str(src), cfg), hf.load_hf_sharded(str(tmp_path), cfg, sh), sh)
+
+
 def test_falcon_streamed_equals_eager(tmp_path):
     """Falcon's conversion table (fused QKV split per layout) plugs into the streaming import unchanged."""
     from .test_falcon import random_hf_falcon
