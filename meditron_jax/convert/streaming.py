@@ -250,7 +250,7 @@ class LazyParam:
         got = part.read(index)
         if got.shape != tuple(_len(s) for s in index):
             raise ValueError(f"tensor {part.name!r} converts to a different shape than the parameter {self.shape}")
-        return got.astype(self.dtype)
+        return got.astype(self.dtype)  # a copy: never a view into a mapped file
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[()]
