@@ -8,6 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "meditron_jax"
 # Lower rank = lower layer. Equal ranks in different packages may not import each other.
 RANKS = {
     "config": 0,
+    "fs": 0,  # paths that may be gs:// URLs
     "hardware": 0,
     "resources": 0,
     "kernels": 1,

@@ -148,14 +148,14 @@ class AddedTokensVocabulary(seqio.Vocabulary):
         """``tokenizer.model`` and ``added_tokens.json`` as in a Hugging Face Llama directory, so that a folder
         holding them (e.g. a training run's MODEL_DIR) loads with :meth:`Tokenizer.from_dir`."""
         import json
-        import shutil
+
+        from meditron_jax import fs  # out_dir may be gs://... (a training run's MODEL_DIR)
 
         out_dir = os.fspath(out_dir)
-        shutil.copyfile(self._model_file, os.path.join(out_dir, "tokenizer.model"))
+        fs.copy(self._model_file, fs.join(out_dir, "tokenizer.model"))
         base = self.tokenizer.base_vocab_size
         added = {tok: base + i for i, tok in enumerate(self._extra_tokens)}
-        with open(os.path.join(out_dir, "added_tokens.json"), "w", encoding="utf-8") as f:
-            json.dump(added, f, indent=2)
+        fs.write_text(fs.join(out_dir, "added_tokens.json"), json.dumps(added, indent=2))
 
 
 def default_model_file() -> str:

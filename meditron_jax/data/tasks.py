@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from meditron_jax import fs
 from meditron_jax.data import benchmarks as bm
 from meditron_jax.data.curation import SOURCES
 from meditron_jax.data.curation.manifest import manifest_shards
@@ -58,12 +58,13 @@ MEDITRON_TOKEN_SHARES = {"guidelines": 0.002, "pubmed_abstracts": 0.117, "pmc_pa
 
 
 @gin.configurable
-def curated_data_dir(path: str | None = None) -> pathlib.Path:
-    """Folder of the curated GAP-REPLAY shards: gin ``curated_data_dir.path``, else $MEDITRON_CURATED_DATA."""
+def curated_data_dir(path: str | None = None) -> str:
+    """Folder of the curated GAP-REPLAY shards: gin ``curated_data_dir.path``, else $MEDITRON_CURATED_DATA.
+    Local, or a URL (``gs://bucket/gap_replay``) returned as given: pathlib would turn ``gs://`` into ``gs:/``."""
     path = path or os.environ.get(CURATED_ENV)
     if not path:
         raise ValueError(f"no curated GAP-REPLAY folder: set gin curated_data_dir.path or ${CURATED_ENV}")
-    return pathlib.Path(path)
+    return os.fspath(path)
 
 
 @gin.configurable
@@ -194,14 +195,19 @@ class CuratedShardsSource(seqio.FileDataSource):
         if listed is not None:
             return listed
         files = sorted(
-            {str(p) for pat in curated_shard_patterns(self._source, split) for p in root.glob(pat) if p.is_file()}
+            {
+                f
+                for pat in curated_shard_patterns(self._source, split)
+                for f in fs.glob(fs.join(root, pat))
+                if not fs.isdir(f)
+            }
         )
         if not files:
             raise FileNotFoundError(
                 f"no curated shards for {self._source!r} split {split!r} under {root} "
                 f"(patterns {curated_shard_patterns(self._source, split)})"
             )
-        if all(os.path.getsize(f) == 0 for f in files):
+        if all(fs.size(f) == 0 for f in files):
             raise ValueError(f"the curated shards for {self._source!r} split {split!r} under {root} are all empty")
         return files
 

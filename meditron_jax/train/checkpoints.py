@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meditron_jax import fs
 from meditron_jax.convert.model_dir import RUN_CHECKPOINTS
 from meditron_jax.train.step import TrainState
 
@@ -122,7 +122,7 @@ class Checkpoints:
         from orbax.checkpoint import checkpoint_managers as cm
 
         self._ocp = ocp
-        self.model_dir = os.path.abspath(model_dir)
+        self.model_dir = fs.absolute(model_dir)  # a gs:// MODEL_DIR stays as it is (orbax writes there)
         self.state_dir = os.path.join(self.model_dir, RUN_CHECKPOINTS)
         self.input_dir = os.path.join(self.model_dir, INPUT_STATE)
         keep_policies = [cm.LatestN(keep)]
@@ -184,13 +184,13 @@ class Checkpoints:
     def _prune_inputs(self) -> None:
         """Drop input positions of steps the keep policy deleted. Positions newer than every kept step
         (orphans of a crash) are left for the save of that step to overwrite."""
-        if jax.process_index() != 0 or not os.path.isdir(self.input_dir):
+        if jax.process_index() != 0 or not fs.isdir(self.input_dir):
             return
         kept = set(self.manager.all_steps())  # includes the step being written
         newest = max(kept, default=-1)
-        for name in os.listdir(self.input_dir):
+        for name in fs.listdir(self.input_dir):
             if name.isdigit() and int(name) not in kept and int(name) < newest:
-                shutil.rmtree(os.path.join(self.input_dir, name), ignore_errors=True)
+                fs.rmtree(os.path.join(self.input_dir, name))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -202,7 +202,7 @@ class Checkpoints:
         reads each device's slice of the stored arrays). Raises `DamagedCheckpoint` when the files cannot
         be read or do not match their fingerprint, ValueError when they are fine but the model differs."""
         where = os.path.join(self.state_dir, str(step))
-        if not os.path.isdir(self.input_path(step)):
+        if not fs.isdir(self.input_path(step)):
             raise DamagedCheckpoint(f"checkpoint {where} has no input-pipeline position at {self.input_path(step)}")
         target = _as_dict(abstract_state)
         try:
@@ -261,13 +261,13 @@ class Checkpoints:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         dest = os.path.join(self.model_dir, DAMAGED, f"{step}-{stamp}")
         if jax.process_index() == 0:
-            os.makedirs(dest, exist_ok=True)
+            fs.makedirs(dest)
             for src, name in (
                 (os.path.join(self.state_dir, str(step)), "state"),
                 (os.path.join(self.input_dir, str(step)), "input_state"),
             ):
-                if os.path.exists(src):
-                    shutil.move(src, os.path.join(dest, name))
+                if fs.exists(src):
+                    fs.move(src, os.path.join(dest, name))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from meditron_jax import fs
 from meditron_jax.config import ModelConfig
 from meditron_jax.hardware import get_chip
 
@@ -186,7 +187,7 @@ class MetricsWriter:
         self._scalars(step, record)
 
     def _append(self, record: Mapping) -> None:
-        with open(self.jsonl, "a") as f:
+        with fs.open_file(self.jsonl, "a") as f:  # MODEL_DIR may be gs://...
             f.write(json.dumps(record) + "\n")
 
     def _scalars(self, step: int, values: Mapping[str, float]) -> None:

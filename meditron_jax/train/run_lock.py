@@ -14,6 +14,8 @@ import os
 import socket
 import time
 
+from meditron_jax import fs
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -41,7 +43,9 @@ class RunLock:
     """``with RunLock(model_dir):`` — held for the duration of a run; process 0 of a multi-host run holds it."""
 
     def __init__(self, model_dir: str):
-        self.path = os.path.join(os.path.abspath(model_dir), LOCK_FILE)
+        # A bucket (gs://) has no exclusive create and its writer's pid cannot be checked: no lock there.
+        self.remote = fs.is_url(model_dir)
+        self.path = fs.join(fs.absolute(model_dir), LOCK_FILE)
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -50,6 +54,9 @@ class RunLock:
         self._held = False
 
     def acquire(self) -> None:
+        if self.remote:
+            log.warning("MODEL_DIR %s is not on a local disk: one run at a time is not enforced there", self.path)
+            return
         for _ in range(5):  # a take-over can race with another starter; re-check after each attempt
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

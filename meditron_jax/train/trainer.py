@@ -10,6 +10,7 @@ MODEL_DIR (run_lock); metrics go to the console, metrics.jsonl and TensorBoard (
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from meditron_jax import fs
 from meditron_jax.config import EXECUTION_FIELDS, ModelConfig, get_config
 from meditron_jax.convert import streaming
 from meditron_jax.convert.model_dir import RUN_CONFIG_FILE, load_model_dir, read_model_config
@@ -185,7 +187,7 @@ def train(
     ``max_steps_this_run`` exists to stop early on purpose (tests of resumption, time-limited jobs).
     """
     distributed.initialize()
-    os.makedirs(config.model_dir, exist_ok=True)
+    fs.makedirs(config.model_dir)  # MODEL_DIR may be gs://...: never os.* on it (meditron_jax.fs)
     lock = RunLock(config.model_dir) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -260,10 +262,10 @@ def _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run) -
     )
     start, state, iterator = _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs)
     if jax.process_index() == 0:
-        model_cfg.to_json(os.path.join(config.model_dir, RUN_CONFIG_FILE))
+        config_json = json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True)  # as ModelConfig.to_json
+        fs.write_text(fs.join(config.model_dir, RUN_CONFIG_FILE), config_json)
         _write_tokenizer(config.mixture, config.model_dir)
-        with open(os.path.join(config.model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        fs.write_text(fs.join(config.model_dir, "operative_config.gin"), gin.operative_config_str())
 
     def check(batch, source=config.mixture):
         check_token_ids(batch, model_cfg.vocab_size, source)

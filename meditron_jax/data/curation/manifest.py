@@ -11,6 +11,8 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 
+from meditron_jax import fs
+
 MANIFEST_FILE = "manifest.json"
 FORMAT = "meditron_jax curated corpus"
 
@@ -26,12 +28,11 @@ def build_manifest(shards: Mapping[tuple[str, str], Iterable[str]], stats: Mappi
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
     """The manifest of a curated folder, or None when it has none (shards made by hand)."""
-    path = os.path.join(os.fspath(root), MANIFEST_FILE)
-    if not os.path.isfile(path):
+    path = fs.join(root, MANIFEST_FILE)  # root may be gs://... (meditron_jax.fs)
+    if not fs.exists(path) or fs.isdir(path):
         return None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(fs.read_text(path))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable manifest ({e})") from e
     if (
@@ -58,8 +59,8 @@ def manifest_shards(root: str | os.PathLike, source: str, split: str) -> list[st
             f"{path}: the curation kept no {split!r} documents of {source!r} (its stats.json says why); "
             "nothing to train on"
         )
-    files = [os.path.join(os.fspath(root), f) for f in entry["files"]]
-    missing = [f for f in files if not os.path.isfile(f)]
+    files = [fs.join(root, f) for f in entry["files"]]
+    missing = [f for f in files if not fs.exists(f)]
     if missing:
         raise FileNotFoundError(f"{path} lists {missing[0]}, which does not exist (an incomplete copy?)")
     return files
