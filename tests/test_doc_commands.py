@@ -26,6 +26,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import re
@@ -48,6 +49,7 @@ EXTERNAL = {
 SHELL_WORDS = {"for", "done", "do", "then", "fi", "if"}
 REPO_DIRS = ("scripts/", "bench/", "tests/", "gin/", "configs/", "docs/", "notebooks/", "meditron_jax/")
 BASH_LANGS = {"bash", "sh", "shell", "console"}
+LAUNCH = "scripts/launch_tpu.sh"
 PREFIXES = {"nice", "time", "timeout", "env"}
 # Commands that take --gin.NAME=VALUE bindings (True: a command-line macro nothing uses is an error there too).
 GIN_COMMANDS = {
@@ -222,6 +224,9 @@ def resolve(command: Command) -> Resolved:
         script, args = rest[0], rest[1:]
         if script == "scripts/quickstart.sh":  # its arguments go to meditron-quickstart
             return Resolved("bash", script, args, [str(BIN / "meditron-quickstart"), "--help"])
+        if script == LAUNCH:  # its own flags, then `--` and the arguments of meditron-train / meditron-eval
+            head = args[: args.index("--")] if "--" in args else args
+            return Resolved("bash", script, head, ["bash", str(ROOT / script), "--help"])
         return Resolved("bash", script, [], None)  # scripts/test.sh: arguments go to pytest
     if name in SCRIPTS:
         if name == "meditron-lm-eval":
@@ -325,9 +330,37 @@ def _gin_file_problems(resolved: Resolved) -> list[str]:
     return problems
 
 
+def launched(command: Command) -> Command | None:
+    """The meditron-train (or, with --eval, meditron-eval) command that scripts/launch_tpu.sh runs on every host:
+    the --slice preset's gin files (configs/tpu_slices.json) and the arguments after ``--``. None when there is
+    nothing to check (no ``--``, or a ``...`` placeholder)."""
+    argv = list(command.argv)
+    if LAUNCH not in argv or "--" not in argv:
+        return None
+    head, tail = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    if "..." in tail:
+        return None
+    program = ["meditron-eval"] if "--eval" in head else ["meditron-train"]
+    if "--slice" in head:
+        presets = json.loads((ROOT / "configs" / "tpu_slices.json").read_text())
+        preset = presets.get(head[head.index("--slice") + 1], {})
+        program += [f"--gin_file={g}" for g in preset.get("gin", [])]
+    return Command(command.doc, (*program, *tail))
+
+
 def static_problems(command: Command) -> list[str]:
     resolved = resolve(command)
     problems = []
+    if resolved.name == LAUNCH:
+        head = list(command.argv[: command.argv.index("--")] if "--" in command.argv else command.argv)
+        if "--slice" in head:
+            presets = json.loads((ROOT / "configs" / "tpu_slices.json").read_text())
+            name = head[head.index("--slice") + 1]
+            if name not in presets:
+                problems.append(f"--slice {name}: not a preset of configs/tpu_slices.json ({', '.join(presets)})")
+        inner = launched(command)
+        if inner is not None:
+            problems += [f"after --: {p}" for p in static_problems(inner)]
     if resolved.kind in ("script", "bash") and not (ROOT / resolved.name).is_file():
         problems.append(f"{resolved.name} does not exist")
         return problems
@@ -366,7 +399,7 @@ def test_documented_command_is_valid(command):
 
 def _gin_commands() -> list[tuple[Command, list[str], list[str], bool]]:
     out = []
-    for command in ALL:
+    for command in [*ALL, *filter(None, map(launched, ALL))]:
         resolved = resolve(command)
         if resolved.name not in GIN_COMMANDS:
             continue
@@ -465,7 +498,7 @@ RUNS: dict[str, tuple[bool, tuple[Run, ...]]] = {
             ),
         ),
     ),
-    # README "Train": curation capped at 3 documents per file, then 2 training steps.
+    # README "Train": curation capped at 3 documents per file, then 2 training steps; then troubleshooting errors.
     "readme_train": (
         True,
         (
@@ -486,6 +519,22 @@ RUNS: dict[str, tuple[bool, tuple[Run, ...]]] = {
                     "--gin.TrainConfig.checkpoint_every=2",
                 ),
                 expect_output="step 2/2",
+            ),
+            # docs/troubleshooting.md on the same folders: a 3-layer model against the 2-layer checkpoint, and
+            # Llama-2's 32,000-token vocabulary against the curated corpus's marker tokens.
+            Run(
+                "docs/troubleshooting.md",
+                r"meditron-train .*--gin.ModelConfig.num_layers=3$",
+                replace=(("/tmp/hdocs/run", "{tmp}/tiny_run"), ("/tmp/hdocs/gap", "{tmp}/gap_replay")),
+                expect_output="does not match this run's model/optimizer",
+                expect_exit=1,
+            ),
+            Run(
+                "docs/troubleshooting.md",
+                r"meditron-train .*--gin.ModelConfig.vocab_size=32000$",
+                replace=(("/tmp/hdocs/run32k", "{tmp}/run32k"), ("/tmp/hdocs/gap", "{tmp}/gap_replay")),
+                expect_output="but the model's vocabulary has 32000 tokens; set model_overrides vocab_size",
+                expect_exit=1,
             ),
         ),
     ),
@@ -545,24 +594,6 @@ RUNS: dict[str, tuple[bool, tuple[Run, ...]]] = {
                 r"meditron-aot --model tiny --topology v5e-4 --seq_len 4096 .*--remat none$",
                 expect_output="-> DOES NOT FIT",
                 expect_exit=3,
-            ),
-        ),
-    ),
-    "troubleshooting_vocab": (
-        True,
-        (
-            Run(
-                "README.md",
-                r"meditron-prepare-data --input_dir ../shared/data/gap_replay_sample --output_dir /tmp/gap_replay$",
-                replace=(("../shared/data", "{shared}"), ("/tmp/gap_replay", "{tmp}/gap_replay")),
-                extra=("--max_docs_per_file", "3"),
-            ),
-            Run(
-                "docs/troubleshooting.md",
-                r"meditron-train .*--gin.ModelConfig.vocab_size=32000$",
-                replace=(("/tmp/run32k", "{tmp}/run32k"), ("/tmp/gap_replay", "{tmp}/gap_replay")),
-                expect_output="but the model's vocabulary has 32000 tokens; set model_overrides vocab_size",
-                expect_exit=1,
             ),
         ),
     ),
@@ -644,19 +675,21 @@ def test_checker_catches_a_missing_flag_file_and_binding():
             "meditron-train --gin_file=runs/no_such_recipe.gin --gin.MODEL_DIR=\"'/x'\"",
             "python scripts/evaluate.py --checkpoint C --benchmark medqa5 --output D",
             "frobnicate --all",
+            "bash scripts/launch_tpu.sh --name n --zone z --slice nope -- --gin_file=runs/tiny_cpu.gin --no_such",
             "```",
         ]
     )
     commands = extract(ROOT / "docs" / "fake.md", fake)
-    assert [c.doc for c in commands] == ["docs/fake.md:2", "docs/fake.md:3", "docs/fake.md:4", "docs/fake.md:5"] + [
-        "docs/fake.md:6"
-    ]
+    assert [c.doc for c in commands] == [f"docs/fake.md:{n}" for n in range(2, 8)]
     assert any("--no_such_flag is not an option" in p for p in static_problems(commands[0]))
     assert static_problems(commands[1]) == ["scripts/no_such_script.py does not exist"]
     assert any("runs/no_such_recipe.gin: no such file" in p for p in static_problems(commands[2]))
     assert any("--benchmark medqa5: not one of" in p for p in static_problems(commands[3]))
     with pytest.raises(AssertionError, match="unknown executable 'frobnicate'"):
         resolve(commands[4])
+    launch = static_problems(commands[5])
+    assert any("--slice nope: not a preset" in p for p in launch), launch
+    assert any("after --: --no_such is not an option of" in p for p in launch), launch
     run = ["MODEL_DIR='/x'"]
     assert "binds a macro that no gin file uses" in gin_problems(["runs/tiny_cpu.gin"], [*run, "TRAIN_STEP=5"])
     assert "no_such_field" in gin_problems(["runs/tiny_cpu.gin"], [*run, "TrainConfig.no_such_field=5"])
