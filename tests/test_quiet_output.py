@@ -116,3 +116,14 @@ def test_a_crash_message_still_gets_through_the_filter():
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "the last words" in proc.stderr and "oneDNN" not in proc.stderr
+
+
+def test_beam_import_noise_is_dropped_before_flags_are_parsed():
+    # Beam logs on the root logger while it is imported, before a command (meditron-prepare-data) parses --verbose.
+    code = "import meditron_jax.cli.common, apache_beam.io.gcp.bigquery"
+    quiet = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    loud = subprocess.run(
+        [sys.executable, "-c", code, "--verbose"], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "apitools not found" not in quiet.stderr and "apitools not found" in loud.stderr

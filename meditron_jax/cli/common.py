@@ -43,7 +43,9 @@ def quiet_startup(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     # Configure the root logger before gin or absl can, so their first message does not set a bare format.
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    if not verbose:
+    if verbose:
+        logging.getLogger().removeFilter(_library_noise)
+    else:
         for name in ("absl", "tensorflow", "jax._src", "orbax", "seqio", "apache_beam"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger().addFilter(_gin_search_misses)
@@ -66,6 +68,10 @@ def _library_noise(record: logging.LogRecord) -> bool:
         return True
     return not any(noise in message for noise in NOISE_MESSAGES)
 
+
+# Apache Beam logs on the root logger while it is imported, which a command does before parsing its flags.
+if "--verbose" not in sys.argv[1:]:
+    logging.getLogger().addFilter(_library_noise)
 
 _FILTER_ENV = "MEDITRON_STDERR_FILTERED"  # set once the filter runs: child commands inherit it, and the pipe
 
