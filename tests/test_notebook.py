@@ -58,18 +58,34 @@ def _text(outputs) -> str:
     return "".join(parts)
 
 
+def _execute(nb, tmp_path):
+    from nbclient import NotebookClient
+
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+
+@pytest.mark.slow
+def test_loads_and_shards_without_the_shared_data(tmp_path, monkeypatch):
+    """Colab has no shared data: the notebook falls back to the packaged sample and a random tiny Llama-2."""
+    monkeypatch.setenv("MEDITRON_SHARED_DATA", str(tmp_path / "no_shared_data"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = nb.cells[: next(i for i, c in enumerate(nb.cells) if "## 3." in c.source)]  # sections 1 and 2
+    _execute(nb, tmp_path)
+    text = "\n".join(_text(c.outputs) for c in nb.cells if c.cell_type == "code")
+    assert "embedded_data" in text and "vocabulary 32000" in text and "fsdp=8" in text
+
+
 @pytest.mark.slow
 def test_runs_end_to_end(tmp_path, shared_data, monkeypatch):
     """Executes every cell in a fresh kernel (8 CPU devices, the shared data: stories260K and MedQA)."""
-    from nbclient import NotebookClient
-
     monkeypatch.setenv("MEDITRON_SHARED_DATA", str(shared_data))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's work folder lands under pytest's
     nb = nbformat.read(NOTEBOOK, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    _execute(nb, tmp_path)
     seconds = time.perf_counter() - start
     cells = [c for c in nb.cells if c.cell_type == "code"]
     for i, cell in enumerate(cells):
