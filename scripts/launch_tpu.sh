@@ -135,12 +135,13 @@ fi
 [[ -n $accelerator ]] || die "--accelerator_type (or --slice) is required"
 [[ -n $runtime ]] || die "--runtime_version (or --slice) is required"
 
-# `python3 -m` runs the same main() as the meditron-train / meditron-eval console scripts, without depending on
-# pip's script folder (~/.local/bin for a --user install) being on a non-interactive ssh session's PATH.
+# The package needs Python 3.11 (setup.cfg) and TPU VM images ship 3.10: it goes into a 3.11 virtual environment
+# on each host, whose python runs `-m meditron_jax.cli.train`, the meditron-train console script's main().
+venv="~/meditron_venv"
 if [[ $run_eval -eq 1 ]]; then
-  program=(python3 -m meditron_jax.eval.cli)
+  program=(-m meditron_jax.eval.cli)
 else
-  program=(python3 -m meditron_jax.cli.train)
+  program=(-m meditron_jax.cli.train)
   for g in ${gin_files[@]+"${gin_files[@]}"}; do program+=("--gin_file=$g"); done
   has_gin=0
   for a in ${cmd_args[@]+"${cmd_args[@]}"}; do [[ $a == --gin_file=* ]] && has_gin=1; done
@@ -226,7 +227,9 @@ on_every_node() { # remote command; the slices in parallel, each slice's hosts i
 if [[ $skip_install -eq 0 ]]; then
   spec=$repo
   [[ $spec == git+* ]] && spec="meditron_jax[tpu] @ $repo"
-  install="python3 -m pip install --upgrade pip && python3 -m pip install $(quote "$spec")"
+  install="{ command -v python3.11 >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }; }"
+  install+=" && python3.11 -m venv $venv && $venv/bin/python -m pip install -q --upgrade pip"
+  install+=" && $venv/bin/python -m pip install -q $(quote "$spec")"
   if [[ -n $stage_data ]]; then
     install+=" && mkdir -p ~/meditron_shared_data && gcloud storage cp -r $(quote "${stage_data%/}/*") ~/meditron_shared_data/"
   fi
@@ -237,7 +240,7 @@ fi
 exports=""
 [[ -n $stage_data ]] && exports+='export MEDITRON_SHARED_DATA=~/meditron_shared_data && '
 for kv in ${envs[@]+"${envs[@]}"}; do exports+="export $(quote "$kv") && "; done
-remote="$exports$(quote_all "${program[@]}")"
+remote="$exports$venv/bin/python $(quote_all "${program[@]}")"
 if [[ $detach -eq 1 ]]; then
   remote="nohup bash -c $(quote "$remote") > ~/meditron_$name.log 2>&1 < /dev/null &"
 fi

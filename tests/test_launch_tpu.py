@@ -69,10 +69,11 @@ def test_one_v5p_256_slice():
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "meditron-70b", *ZONE, "--worker=all"]
     install, train = cmds[2], cmds[3]
     assert install[: len(ssh)] == ssh and train[: len(ssh)] == ssh
-    assert "pip install 'meditron_jax[tpu] @ git+" in remote_command(install)
+    assert "python3.11 -m venv ~/meditron_venv" in remote_command(install)
+    assert "~/meditron_venv/bin/python -m pip install -q 'meditron_jax[tpu] @ git+" in remote_command(install)
     # The remote shell splits --command back into exactly the program, the preset's gin files and the user's flags.
     assert shlex.split(remote_command(train)) == [
-        "python3",
+        "~/meditron_venv/bin/python",
         "-m",
         "meditron_jax.cli.train",
         "--gin_file=models/meditron_70b.gin",
@@ -92,25 +93,31 @@ def test_two_slices():
     ssh = [c for c in cmds if c[3:5] == ["tpu-vm", "ssh"]]
     assert [c[5] for c in ssh] == ["meditron-70b-0", "meditron-70b-1"] * 2  # install on both, then run on both
     runs = [shlex.split(remote_command(c)) for c in ssh[2:]]
-    expected = ["python3", "-m", "meditron_jax.cli.train", "--gin_file=runs/pretrain_70b.gin", *USER_ARGS]
+    expected = [
+        "~/meditron_venv/bin/python",
+        "-m",
+        "meditron_jax.cli.train",
+        "--gin_file=runs/pretrain_70b.gin",
+        *USER_ARGS,
+    ]
     assert runs == [expected, expected]
     assert all("--worker=all" in c for c in ssh)
 
 
 def test_remote_command_runs_in_a_real_shell(tmp_path):
-    """bash, not shlex, runs the remote --command: a stand-in python3 records the argv it receives."""
+    """bash, not shlex, runs the remote --command (~ expanded): a stand-in python records the argv it receives."""
     cmds = dry_run("--slice", "meditron-7b-pretrain", "--env", "XLA_FLAGS=--xla_dump_to=/tmp/a b", "--", *USER_ARGS)
     remote = remote_command(cmds[-1])
-    fake = tmp_path / "bin"
-    fake.mkdir()
+    fake = tmp_path / "meditron_venv" / "bin"  # ~/meditron_venv/bin with HOME=tmp_path
+    fake.mkdir(parents=True)
     log = tmp_path / "argv.json"
-    (fake / "python3").write_text(
+    (fake / "python").write_text(
         f'#!/bin/sh\nprintf "%s\\n" "$XLA_FLAGS" > {tmp_path}/env.txt\n'
         f"exec {sys.executable} -c "
         f'"import json, sys; json.dump(sys.argv[1:], open({str(log)!r}, \'w\'))" "$@"\n'
     )
-    (fake / "python3").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", HOME=str(tmp_path))
+    (fake / "python").chmod(0o755)
+    env = dict(os.environ, HOME=str(tmp_path))
     subprocess.run(["bash", "-c", remote], check=True, env=env, timeout=30)
     argv = json.loads(log.read_text())
     assert argv[:2] == ["-m", "meditron_jax.cli.train"]
@@ -129,7 +136,7 @@ def test_eval_and_staged_data():
     run = remote_command(cmds[3])
     assert run.startswith("export MEDITRON_SHARED_DATA=~/meditron_shared_data && ")
     assert shlex.split(run.split(" && ", 1)[1]) == [
-        "python3", "-m", "meditron_jax.eval.cli",
+        "~/meditron_venv/bin/python", "-m", "meditron_jax.eval.cli",
         "--checkpoint", "gs://meditron-bucket/runs/7b", "--benchmark", "medqa_4opt",
     ]  # fmt: skip
 
