@@ -422,7 +422,8 @@ def gin_problems(files: list[str], bindings: list[str], check_macros: bool = Tru
     gin.clear_config()
     try:
         for path in (gin_dir(), gin_dir().parent):
-            gin.add_config_file_search_path(str(path))
+            if str(path) not in gin.config._LOCATION_PREFIXES:  # the search path outlives clear_config
+                gin.add_config_file_search_path(str(path))
         gin.parse_config_files_and_bindings(files, bindings)
         unused = unused_macros(gin.config_str(), bindings) if check_macros else []
         if unused:
