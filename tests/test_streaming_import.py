@@ -328,3 +328,88 @@ def test_export_of_sharded_params_gathers_one_layer_and_keeps_nothing(big_checkp
     for name, w in written.items():
         with safe_open(f"{src}/{source[name]}", framework="numpy") as f:
             assert np.array_equal(w.view(np.uint8), f.get_tensor(name).view(np.uint8)), name
+
+
+MULTI_PROCESS_WORKER = """
+import json, sys
+from meditron_jax.parallel.distributed import DistributedConfig, initialize
+initialize(DistributedConfig(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])))
+
+import jax, numpy as np
+from flax import linen as nn
+from meditron_jax.convert import hf
+from meditron_jax.model import logical_axes
+from meditron_jax.parallel import MeshConfig, create_mesh, logical_axis_rules, resolve_rules
+
+path = sys.argv[3]
+cfg = hf.read_hf_config(path)
+mesh = create_mesh(MeshConfig.from_flags("fsdp=4", "fsdp=2"))  # parameters split across both processes
+shardings = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, resolve_rules(logical_axis_rules(), cfg,
+                                                                                   dict(mesh.shape)).rules)
+eager = hf.load_hf_params(path, cfg)
+placed = hf.load_hf_sharded(path, cfg, shardings)
+shards, split = 0, 0
+for e, p in zip(jax.tree.leaves(eager), jax.tree.leaves(placed), strict=True):
+    split += not p.is_fully_addressable
+    for s in p.addressable_shards:
+        got = np.ascontiguousarray(np.asarray(s.data))
+        assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(e[s.index]).view(np.uint8)), s.index
+        shards += 1
+print("RESULT " + json.dumps({"process": jax.process_index(), "shards": shards, "split": split}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_read_their_own_shards(shared_data, tmp_path):
+    """Two processes of 4 CPU devices, FSDP=8 across them: each builds only its own devices' shards (the
+    parameters are not fully addressable anywhere), and every shard equals the eager import's slice."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(MULTI_PROCESS_WORKER)
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "JAX_NUM_PROCESSES": "",
+        "JAX_PROCESS_ID": "",
+        "JAX_COORDINATOR_ADDRESS": "",
+    }
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), address, str(i), str(shared_data / "stories260K_hf")],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("multi-process workers timed out")
+        assert p.returncode == 0, out[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    n_leaves = len(
+        jax.tree.leaves(
+            hf.lazy_hf_params(
+                str(shared_data / "stories260K_hf"), hf.read_hf_config(str(shared_data / "stories260K_hf"))
+            )
+        )
+    )
+    for r in results:
+        assert r["shards"] == 4 * n_leaves and r["split"] == n_leaves, r  # every parameter has an embed axis
