@@ -106,6 +106,23 @@ def test_pytorch_bin_checkpoint_streams_too(shared_data, tmp_path):
     _assert_same_bits(hf.load_hf_params(str(src), cfg), hf.load_hf_sharded(str(tmp_path), cfg, sh), sh)
 
 
+def test_bfloat16_checkpoint_into_float32_params(shared_data, tmp_path):
+    """A bfloat16 checkpoint read into float32 parameters: the cast happens per slice, with the same bits."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    src = shared_data / "stories260K_hf"
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    cfg = hf.read_hf_config(str(tmp_path), param_dtype="float32")
+    eager = hf.load_hf_params(str(tmp_path), cfg)
+    assert eager["embedding"].dtype == np.float32
+    sh = _shardings(cfg, MESHES["fsdp2-tensor4"])
+    _assert_same_bits(eager, hf.load_hf_sharded(str(tmp_path), cfg, sh), sh)
+
+
 def test_falcon_streamed_equals_eager(tmp_path):
     """Falcon's conversion table (fused QKV split per layout) plugs into the streaming import unchanged."""
     from .test_falcon import random_hf_falcon
