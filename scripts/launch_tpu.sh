@@ -179,6 +179,12 @@ if [[ $skip_create -eq 0 ]]; then
   fi
   if [[ -n $state ]]; then
     echo "queued resource $name exists ($state): reusing it"
+    # A slice of another size would run the recipe on the wrong topology: refuse it.
+    have=$(gcloud compute tpus queued-resources describe "$name" "${common[@]}" \
+      --format='value(tpu.nodeSpec[0].node.acceleratorType)' 2>/dev/null || true)
+    if [[ -n $have && $have != "$accelerator" ]]; then
+      die "queued resource $name is a $have, not the $accelerator asked for: delete it or choose another --name"
+    fi
   else
     create=(gcloud compute tpus queued-resources create "$name" "${common[@]}"
       --accelerator-type="$accelerator" --runtime-version="$runtime")

@@ -162,16 +162,33 @@ def test_bad_arguments_are_named(args, message):
     assert "+ gcloud" not in out.stdout or "create" not in out.stdout
 
 
-def test_reuses_an_active_slice_with_a_stand_in_gcloud(tmp_path):
-    """Without --dry_run: an existing ACTIVE queued resource is reused (no create), then install and run."""
+def _stand_in_gcloud(tmp_path, accelerator):
+    """A gcloud that logs its calls; the queued resource exists, ACTIVE, with ``accelerator``."""
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "calls.txt"
     (fake / "gcloud").write_text(
-        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\ncase "$*" in *"queued-resources describe"*) echo ACTIVE ;; esac\n'
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n'
+        'case "$*" in\n'
+        f'  *"queued-resources describe"*acceleratorType*) echo {accelerator} ;;\n'
+        '  *"queued-resources describe"*) echo ACTIVE ;;\n'
+        "esac\n"
     )
     (fake / "gcloud").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    return dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}"), calls
+
+
+def test_an_existing_slice_of_another_size_is_refused(tmp_path):
+    env, calls = _stand_in_gcloud(tmp_path, "v5p-128")
+    out = launch("--name", "meditron-70b", "--zone", "z", "--slice", "meditron-70b-pretrain", env=env)
+    assert out.returncode == 2
+    assert "meditron-70b is a v5p-128, not the v5p-256 asked for" in out.stderr
+    assert "tpu-vm ssh" not in calls.read_text()
+
+
+def test_reuses_an_active_slice_with_a_stand_in_gcloud(tmp_path):
+    """Without --dry_run: an existing ACTIVE queued resource is reused (no create), then install and run."""
+    env, calls = _stand_in_gcloud(tmp_path, "v5p-128")
     out = launch("--name", "meditron-7b", "--zone", "us-east5-a", "--slice", "meditron-7b-pretrain",
                  "--", "--gin.MODEL_DIR='gs://b/r'", env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
