@@ -21,7 +21,7 @@ CELLS: list[tuple[str, str]] = [
         "markdown",
         """# meditron_jax quickstart
 
-MEDITRON (Llama-2 continued on medical text, EPFL 2023) in JAX, end to end on a tiny model in about a minute
+MEDITRON (Llama-2 continued on medical text, EPFL 2023) in JAX, end to end on a tiny model in a minute or two
 on a CPU:
 
 1. load a model, 2. shard it over the available devices, 3. train a few steps on the GAP-REPLAY sample with a
