@@ -29,7 +29,7 @@ live loss plot, 4. evaluate a handful of PubMedQA / MedQA items (top-token and c
 Hugging Face and reload with `transformers`.
 
 **Colab:** *Runtime → Change runtime type* picks a TPU or GPU; the next cell installs the package (it needs
-Python 3.11, the version its pinned JAX and TensorFlow are built for). **Locally:** run it in the project's
+Python 3.11, setup.cfg's `python_requires`). **Locally:** run it in the project's
 `.venv` (`bash scripts/setup_env.sh`); nothing is installed.""",
     ),
     (
