@@ -45,7 +45,9 @@ class Validation:
                 )
                 batches = list(itertools.islice(it, eval_steps))
             except Exception as e:  # noqa: BLE001 - e.g. no curated validation shards for this source
-                log.warning("no validation loss for %s: %s: %s", task, type(e).__name__, e)
+                # First line only: gin appends "In call to configurable ..." lines that say nothing here.
+                reason = (str(e).splitlines() or [""])[0]
+                log.warning("no validation loss for %s: %s: %s", task, type(e).__name__, reason)
                 continue
             if not batches:
                 log.warning(
