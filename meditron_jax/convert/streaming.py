@@ -4,9 +4,10 @@ A converted parameter is first a :class:`LazyParam`: its shape, its dtype and, f
 checkpoint tensor it comes from and the :class:`Transform` that turns that tensor into our layout. Indexing
 it (``p[index]``) reads only what that index needs: a transform maps our index back to a rectangle of the
 checkpoint tensor, and safetensors' ``get_slice`` copies just those bytes out of the memory-mapped file
-(the file pages it touches are page cache, which the kernel can drop, not memory of the process). :func:`place` builds each device's shard on its own device, a group of layers at a time, so the
-host never holds more than one such group (at most the size of the largest checkpoint tensor) — not the
-whole model, nor a whole stacked parameter.
+(the file pages it touches are page cache, which the kernel can drop, not memory of the process).
+:func:`place` builds each device's shard on its own device, a group of layers at a time, so the host never
+holds more than one such group (at most the size of the largest checkpoint tensor) — not the whole model,
+nor a whole stacked parameter.
 
 Every step is a copy, transpose, reshape, zero-pad or dtype cast of single elements, so the result is bit
 for bit what the whole-tensor conversion (each transform's :meth:`Transform.apply`) gives.
