@@ -43,6 +43,7 @@ class Case:
     global_batch: int
     grad_accum: int
     chips: int
+    loss_chunk: int  # ModelConfig.loss_chunk_size for our side (sequence positions per chunk of head + loss)
 
     @property
     def per_device_batch(self) -> float:
@@ -52,15 +53,18 @@ class Case:
 
 # MEDITRON.md §3: 7B at sequence 2,048 and global batch 1,600; 70B at 4,096 and 512. Pure FSDP over every chip
 # (MaxText's default mesh too); gradient accumulation where the activations of a full per-chip batch do not fit.
+# Our side runs with the chunked output head + loss (ModelConfig.loss_chunk_size; docs/performance.md): without
+# it, the float32 [tokens, vocab] logits and their gradient are the step's largest temporaries. --no_chunk
+# compiles the unchunked default instead.
 CASES = [
-    Case("7b-v5p", "meditron-7b", "llama2-7b", "v5p-128", 2048, 1600, 1, 64),
-    Case("7b-v4", "meditron-7b", "llama2-7b", "v4-128", 2048, 1600, 5, 64),
-    Case("70b-v5p", "meditron-70b", "llama2-70b", "v5p-256", 4096, 512, 1, 128),
-    Case("70b-v4", "meditron-70b", "llama2-70b", "v4-256", 4096, 512, 4, 128),
+    Case("7b-v5p", "meditron-7b", "llama2-7b", "v5p-128", 2048, 1600, 1, 64, 256),
+    Case("7b-v4", "meditron-7b", "llama2-7b", "v4-128", 2048, 1600, 5, 64, 256),
+    Case("70b-v5p", "meditron-70b", "llama2-70b", "v5p-256", 4096, 512, 1, 128, 512),
+    Case("70b-v4", "meditron-70b", "llama2-70b", "v4-256", 4096, 512, 4, 128, 512),
 ]
 
 
-def run_ours(case: Case, timeout: int) -> dict:
+def run_ours(case: Case, timeout: int, chunk: bool = True, extra: list[str] | None = None) -> dict:
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "aot_compile.py"),
@@ -77,6 +81,10 @@ def run_ours(case: Case, timeout: int) -> dict:
         "--grad_accum",
         str(case.grad_accum),
     ]
+    if chunk:
+        cmd += ["--override", f"loss_chunk_size={case.loss_chunk}"]
+    for item in extra or []:
+        cmd += ["--override", item]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
@@ -174,12 +182,13 @@ def _gib(x) -> str:
 def table(results: dict) -> str:
     head = (
         "| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
-        "MaxText args / temp / total GiB | usable HBM GiB | fits (ours / MaxText) |"
+        "unchunked loss: total GiB | MaxText args / temp / total GiB | ours ÷ MaxText | usable HBM GiB | "
+        "fits (ours / MaxText) |"
     )
-    rows = [head, "|" + "---|" * 8]
+    rows = [head, "|" + "---|" * 10]
     for case in CASES:
         r = results.get(case.key, {})
-        ours, mt = r.get("ours", {}), r.get("maxtext", {})
+        ours, mt, plain = r.get("ours", {}), r.get("maxtext", {}), r.get("ours_unchunked", {})
 
         def cell(d):
             if not d:
@@ -190,10 +199,14 @@ def table(results: dict) -> str:
 
         hbm = ours.get("hbm_bytes")
         fits_mt = "—" if "total_bytes" not in mt or hbm is None else str(mt["total_bytes"] <= hbm).lower()
+        ratio = (
+            f"{ours['total_bytes'] / mt['total_bytes']:.2f}" if "total_bytes" in ours and "total_bytes" in mt else "—"
+        )
+        plain_cell = _gib(plain.get("total_bytes")) if plain else "not run"
         rows.append(
             f"| {case.key} | {case.model} / {case.maxtext_model} | {case.topology} ({case.chips}) | "
-            f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {cell(mt)} | "
-            f"{_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |"
+            f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {plain_cell} | {cell(mt)} | "
+            f"{ratio} | {_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |"
         )
     return "\n".join(rows)
 
@@ -210,6 +223,10 @@ def main(argv=None) -> int:
         help="python of a venv with `pip install maxtext[tpu]` (Python 3.12)",
     )
     p.add_argument("--timeout", type=int, default=3600)
+    p.add_argument(
+        "--no_chunk", action="store_true", help="our side without the chunked loss (stored as ours_unchunked)"
+    )
+    p.add_argument("--override", action="append", default=[], help="extra ModelConfig override for our side")
     args = p.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.table:
@@ -218,17 +235,20 @@ def main(argv=None) -> int:
                 continue
             entry = results.setdefault(case.key, {})
             for side in ("ours", "maxtext"):
-                if args.side not in ("both", side) or (side in entry and not args.force):
+                if args.side not in ("both", side):
                     continue
-                print(f"[{case.key}] compiling ({side}) ...", file=sys.stderr, flush=True)
-                entry[side] = (
-                    run_ours(case, args.timeout)
+                key = "ours_unchunked" if side == "ours" and args.no_chunk else side
+                if key in entry and not args.force:
+                    continue
+                print(f"[{case.key}] compiling ({key}) ...", file=sys.stderr, flush=True)
+                entry[key] = (
+                    run_ours(case, args.timeout, chunk=not args.no_chunk, extra=args.override)
                     if side == "ours"
                     else run_maxtext(case, args.maxtext_python, args.timeout)
                 )
                 # Merge into what is on disk now: the two sides may run as two processes at once.
                 on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-                on_disk.setdefault(case.key, {})[side] = entry[side]
+                on_disk.setdefault(case.key, {})[key] = entry[key]
                 RESULTS.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
                 results = on_disk
     print(table(json.loads(RESULTS.read_text()) if RESULTS.exists() else results))

@@ -160,16 +160,24 @@ class OursStepper:
     ``packed``: the trainer's batch (segment ids, positions, weights); else tokens and targets only, the same
     inputs transformers gets."""
 
-    def __init__(self, shape: Shape, packed: bool):
+    def __init__(
+        self, shape: Shape, packed: bool, config: ModelConfig | None = None, compiler_options: dict | None = None
+    ):
         from meditron_jax.parallel.mesh import MeshConfig, create_mesh
         from meditron_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
         from meditron_jax.train.step import TrainStep
 
-        self.cfg = shape.model_config()
+        self.cfg = shape.model_config() if config is None else config
         mesh = create_mesh(MeshConfig(), jax.devices()[:1])
         opt = OptimizerConfig(peak_lr=LR, warmup_steps=1, train_steps=1000, b1=BETAS[0], b2=BETAS[1], eps=EPS)
         opt = dataclasses.replace(opt, weight_decay=WD, clip_norm=CLIP)
-        self.step_fn = TrainStep(self.cfg, mesh, make_optimizer(opt), lr_schedule=learning_rate_schedule(opt))
+        self.step_fn = TrainStep(
+            self.cfg,
+            mesh,
+            make_optimizer(opt),
+            lr_schedule=learning_rate_schedule(opt),
+            compiler_options=compiler_options,
+        )
         self.state = self.step_fn.init_state(jax.random.PRNGKey(0))
         host = packed_batch(shape)
         if not packed:

@@ -15,7 +15,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
 # ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
 # scan_layers, which stacks the layers' parameters).
-EXECUTION_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
+EXECUTION_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl", "loss_chunk_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,10 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # Training loss: sequence positions per chunk of the fused output head + cross-entropy, so the float32
+    # [tokens, vocab] logits never exist in full (meditron_jax.model.loss). 0: one chunk (the exact default);
+    # a chunk sums the loss and the head's gradient in another order (rounding-level differences).
+    loss_chunk_size: int = 0
 
     def __post_init__(self):
         _check_types(self)
@@ -165,6 +169,9 @@ def _check_types(cfg: ModelConfig) -> None:
         if not _is_int(v) or v < 1:
             raise ConfigError(name, v, "must be a positive integer")
         object.__setattr__(cfg, name, int(v))
+    if not _is_int(cfg.loss_chunk_size) or cfg.loss_chunk_size < 0:
+        raise ConfigError("loss_chunk_size", cfg.loss_chunk_size, "must be a non-negative integer (0: no chunking)")
+    object.__setattr__(cfg, "loss_chunk_size", int(cfg.loss_chunk_size))
     for name in _TOKEN_IDS:
         v = getattr(cfg, name)
         if not _is_int(v) or v < 0:

@@ -55,8 +55,11 @@ def rotary_embedding(x, positions, theta: float):
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x32 = x.astype(jnp.float32)
-    half = d // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    # rotate_half(x) = [-x2, x1], as a reversal of the two halves times a sign (the same values as slicing
+    # and concatenating): its gradient is a reversal too, where slices transpose to padded copies, which
+    # XLA:TPU kept as float32 half-width temporaries in the backward pass (docs/performance.md).
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+    rotated = (x32.reshape(*x.shape[:-1], 2, d // 2)[..., ::-1, :] * sign).reshape(x.shape)
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 

@@ -40,12 +40,14 @@ class Llama(nn.Module):
 
     mode "train": full causal attention (packed sequences via segment ids, 0 = padding).
     mode "prefill"/"decode": also read/write the KV cache collection ``cache`` (see `infer.generate`).
+    return_hidden: return (final-normed hidden state, head matrix [embed, padded vocab]) instead of the logits,
+    for a loss that applies the head itself (`meditron_jax.model.loss.head_cross_entropy_sums`).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, mode: str = "train"):
+    def __call__(self, tokens, positions=None, segment_ids=None, mode: str = "train", return_hidden: bool = False):
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -71,6 +73,8 @@ class Llama(nn.Module):
             head = param(
                 self, "lm_head", (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"), WEIGHT_INIT, pdt
             )
+        if return_hidden:
+            return x, head
         return vocab_logits(cfg, x, head)
 
 

@@ -92,8 +92,12 @@ def compile_train_step(
     optimizer=None,
     rules=None,
     dump_hlo: str | None = None,
+    compiler_options: dict | None = None,
 ) -> AotResult:
-    """Lower and compile forward + backward + optimizer update for ``topology``; memory from XLA's analysis."""
+    """Lower and compile forward + backward + optimizer update for ``topology``; memory from XLA's analysis.
+
+    ``compiler_options``: XLA options for this compile, e.g. ``{"xla_dump_to": DIR}`` for the buffer assignment.
+    """
     for name, value in (
         ("seq_len", seq_len),
         ("global_batch", global_batch),
@@ -124,7 +128,7 @@ def compile_train_step(
     notes = list(step.notes)
     hbm = topo.chip.usable_hbm
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options)
     except jax.errors.JaxRuntimeError as e:
         # libtpu refuses programs that exceed HBM: report its numbers instead of memory_analysis().
         if "RESOURCE_EXHAUSTED" not in str(e):
