@@ -2,6 +2,8 @@
 writes it (models--OWNER--NAME/snapshots/COMMIT + refs/main), populated from the shared data. Nothing may
 reach the network: HF_HUB_OFFLINE=1 and the hub client's listing calls fail the test if reached."""
 
+import importlib
+import json
 import shutil
 
 import numpy as np
@@ -104,8 +106,6 @@ def test_eval_records_the_hub_id(hub_cache, tmp_path):
     eval_cli.main(
         ["--checkpoint", REPO, "--benchmark", "pubmedqa", "--strategy", "loglik", "--limit", "2", "--output", str(out)]
     )
-    import json
-
     assert json.loads((out / "results.json").read_text())["config"]["checkpoint"] == REPO
 
 
@@ -113,3 +113,65 @@ def _leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch):
+    """The hub as seen online, with huggingface_hub's two calls replaced by recorders (nothing is sent)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.constants"), "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    state = {"files": [], "error": None, "calls": []}
+
+    def list_repo_files(self, repo_id, revision=None, **kw):
+        if state["error"] is not None:
+            raise state["error"]
+        return state["files"]
+
+    def snapshot_download(repo_id, **kw):
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not in the cache")  # the cache is empty here
+        state["calls"].append((repo_id, kw))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub._resolved.clear()
+    yield state
+    hub._resolved.clear()
+
+
+def test_online_download_takes_one_copy_of_the_weights(online, tmp_path):
+    online["files"] = ["config.json", "model-00001-of-00002.safetensors", "pytorch_model-00001-of-00002.bin"]
+    online["files"] += ["original/consolidated.00.pth", "tokenizer.model", "model.safetensors.index.json"]
+    assert hub.resolve_model_path("epfl-llm/meditron-7b@main") == str(tmp_path / "snapshot")
+    ((repo, kw),) = online["calls"]
+    assert repo == "epfl-llm/meditron-7b" and kw["revision"] == "main" and kw["cache_dir"] == str(tmp_path / "hf_cache")
+    assert sorted(kw["allow_patterns"]) == sorted(["*.json", "tokenizer.model", "*.safetensors"])
+    hub.resolve_model_path("epfl-llm/meditron-7b@main")  # asked again in this process: no second look-up
+    assert len(online["calls"]) == 1
+    online["files"] = ["config.json", "pytorch_model.bin", "tokenizer.model"]
+    hub.resolve_model_path("someone/bin-only")
+    assert "*.bin" in online["calls"][-1][1]["allow_patterns"]
+
+
+def test_online_errors_name_the_repository(online):
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/a/b"))
+    online["error"] = RepositoryNotFoundError("404", response=response)
+    with pytest.raises(FileNotFoundError, match="runs/typo is not a directory, nor a model on the Hugging Face hub"):
+        hub.resolve_model_path("runs/typo")  # a mistyped local folder reads as an id: both are said
+    online["error"] = GatedRepoError("403", response=response)
+    with pytest.raises(PermissionError, match="meta-llama/Llama-2-7b-hf is gated.*accept its license"):
+        hub.resolve_model_path("meta-llama/Llama-2-7b-hf")
+    # No connection and nothing cached: the error says both and how to fetch it.
+    online["error"] = httpx2.ConnectError("no route to host")
+    with pytest.raises(FileNotFoundError, match="could not be reached.*ConnectError.*hf download owner/name"):
+        hub.resolve_model_path("owner/name")

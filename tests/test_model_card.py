@@ -3,6 +3,7 @@ operative config and meditron-eval's results, the upload (HfApi mocked: nothing 
 model fine-tuned here from a hub id, exported with its card, generating in transformers exactly the greedy
 tokens it generates in meditron_jax."""
 
+import importlib
 import json
 import shutil
 
@@ -120,7 +121,7 @@ def test_push_to_hub_uploads_the_export_with_its_card(tmp_path, tiny_hf, monkeyp
     from meditron_jax.cli import convert
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.constants"), "HF_HUB_OFFLINE", False)
     calls = []
 
     def create_repo(self, repo_id, **kw):
