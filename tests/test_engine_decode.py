@@ -70,7 +70,8 @@ def test_decode_step_neither_transposes_nor_copies_the_cache(stories):
 
 def test_n_samples_share_one_prefill(stories):
     """n=3 greedy samples of 3 prompts: the prefill program runs the 3 distinct prompts (bucket 4), not the
-    9 rows, and every sample equals the n=1 result, which equals each prompt run alone."""
+    9 rows, and every sample equals the n=1 result, which equals each prompt run alone (frequency penalty
+    1.0, so the rows' own counts matter)."""
     eng = Engine(stories.config, stories.params, stories.tokenizer, max_batch=16, **FAST)
     sp = SamplingParams(max_new_tokens=12, frequency_penalty=1.0)
     one = eng.generate_ids(PROMPTS, sp)
@@ -80,3 +81,6 @@ def test_n_samples_share_one_prefill(stories):
     assert [(key[0], key[-1]) for key in shared] == [(16, 4)]  # 9 rows → batch bucket 16, 3 prompts → 4
     alone = Engine(stories.config, stories.params, stories.tokenizer, max_batch=1, **FAST)
     assert [alone.generate_ids([p], sp)[0] for p in PROMPTS] == one
+    # On CPU a lone row decodes beside a filler row (a one-row cache is copied every step), prefilled once.
+    assert {key[0] for key in alone.buckets_used} == {2}
+    assert {(key[0], key[-1]) for key in alone.programs._prefill} == {(2, 1)}
