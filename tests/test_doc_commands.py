@@ -12,13 +12,17 @@ Static check, for every command:
   flag with choices is one of them;
 - every repository path (``scripts/``, ``gin/``, ``tests/``, ...) and shared-data path
   (``../shared/data/...``, ``$MEDITRON_SHARED_DATA/...``) exists; every ``--gin_file`` exists under gin/;
-- ``meditron-train`` commands: the gin files and ``--gin.NAME=VALUE`` bindings parse (gin refuses an unknown
-  configurable or parameter) and no command-line macro goes unused (what the command itself refuses).
+- ``meditron-train`` / ``meditron-aot`` commands: the gin files and ``--gin.NAME=VALUE`` bindings parse (gin
+  refuses an unknown configurable or parameter) and, for training, no command-line macro goes unused (what the
+  command itself refuses);
+- ``bash scripts/launch_tpu.sh``: its own flags against its --help, the ``--slice`` preset exists, and the
+  arguments after ``--`` are checked as the meditron-train command (with the preset's gin files) it starts.
 
 Runs (RUNS below): the documented command itself, with the substitutions listed there (placeholders such as
 HF_DIR become the real tiny model in the shared data and temporary folders; step counts and item counts become
-tiny). Each entry must match a documented command, so a changed doc shows up here. Runs over ~10 s are marked slow.
-Commands that need gcloud, TPUs, the 7B/70B weights or hours stay static.
+tiny). The errors quoted in docs/troubleshooting.md are produced by their documented commands and checked for the
+quoted text and exit status. Each entry must match a documented command, so a changed doc shows up here. Groups
+that take more than ~10 s are marked slow. Commands that need gcloud, TPUs, the 7B/70B weights or hours stay static.
 """
 
 from __future__ import annotations
