@@ -3,6 +3,7 @@ contamination. Expectations were checked by hand against the raw files in shared
 
 import io
 import json
+import os
 import time
 import zipfile
 
@@ -324,3 +325,20 @@ def test_benchmark_adapter_reads_test_sets(shared_data):
     assert labels == {"medqa_4opt/test", "pubmedqa/test"} and len(refs) == 1273 + 500
     pqa = next(t for lb, t in refs if lb.startswith("pubmedqa/"))
     assert len(pqa.split()) > 100  # question + contexts + long answer
+
+
+def test_input_patterns_follow_symlinked_folders(tmp_path):
+    # Beam's local matcher found nothing under a symlinked folder, so a whole source was skipped silently.
+    from meditron_jax.data.curation.pipeline import match_input
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / "b.jsonl").write_text("{}\n")
+    (real / "a.jsonl").write_text("{}\n")
+    (real / "notes.txt").write_text("x")
+    inp = tmp_path / "input"
+    inp.mkdir()
+    (inp / "guidelines_cdc").symlink_to(real, target_is_directory=True)
+    found = match_input(str(inp), "guidelines*/*.jsonl")
+    assert [os.path.basename(p) for p in found] == ["a.jsonl", "b.jsonl"]
+    assert match_input(str(inp), str(real / "*.txt")) == [str(real / "notes.txt")]

@@ -16,6 +16,7 @@ sorted. Each stage reports what it removed to a ``stats`` stream; nothing is dro
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -146,14 +147,22 @@ class CurationConfig:
         found: dict[str, list[str]] = {}
         for src in SOURCES:
             for pattern in self.patterns.get(src, ()):
-                full = (
-                    pattern if "://" in pattern or os.path.isabs(pattern) else FileSystems.join(self.input_dir, pattern)
-                )
-                found.setdefault(src, []).extend(m.path for m in FileSystems.match([full])[0].metadata_list)
+                found.setdefault(src, []).extend(match_input(self.input_dir, pattern))
         if not any(found.values()):
             shown = ", ".join(p for src in SOURCES for p in self.patterns.get(src, ()))
             raise FileNotFoundError(f"--input_dir {self.input_dir} holds no input files (looked for {shown})")
         return found
+
+
+def match_input(input_dir: str, pattern: str) -> list[str]:
+    """Files a source pattern names, sorted. Local patterns go through ``glob``, which follows symlinked
+    folders (Beam's local matcher does not: a symlinked ``guidelines_cdc/`` matched nothing); URLs through
+    Beam's file systems."""
+    if "://" in pattern or "://" in input_dir:
+        full = pattern if "://" in pattern else FileSystems.join(input_dir, pattern)
+        return sorted(m.path for m in FileSystems.match([full])[0].metadata_list)
+    full = pattern if os.path.isabs(pattern) else os.path.join(input_dir, pattern)
+    return sorted(p for p in glob.glob(full) if os.path.isfile(p))
 
 
 def _unit_hash(seed: int, salt: str, ident: str) -> float:
@@ -195,9 +204,8 @@ class _MatchFn(beam.DoFn):
 
     def process(self, item):
         source, pattern = item
-        full = pattern if "://" in pattern or os.path.isabs(pattern) else FileSystems.join(self.input_dir, pattern)
-        for meta in sorted(FileSystems.match([full])[0].metadata_list, key=lambda m: m.path):
-            yield source, meta.path
+        for path in match_input(self.input_dir, pattern):
+            yield source, path
 
 
 class ParseFile(beam.DoFn):
