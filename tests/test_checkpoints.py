@@ -388,7 +388,7 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, curated, reference)
     assert proc.returncode == 0, out[-3000:]
     stopped = max(r["step"] for r in _train_records(run))
     assert 2 <= stopped < STEPS, "the SIGTERM landed after the run ended: nothing was tested"
-    assert "'preempted': True" in out and f"checkpoint of step {stopped} saved" in out
+    assert "(preempted: run the same command again to resume)" in out and f"checkpoint of step {stopped} saved" in out
     assert _steps(run / "checkpoints")[-1] == stopped  # saved at the step boundary, not at the interval
     assert _run_inprocess(run, curated) == 0
     _assert_same_run(run, reference)
