@@ -223,17 +223,17 @@ def test_kv_cache_decode_matches_the_full_forward():
 
     cfg = get_config("tiny-falcon", scan_layers=False)
     params = init_params(cfg, 1)
-    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 12)))
-    full = Llama(cfg).apply({"params": params}, tokens)
     model = Llama(cfg)
-    cache = init_cache(cfg, 2, 16)
-    logits, state = model.apply({"params": params, "cache": cache}, tokens[:, :8], mode="prefill", mutable=["cache"])
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 12)))
+    full = jax.jit(model.apply)({"params": params}, tokens)
+    prefill = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t, mode="prefill", mutable=["cache"]))
+    decode = jax.jit(
+        lambda c, t, p: model.apply({"params": params, "cache": c}, t, p, mode="decode", mutable=["cache"])
+    )
+    logits, state = prefill(init_cache(cfg, 2, 16), tokens[:, :8])
     steps = [logits]
     for t in range(8, 12):
-        pos = jnp.full((2, 1), t, jnp.int32)
-        logits, state = model.apply(
-            {"params": params, "cache": state["cache"]}, tokens[:, t : t + 1], pos, mode="decode", mutable=["cache"]
-        )
+        logits, state = decode(state["cache"], tokens[:, t : t + 1], jnp.full((2, 1), t, jnp.int32))
         steps.append(logits)
     assert np.abs(np.concatenate(steps, axis=1) - np.asarray(full)).max() <= 1e-5
 
