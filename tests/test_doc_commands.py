@@ -1,9 +1,10 @@
 """Every command shown in README.md and docs/*.md is checked, and the cheap ones are run.
 
 Commands are taken from fenced ```bash/sh/shell/console blocks (every line), from other fenced blocks (lines that
-start with ``$ `` or with a known executable) and from indented code blocks (lines that start with a known
-executable). Backslash continuations are joined, ``#`` comments dropped, and ``;`` / ``&&`` / ``|`` / ``for ... do
-... done`` split into single commands.
+start with ``$ `` or with a known executable), from indented code blocks (lines that start with a known
+executable) and from inline code spans in the prose that start with a known executable and have a ``--flag``.
+Backslash continuations are joined, ``#`` comments dropped, and ``;`` / ``&&`` / ``|`` / ``for ... do ... done``
+split into single commands.
 
 Static check, for every command:
 - the executable is known: a console script of setup.cfg, a repository script (``python scripts/x.py``,
@@ -50,6 +51,7 @@ EXTERNAL = {
     *("gcloud", "gsutil", "huggingface-cli", "tensorboard", "dask", "git", "pip"),
     *("cd", "export", "echo", "ls", "cat", "kill", "mkdir", "rm"),
 }
+EXTERNAL_MODULES = {"build", "pip", "venv"}  # python -m X of tools outside the project: not checked
 SHELL_WORDS = {"for", "done", "do", "then", "fi", "if"}
 REPO_DIRS = ("scripts/", "bench/", "tests/", "gin/", "configs/", "docs/", "notebooks/", "meditron_jax/")
 BASH_LANGS = {"bash", "sh", "shell", "console"}
@@ -177,6 +179,10 @@ def extract(path: pathlib.Path, text: str | None = None) -> list[Command]:
                     found.append((number, stripped))
             i = j
             continue
+        for span in re.findall(r"`([^`]+)`", lines[i]):
+            # An inline command with flags; fragments (`--a/--b`, `...`) are prose, not commands.
+            if _is_command_start(span) and " --" in span and "..." not in span and "/--" not in span:
+                found.append((i + 1, span))
         i += 1
     commands = []
     for number, line in found:
@@ -221,6 +227,8 @@ def resolve(command: Command) -> Resolved:
             module, args = rest[1], rest[2:]
             if module == "pytest":
                 return Resolved("pytest", module, args, None)
+            if module in EXTERNAL_MODULES:
+                return Resolved("external", module, args, None)
             return Resolved("module", module, args, [PYTHON, "-m", module, "--help"])
         script, args = rest[0], rest[1:]
         return Resolved("script", script, args, [PYTHON, str(ROOT / script), "--help"])
