@@ -151,7 +151,14 @@ def test_push_to_hub_uploads_the_export_with_its_card(tmp_path, tiny_hf, monkeyp
         "model",
     )
     assert (u_name, u_repo, u_kw["folder_path"], u_kw["repo_type"]) == ("upload_folder", "me/tiny", str(out), "model")
-    assert {"config.json", "model.safetensors", "tokenizer.model", "README.md", "generation_config.json"} <= set(kept)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "README.md",
+        "generation_config.json",
+    } <= set(kept)
     assert not any(n.startswith(".") for n in kept)  # the local marker (absolute paths) stays here
     assert "uploaded" in capsys.readouterr().out
     card = (out / "README.md").read_text()
@@ -227,6 +234,8 @@ def test_fine_tuned_from_a_hub_id_exports_a_card_and_generates_the_same_in_trans
     ours = lm.engine().generate([prompt], SamplingParams(max_new_tokens=24, stop_token_ids=(lm.tokenizer.eos_id,)))
     ours_ids = ours[0][0].token_ids
     ids = lm.tokenizer.encode(prompt, bos=True)
+    # The card says AutoTokenizer: it reads the export's tokenizer_config.json and gives the same ids.
+    assert transformers.AutoTokenizer.from_pretrained(out)(prompt)["input_ids"] == ids
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()

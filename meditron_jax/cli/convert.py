@@ -19,6 +19,7 @@ meditron-convert --to hf --input RUN_DIR --output HF_DIR --eval_results EVAL_DIR
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
     print(f"wrote {args.output} ({config.num_params():,} parameters)")
+    if args.to == "hf" and tok_dir is not None and not os.path.isfile(os.path.join(args.output, TOKENIZER_CONFIG)):
+        _write_tokenizer_config(args.output, config.max_position_embeddings)
     if args.to == "hf":
         card = _model_card(args, source, kind, config, evals)
         print(f"wrote {model_card.write(args.output, card)} (model card)")
@@ -124,6 +127,31 @@ def main(argv=None) -> int:
         url = hub.push_model_dir(args.output, args.push_to_hub, private=args.private)
         print(f"uploaded {args.output} to {url}")
     return 0
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def _write_tokenizer_config(out_dir: str, max_length: int) -> None:
+    """transformers' AutoTokenizer settings for a folder that has tokenizer.model alone (a training run's):
+    Llama-2's (BOS added, no EOS), with ``legacy`` on so that text after <|im_start|> keeps SentencePiece's
+    leading-space piece, as meditron_jax's tokenizer and MEDITRON's chat format have it."""
+    settings = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    tmp = os.path.join(out_dir, TOKENIZER_CONFIG + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, TOKENIZER_CONFIG))
 
 
 # Hub copies of what a mixture trains on. GAP-REPLAY: only its guidelines are released (MEDITRON.md §2);
