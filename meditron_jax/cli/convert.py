@@ -118,7 +118,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
     print(f"wrote {args.output} ({config.num_params():,} parameters)")
-    if args.to == "hf" and tok_dir is not None and not os.path.isfile(os.path.join(args.output, TOKENIZER_CONFIG)):
+    has = set(os.listdir(args.output)) if args.to == "hf" else set()
+    if "tokenizer.model" in has and TOKENIZER_CONFIG not in has:  # a SentencePiece (Llama) tokenizer alone
         _write_tokenizer_config(args.output, config.max_position_embeddings)
     if args.to == "hf":
         card = _model_card(args, source, kind, config, evals)
