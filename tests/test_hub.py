@@ -47,7 +47,8 @@ def test_hub_id_shapes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub.parse_hub_id("epfl-llm/meditron-7b") == ("epfl-llm/meditron-7b", None)
     assert hub.parse_hub_id("epfl-llm/meditron-7b@v1.0") == ("epfl-llm/meditron-7b", "v1.0")
-    for not_an_id in ("meditron-7b", "a/b/c", "./a/b", "../a/b", "/a/b", "~/a/b", "a/../b", "a/b@", "/", "a/"):
+    not_ids = ("meditron-7b", "a/b/c", "./a/b", "../a/b", "/a/b", "~/a/b", "a/../b", "a/b@", "/", "a/", "gs://b/run")
+    for not_an_id in not_ids:
         assert hub.parse_hub_id(not_an_id) is None, not_an_id
     (tmp_path / "runs" / "quickstart").mkdir(parents=True)
     assert hub.parse_hub_id("runs/quickstart") is None  # an existing folder always wins
