@@ -243,3 +243,21 @@ def test_a_llama_config_refuses_falcon_fields():
         get_config("tiny", parallel_attn=True)
     with pytest.raises(ValueError, match="family='gpt2'"):
         get_config("tiny", family="gpt2")
+
+
+def test_convert_cli_falcon_hf_to_orbax_to_hf_is_bit_exact(tmp_path):
+    from safetensors.numpy import load_file
+
+    from meditron_jax.cli import convert
+
+    src, _ = random_hf_falcon(tmp_path, "7b-mqa")
+    assert convert.main(["--to", "orbax", "--input", src, "--output", str(tmp_path / "orbax"), "--no_tokenizer"]) == 0
+    out = tmp_path / "hf"
+    assert convert.main(["--to", "hf", "--input", str(tmp_path / "orbax"), "--output", str(out), "--no_tokenizer"]) == 0
+    before, after = load_file(f"{src}/model.safetensors"), load_file(f"{out}/model.safetensors")
+    assert sorted(before) == sorted(after)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    card = (out / "README.md").read_text()  # the model card describes a Falcon, not a Llama-2
+    assert "license: other" in card and '- "falcon"' in card and "`FalconForCausalLM`" in card
+    assert "| MLP size (GELU) | 96 |" in card and "| attention heads / KV heads | 4 / 1 |" in card
+    assert "Llama" not in card and "SwiGLU" not in card and "RMSNorm" not in card

@@ -20,6 +20,10 @@ CARD_FILE = "README.md"
 # MEDITRON's weights carry Llama 2's license (they are Llama-2 fine-tunes; MEDITRON.md §1).
 LICENSE = "llama2"
 TAGS = ("medical", "llama-2", "meditron", "meditron_jax", "jax")
+# A Falcon export (ModelConfig.family "falcon") keeps its base model's license: Apache 2.0 for Falcon-7B/40B,
+# TII's own for Falcon-180B; the card cannot tell which, so it says "other" and names them.
+FALCON_LICENSE = "other"
+FALCON_TAGS = ("medical", "falcon", "meditron", "meditron_jax", "jax")
 
 # The bindings worth a table row, in this order; the whole operative config follows in a folded block.
 _HYPERPARAMETERS = (
@@ -115,6 +119,8 @@ def _yaml_list(name: str, values: Sequence[str]) -> list[str]:
 
 
 def _architecture(config: ModelConfig) -> list[str]:
+    if config.family == "falcon":
+        return _falcon_architecture(config)
     rows = [
         ("parameters", f"{config.num_params():,}"),
         ("layers", config.num_layers),
@@ -130,6 +136,32 @@ def _architecture(config: ModelConfig) -> list[str]:
     return [
         "Llama-2 decoder (`LlamaForCausalLM`): RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query "
         "attention when KV heads < heads.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in rows),
+    ]
+
+
+def _falcon_architecture(config: ModelConfig) -> list[str]:
+    rows = [
+        ("parameters", f"{config.num_params():,}"),
+        ("layers", config.num_layers),
+        ("hidden size", config.hidden_size),
+        ("MLP size (GELU)", config.intermediate_size),
+        ("attention heads / KV heads", f"{config.num_heads} / {config.num_kv_heads}"),
+        ("attention and MLP in parallel", config.parallel_attn),
+        ("LayerNorms per layer", config.parallel_norms if config.parallel_attn else 2),
+        ("vocabulary", f"{config.vocab_size:,}"),
+        ("context (max positions)", f"{config.max_position_embeddings:,}"),
+        ("RoPE theta", config.rope_theta),
+        ("LayerNorm eps", config.layer_norm_eps),
+        ("tied input/output embeddings", config.tie_word_embeddings),
+    ]
+    return [
+        "Falcon decoder (`FalconForCausalLM`): LayerNorm with bias, rotary position embeddings, GELU MLP, "
+        "multi-query or grouped-query attention. License: the base Falcon's (Apache 2.0 for Falcon-7B/40B, "
+        "the TII Falcon-180B license for 180B).",
         "",
         "| | |",
         "|---|---|",
@@ -180,11 +212,12 @@ def render(
     """The card's Markdown text. ``earlier_stages``: (run folder, operative config) of the runs this one
     continued from, newest first (e.g. the pretraining run an SFT run started from)."""
     bindings = parse_operative_config(operative_config) if operative_config else {}
+    falcon = config.family == "falcon"
     front = [
         "---",
-        f"license: {LICENSE}",
+        f"license: {FALCON_LICENSE if falcon else LICENSE}",
         *_yaml_list("language", ["en"]),
-        *_yaml_list("tags", list(TAGS)),
+        *_yaml_list("tags", list(FALCON_TAGS if falcon else TAGS)),
         *([f"base_model: {json.dumps(base_model)}"] if base_model else []),
         *_yaml_list("datasets", list(datasets)),
         "library_name: transformers",
@@ -194,9 +227,10 @@ def render(
     body = [
         f"# {name}",
         "",
-        "A Llama-2 model trained with meditron_jax, a JAX/Flax reimplementation of MEDITRON's recipe (Chen et "
-        "al., arXiv 2311.16079; original code https://github.com/epfLLM/meditron), exported to Hugging Face "
-        f"format from {source}." + (f" Initialised from `{base_model}`." if base_model else ""),
+        f"A {'Falcon' if falcon else 'Llama-2'} model trained with meditron_jax, a JAX/Flax reimplementation of "
+        "MEDITRON's recipe (Chen et al., arXiv 2311.16079; original code https://github.com/epfLLM/meditron), "
+        f"exported to Hugging Face format from {source}."
+        + (f" Initialised from `{base_model}`." if base_model else ""),
         "",
         "## Architecture",
         "",
