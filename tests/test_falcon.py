@@ -143,6 +143,7 @@ def test_fused_qkv_orders_match_the_documented_layouts():
         ({"bias": True}, "bias=True: linear-layer biases"),
         ({"activation": "relu"}, "activation='relu'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "only default rotary"),
         ({"frobnicate": 1}, r"unknown Falcon config keys \['frobnicate'\]"),
         ({"new_decoder_architecture": False, "multi_query": False, "num_kv_heads": 2}, "num_kv_heads=2"),
         ({"num_attention_heads": 3}, "not divisible"),

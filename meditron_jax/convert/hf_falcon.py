@@ -76,15 +76,8 @@ def config_from_hf(cfg_json: dict, source: str = "config.json", **overrides) -> 
     if cfg_json.get("rope_scaling"):
         raise hf.ConversionError(f"{source}: rope_scaling={cfg_json['rope_scaling']!r} is not implemented")
     rope: Any = cfg_json.get("rope_parameters") or {}
-    if (
-        not isinstance(rope, dict)
-        or rope.get("rope_type", "default") != "default"
-        or set(rope)
-        - {
-            "rope_type",
-            "rope_theta",
-        }
-    ):
+    plain_rope = isinstance(rope, dict) and rope.get("rope_type", "default") == "default"
+    if not plain_rope or set(rope) - {"rope_type", "rope_theta"}:
         raise hf.ConversionError(f"{source}: rope_parameters={rope!r}: only default rotary embeddings are implemented")
 
     # transformers' FalconConfig defaults for absent keys (the published tiiuae configs omit several).
