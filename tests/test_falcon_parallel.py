@@ -109,3 +109,20 @@ def test_falcon_train_step_compiles_for_a_tpu_slice(capsys):
     assert code == 0 and result["fits"] is True and result["num_chips"] == 8
     for name in ("layers/attention_norm/bias", "layers/mlp_norm/scale", "layers/mlp/up", "final_norm/bias"):
         assert any(line.startswith(name) for line in lines), name
+
+
+@pytest.mark.parametrize("layout, mesh_axes", [("new", "fsdp=2,tensor=4"), ("mqa", "fsdp=4,tensor=2")])
+def test_sharded_falcon_generation_equals_single_device(layout, mesh_axes):
+    """The engine (unrolled layers, KV cache) on 8 devices, KV heads replicated where tensor > KV heads."""
+    from meditron_jax.infer import Engine, SamplingParams
+
+    cfg = CONFIGS[layout]
+    params = init_params(cfg, 3)
+    prompts = [[1, 5, 9, 14], [1, 200, 3], [1, 7, 7, 7, 7, 7, 2, 40]]
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.0)
+    want = Engine(cfg, params, compiler_options=FAST_COMPILE).generate_ids(prompts, sampling)
+    mesh = create_mesh(MeshConfig.from_flags(mesh_axes, dcn="data=1"), jax.devices()[:8])
+    eng = Engine(cfg, params, mesh=mesh, compiler_options=FAST_COMPILE)
+    up = eng.params["layers_0"]["mlp"]["up"]
+    assert up.sharding.shard_shape(up.shape) != up.shape  # really split
+    assert eng.generate_ids(prompts, sampling) == want
