@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv in the project root and install meditron_jax with the test and TPU extras.
+# Create (or reuse) .venv in the project root and install meditron_jax with the test, TPU and dask extras (CI runs the Dask-runner test).
 # Re-running is cheap: the install is skipped while setup.cfg is unchanged.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,9 +10,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 stamp="$venv/.meditron_jax_installed"
-want="$(sha256sum "$root/setup.cfg" | cut -d' ' -f1)"
+want="$(cat "$root/setup.cfg" "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)"  # pins and extras
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$root[test,tpu]"
+  "$venv/bin/python" -m pip install -q -e "$root[test,tpu,dask]"
   echo "$want" > "$stamp"
 fi
