@@ -1,14 +1,20 @@
 """Greedy generation speed of the engine against transformers' ``generate``, same model, same weights.
 
-A ~134M Llama-2-shaped model (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32,000, float32) with random
-weights, exported through the project's Hugging Face writer so both sides run the same numbers. Prompts of
-128 random tokens, 64 new tokens, batch 1 and 16, no stop tokens (every row makes all 64).
+A ~134M Llama-2-shaped model (preset ``bench-134m``: hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32,000,
+float32) with random weights, exported through the project's Hugging Face writer so both sides run the same
+numbers. Prompts of 128 random tokens, 64 new tokens, batch 1 and 16, no stop tokens (every row makes all 64).
 
-Reported per side: wall time of a whole ``generate`` call (best of ``--repeats``, after a warm-up that
-compiles), new tokens/s end to end, and decode tokens/s with the prefill taken out (the time of the same call
-with ``max_new_tokens=1`` subtracted). The last column is engine / transformers.
+The two sides **take turns call by call** (engine 64 tokens, transformers 64, engine 1, transformers 1, per
+round), so both see the same neighbours on a shared machine. Reported per side: the median and the best over
+``--repeats`` rounds of a whole ``generate`` call, new tokens/s end to end, and decode tokens/s with the
+prefill taken out (the same call with ``max_new_tokens=1`` subtracted); the ratio is engine / transformers.
 
-    nice python bench/decode_throughput.py                 # the table in docs/inference.md
+Also, in the same process: the memory bandwidth a single thread reaches here (a jitted sum over a 256 MiB
+float32 array, between rounds), the bytes one decode step reads by XLA's ``cost_analysis`` of the engine's
+compiled decode loop (its body runs once per step) against the floor (weights without the embedding table,
+plus the KV cache), and the tokens/s that bandwidth allows at batch 1. Load average at start and end.
+
+    nice python bench/decode_throughput.py                 # the table in docs/performance.md (decode)
     python bench/decode_throughput.py --batches 1 --repeats 1
 
 Both sides run single-threaded by default (``--threads 1``): on a shared machine, torch's spinning OpenMP
@@ -18,8 +24,10 @@ threads lose several-fold to other processes, which measures the neighbours, not
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -46,23 +54,53 @@ if _threads_from_argv(None) == 1:
     )
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meditron_jax.config import get_config  # noqa: E402
 from meditron_jax.convert import hf  # noqa: E402
 from meditron_jax.infer import Engine, SamplingParams  # noqa: E402
+from meditron_jax.infer.programs import Programs  # noqa: E402
 from meditron_jax.model import init_params  # noqa: E402
 
 CONFIG = get_config("bench-134m")
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def read_bandwidth(repeats: int = 3) -> float:
+    """Bytes/s of a jitted float32 sum over 256 MiB (read once), best of ``repeats``."""
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return x.nbytes / min(timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
+
+
+def step_bytes(engine: Engine, batch: int, cache_len: int, max_steps: int) -> tuple[float, float]:
+    """(bytes accessed by one step of the compiled decode loop per cost_analysis, the floor: every weight
+    but the embedding table, ``batch`` embedding rows, the whole K/V cache). cost_analysis counts a
+    `lax.switch` as the sum of its branches, so the decode attention is compiled whole-cache here (the
+    branch the bench's steps take: all of them have more than 128 filled slots)."""
+    from meditron_jax.kernels import xla as xla_attention
+
+    real = xla_attention.decode_attention
+    xla_attention.decode_attention = functools.partial(real, max_blocks=1)
+    try:
+        programs = Programs(engine.config, stacked_params="split")
+        cost = programs.lower_decode(engine.params, batch, cache_len, max_steps).compile().cost_analysis()
+    finally:
+        xla_attention.decode_attention = real
+    cost = cost[0] if isinstance(cost, list) else cost
+    weights = sum(x.nbytes for x in jax.tree.leaves(engine.params))
+    table = engine.params["embedding"]
+    cache = programs.abstract_state(batch, cache_len, max_steps).cache
+    floor = weights - table.nbytes + batch * table.nbytes / table.shape[0]
+    floor += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    return float(cost["bytes accessed"]), float(floor)
 
 
 def pubmedqa_items_per_second(n: int) -> None:
@@ -135,6 +173,8 @@ def main(argv=None) -> int:
         ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     engine = Engine(CONFIG, params, max_batch=max(args.batches))
     rng = np.random.default_rng(0)
+    load_start = os.getloadavg()
+    bandwidth = [read_bandwidth()]
 
     rows = []
     for batch in args.batches:
@@ -155,27 +195,54 @@ def main(argv=None) -> int:
                     pad_token_id=0,
                 )
 
+        known = set(engine.buckets_used)
         got = np.array([per[0] for per in ours(args.new_tokens)])  # warm-up: compiles
+        ((b, w, c, *_),) = engine.buckets_used - known  # the rows the engine really decodes (2 for 1 on CPU)
         want = theirs(args.new_tokens)[:, args.prompt_len :].numpy()
         theirs(1)
         ours(1)
         agree = float((got == want).all(axis=1).mean())
+        calls: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeats):  # take turns: both sides see the same neighbours
+            for n in (args.new_tokens, 1):
+                for name, fn in (("engine", ours), ("transformers", theirs)):
+                    calls.setdefault((name, n), []).append(timed(lambda fn=fn, n=n: fn(n)))
+            bandwidth.append(read_bandwidth())
         timing = {}
-        for name, fn in (("engine", ours), ("transformers", theirs)):
-            total = best_of(lambda fn=fn: fn(args.new_tokens), args.repeats)
-            prefill = best_of(lambda fn=fn: fn(1), args.repeats)
-            timing[name] = (total, batch * args.new_tokens / total, batch * (args.new_tokens - 1) / (total - prefill))
-        rows.append((batch, timing, agree))
+        for name in ("engine", "transformers"):
+            full, one = calls[(name, args.new_tokens)], calls[(name, 1)]
+            timing[name] = {
+                stat: (
+                    pick(full),
+                    batch * args.new_tokens / pick(full),
+                    batch * (args.new_tokens - 1) / (pick(full) - pick(one)),
+                )
+                for stat, pick in (("median", statistics.median), ("best", min))
+            }
+        rows.append((batch, timing, agree, step_bytes(engine, b, c, c - w)))
 
     if args.pubmedqa:
         pubmedqa_items_per_second(args.pubmedqa)
-    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; best of {args.repeats}")
-    print(f"{'batch':>5} | {'side':<12} | {'call s':>7} | {'new tok/s':>9} | {'decode tok/s':>12} | ratio (decode)")
-    for batch, timing, agree in rows:
-        e, t = timing["engine"], timing["transformers"]
-        print(f"{batch:>5} | {'engine':<12} | {e[0]:>7.2f} | {e[1]:>9.1f} | {e[2]:>12.1f} | {e[2] / t[2]:.2f}x")
-        print(f"{batch:>5} | {'transformers':<12} | {t[0]:>7.2f} | {t[1]:>9.1f} | {t[2]:>12.1f} |")
+    bw = max(bandwidth)
+    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; {args.repeats} rounds taking "
+          f"turns; load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"single-thread read bandwidth (jitted sum of 256 MiB): best {bw / 1e9:.1f} GB/s, median "
+          f"{statistics.median(bandwidth) / 1e9:.1f} GB/s over {len(bandwidth)} probes")  # fmt: skip
+    print(f"{'batch':>5} | {'side':<12} | {'call s':>13} | {'new tok/s':>13} | {'decode tok/s':>13} | ratio (decode)")
+    print(f"{'':>5} | {'':<12} | {'median (best)':>13} | {'median (best)':>13} | {'median (best)':>13} |")
+    for batch, timing, agree, (cost, floor) in rows:
+        for name in ("engine", "transformers"):
+            med, best = timing[name]["median"], timing[name]["best"]
+            ratio = ""
+            if name == "engine":
+                t = timing["transformers"]
+                ratio = f"{med[2] / t['median'][2]:.2f}x ({best[2] / t['best'][2]:.2f}x)"
+            cells = " | ".join(f"{m:>6.{p}f} ({x:.{p}f})" for m, x, p in zip(med, best, (2, 1, 1), strict=True))
+            print(f"{batch:>5} | {name:<12} | {cells} | {ratio}")
         print(f"{'':>5}   rows whose greedy output matches transformers token for token: {agree:.0%}")
+        print(f"{'':>5}   decode step reads {cost / 1e6:.0f} MB (cost_analysis), floor {floor / 1e6:.0f} MB: "
+              f"{cost / batch / 1e6:.1f} MB per token; at {bw / 1e9:.1f} GB/s that allows "
+              f"{bw * batch / cost:.1f} tok/s ({bw * batch / floor:.1f} at the floor)")  # fmt: skip
     return 0
 
 

@@ -101,11 +101,6 @@ class Engine:
             on_device = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
             stacked_params = "slice" if device.platform == "tpu" and on_device else "split"
         self.programs = Programs(config, mesh, rules, compiler_options, stacked_params)
-        # XLA:CPU copies a one-row head-major KV cache twice per layer and step (its fusion duplicates the
-        # in-place update to drop the unit batch dimension; docs/performance.md, decode): a lone row
-        # decodes beside a finished filler row instead, its prefill shared (run once).
-        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self.min_rows = 2 if platform == "cpu" else 1
         shards = self.programs.batch_shards
         self.max_batch = -(-max_batch // shards) * shards
         if batch_buckets is None:
@@ -184,7 +179,7 @@ class Engine:
 
     def _run_batch(self, ids, batch, sampling: SamplingParams) -> list[Completion]:
         prompts = [ids[pi] for pi, _ in batch]
-        b = max(_bucket(len(batch), self.batch_buckets), self.min_rows)
+        b = _bucket(len(batch), self.batch_buckets)
         width = _bucket(max(len(p) for p in prompts), self.length_buckets)
         max_steps = _bucket(sampling.max_new_tokens, self.new_token_buckets)
         cache_len = width + max_steps

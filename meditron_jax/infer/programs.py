@@ -141,7 +141,8 @@ class Programs:
         }
 
         def spec(path, leaf):
-            return self._sharding(*names[jax.tree_util.keystr(path[-1:], simple=True)])
+            axes = names[jax.tree_util.keystr(path[-1:], simple=True)]
+            return self._sharding(*axes[len(axes) - leaf.ndim :])  # a one-row cache has no batch axis
 
         return jax.tree_util.tree_map_with_path(spec, shapes), shapes
 

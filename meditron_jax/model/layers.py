@@ -47,18 +47,23 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * x32).astype(dtype_of(cfg.dtype))
 
 
-def rotary_embedding(x, positions, theta: float):
-    """Rotate-half RoPE (the layout of Hugging Face Llama checkpoints). x: [b, l, h, d]; positions: [b, l]."""
+def rotary_embedding(x, positions, theta: float, compute_dtype=jnp.float32):
+    """Rotate-half RoPE (the layout of Hugging Face Llama checkpoints). x: [b, l, h, d]; positions: [b, l].
+
+    Angles, cos and sin are float32; the rotation runs in ``compute_dtype`` (float32 by default; x's own dtype
+    is what Hugging Face does: cos and sin cast to it).
+    """
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x32 = x.astype(jnp.float32)
+    cos, sin = cos.astype(compute_dtype), sin.astype(compute_dtype)
+    x32 = x.astype(compute_dtype)
     # rotate_half(x) = [-x2, x1], as a reversal of the two halves times a sign (the same values as slicing
     # and concatenating): its gradient is a reversal too, where slices transpose to padded copies, which
     # XLA:TPU kept as float32 half-width temporaries in the backward pass (docs/performance.md).
-    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+    sign = jnp.array([-1.0, 1.0], compute_dtype)[:, None]
     rotated = (x32.reshape(*x.shape[:-1], 2, d // 2)[..., ::-1, :] * sign).reshape(x.shape)
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
@@ -100,8 +105,9 @@ class Attention(nn.Module):
         q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
         v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
-        q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        rdt = dt if cfg.rope_in_compute_dtype else jnp.float32
+        q = constrain(rotary_embedding(q, positions, cfg.rope_theta, rdt), ("batch", "length", "heads", "head_dim"))
+        k = constrain(rotary_embedding(k, positions, cfg.rope_theta, rdt), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         scale = hd**-0.5
 
@@ -124,7 +130,10 @@ class Attention(nn.Module):
         """
         b, length = k.shape[:2]
         initialised = self.has_variable("cache", "key")
-        shape = (b, k.shape[2], length, k.shape[3])
+        # One row: [kv_heads, length, d], no unit batch axis. XLA:CPU otherwise duplicates each in-place
+        # update to drop it, and copies the cache twice per layer and step.
+        lead = () if b == 1 else (b,)
+        shape = (*lead, k.shape[2], length, k.shape[3])
         ck = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
         cv = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
         valid = self.variable("cache", "valid", jnp.zeros, (b, length), jnp.bool_)
@@ -132,11 +141,12 @@ class Attention(nn.Module):
         if not initialised:  # the init call that sizes the cache
             return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale)
         is_real = jnp.ones((b, length), jnp.bool_) if segment_ids is None else segment_ids != 0
-        k_heads = k.astype(ck.value.dtype).transpose(0, 2, 1, 3)
-        v_heads = v.astype(cv.value.dtype).transpose(0, 2, 1, 3)
+        k_heads = k.astype(ck.value.dtype).transpose(0, 2, 1, 3).reshape(ck.value.shape[:-2] + (length, -1))
+        v_heads = v.astype(cv.value.dtype).transpose(0, 2, 1, 3).reshape(cv.value.shape[:-2] + (length, -1))
+        zeros = (0,) * len(lead)
         if self.mode == "prefill":
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (0, 0, 0, 0))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (0, 0, 0, 0))
+            ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (*zeros, 0, 0, 0))
+            cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (*zeros, 0, 0, 0))
             valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, 0))
             index.value = jnp.asarray(length, jnp.int32)
             return kernels.attention(
@@ -144,14 +154,15 @@ class Attention(nn.Module):
             )
         # decode: `length` new tokens (usually 1) at cache slots [index, index + length)
         i = index.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (0, 0, i, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (0, 0, i, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_heads, (*zeros, 0, i, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (*zeros, 0, i, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, i))
         index.value = i + length
-        slots = jnp.arange(ck.value.shape[2])
+        slots = jnp.arange(ck.value.shape[-2])
         q_slots = i + jnp.arange(length)
         mask = valid.value[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
-        return xla_attention.decode_attention(q, ck.value, cv.value, mask, scale)
+        keys, values = ck.value.reshape(b, *ck.value.shape[-3:]), cv.value.reshape(b, *cv.value.shape[-3:])
+        return xla_attention.decode_attention(q, keys, values, mask, scale)
 
 
 class DecoderLayer(nn.Module):
