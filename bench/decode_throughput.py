@@ -24,7 +24,6 @@ threads lose several-fold to other processes, which measures the neighbours, not
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import pathlib
 import statistics
@@ -60,7 +59,6 @@ import numpy as np  # noqa: E402
 from meditron_jax.config import get_config  # noqa: E402
 from meditron_jax.convert import hf  # noqa: E402
 from meditron_jax.infer import Engine, SamplingParams  # noqa: E402
-from meditron_jax.infer.programs import Programs  # noqa: E402
 from meditron_jax.model import init_params  # noqa: E402
 
 CONFIG = get_config("bench-134m")
@@ -81,19 +79,10 @@ def read_bandwidth(repeats: int = 3) -> float:
 
 
 def step_bytes(engine: Engine, batch: int, cache_len: int, max_steps: int) -> tuple[float, float]:
-    """(bytes accessed by one step of the compiled decode loop per cost_analysis, the floor: every weight
-    but the embedding table, ``batch`` embedding rows, the whole K/V cache). cost_analysis counts a
-    `lax.switch` as the sum of its branches, so the decode attention is compiled whole-cache here (the
-    branch the bench's steps take: all of them have more than 128 filled slots)."""
-    from meditron_jax.kernels import xla as xla_attention
-
-    real = xla_attention.decode_attention
-    xla_attention.decode_attention = functools.partial(real, max_blocks=1)
-    try:
-        programs = Programs(engine.config, stacked_params="split")
-        cost = programs.lower_decode(engine.params, batch, cache_len, max_steps).compile().cost_analysis()
-    finally:
-        xla_attention.decode_attention = real
+    """(bytes accessed by one step of the compiled decode loop per cost_analysis, which counts the loop
+    body once; the floor: every weight but the embedding table, ``batch`` embedding rows, the K/V cache)."""
+    programs = engine.programs
+    cost = programs.lower_decode(engine.params, batch, cache_len, max_steps).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     weights = sum(x.nbytes for x in jax.tree.leaves(engine.params))
     table = engine.params["embedding"]
