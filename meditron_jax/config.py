@@ -15,7 +15,15 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
 # ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
 # scan_layers, which stacks the layers' parameters).
-EXECUTION_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl", "loss_chunk_size")
+EXECUTION_FIELDS = (
+    "param_dtype",
+    "dtype",
+    "scan_layers",
+    "remat_policy",
+    "attention_impl",
+    "loss_chunk_size",
+    "rope_in_compute_dtype",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +64,9 @@ class ModelConfig:
     # [tokens, vocab] logits never exist in full (meditron_jax.model.loss). 0: one chunk (the exact default);
     # a chunk sums the loss and the head's gradient in another order (rounding-level differences).
     loss_chunk_size: int = 0
+    # RoPE's rotation in the compute dtype (Hugging Face's way: cos/sin cast to it) instead of float32: no float32
+    # [tokens, heads, head_dim] temporaries in a bfloat16 model. Changes bfloat16 numerics, so off by default.
+    rope_in_compute_dtype: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -150,7 +161,13 @@ _POSITIVE_INTS = (
 )
 _TOKEN_IDS = ("bos_token_id", "eos_token_id")
 _POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps", "layer_norm_eps")
-_BOOLS = ("tie_word_embeddings", "scan_layers", "parallel_attn", "new_decoder_architecture")
+_BOOLS = (
+    "tie_word_embeddings",
+    "scan_layers",
+    "parallel_attn",
+    "new_decoder_architecture",
+    "rope_in_compute_dtype",
+)
 _STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl", "family")
 FAMILIES = ("llama", "falcon")
 # Fields that only Falcon reads, with the value a Llama config must keep.

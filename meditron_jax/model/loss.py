@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.model.layers import constrain
 
 
 def cross_entropy_sums(logits, targets, weights):
@@ -82,6 +83,9 @@ def head_cross_entropy_sums(config: ModelConfig, x, head, targets, weights, logi
 
     @jax.checkpoint
     def body_sums(head, xc, tc, wc):
+        # The constraint's transpose keeps each chunk's head gradient, and so the scan's float32 accumulator
+        # of it, in the head's own sharding instead of a full [embed, vocab] copy per device.
+        head = constrain(head, ("embed", "vocab"))
         return _weighted_ce(logits_fn(config, xc, head).astype(jnp.float32), tc, wc)
 
     def body(total, inputs):
