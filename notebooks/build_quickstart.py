@@ -28,8 +28,8 @@ on a CPU:
 live loss plot, 4. evaluate a handful of PubMedQA / MedQA items (top-token and chain-of-thought), 5. export to
 Hugging Face and reload with `transformers`.
 
-**Colab:** *Runtime → Change runtime type* picks a TPU or GPU; the next cell installs the package (it needs
-Python 3.11, setup.cfg's `python_requires`). **Locally:** run it in the project's
+**Colab:** *Runtime → Change runtime type* picks a TPU or GPU; the next cell installs the package (Python
+3.11 or 3.12, setup.cfg's `python_requires`; Colab's is 3.12). **Locally:** run it in the project's
 `.venv` (`bash scripts/setup_env.sh`); nothing is installed.""",
     ),
     (
