@@ -43,7 +43,7 @@ class Case:
     global_batch: int
     grad_accum: int
     chips: int
-    loss_chunk: int  # ModelConfig.loss_chunk_size for our side (sequence positions per chunk of head + loss)
+    overrides: tuple[str, ...] = ()  # ModelConfig overrides for our side (FIELD=VALUE), see below
 
     @property
     def per_device_batch(self) -> float:
@@ -53,22 +53,22 @@ class Case:
 
 # MEDITRON.md §3: 7B at sequence 2,048 and global batch 1,600; 70B at 4,096 and 512. Pure FSDP over every chip
 # (MaxText's default mesh too); gradient accumulation where the activations of a full per-chip batch do not fit.
-# Our side runs with the chunked output head + loss (ModelConfig.loss_chunk_size; docs/performance.md) where it
-# lowers the per-chip memory: without it, the float32 [tokens, vocab] logits and their gradient are the
-# step's largest temporaries. At 7B on v4 (5 sequences per chip and microstep) it costs more than it saves
-# (the head gradient's float32 accumulator), so 0 there. --no_chunk compiles the unchunked default instead.
-# RoPE's rotation in bf16 like Hugging Face's and MaxText's (ModelConfig.rope_in_compute_dtype; off by default
-# in the model, where it is float32): float32 rotation temporaries were the top of our heap.
-OURS_OVERRIDES = ["rope_in_compute_dtype=true"]
+# Our side's ModelConfig options, per case, the measured best (docs/performance.md "Training memory ahead of
+# time"): the chunked output head + loss (loss_chunk_size) and RoPE's rotation in bf16 as transformers does it
+# (rope_in_compute_dtype). Both are off by default in the model and change results by rounding only. At 7B on
+# v4 (5 sequences per chip and microstep) each of them made libtpu's figure larger, so that case has neither.
+# --plain compiles every case without them (stored as ours_unchunked, the "before" column).
+_7B = ("loss_chunk_size=256", "rope_in_compute_dtype=true")
+_70B = ("loss_chunk_size=512", "rope_in_compute_dtype=true")
 CASES = [
-    Case("7b-v5p", "meditron-7b", "llama2-7b", "v5p-128", 2048, 1600, 1, 64, 256),
-    Case("7b-v4", "meditron-7b", "llama2-7b", "v4-128", 2048, 1600, 5, 64, 0),
-    Case("70b-v5p", "meditron-70b", "llama2-70b", "v5p-256", 4096, 512, 1, 128, 512),
-    Case("70b-v4", "meditron-70b", "llama2-70b", "v4-256", 4096, 512, 4, 128, 512),
+    Case("7b-v5p", "meditron-7b", "llama2-7b", "v5p-128", 2048, 1600, 1, 64, _7B),
+    Case("7b-v4", "meditron-7b", "llama2-7b", "v4-128", 2048, 1600, 5, 64),
+    Case("70b-v5p", "meditron-70b", "llama2-70b", "v5p-256", 4096, 512, 1, 128, _70B),
+    Case("70b-v4", "meditron-70b", "llama2-70b", "v4-256", 4096, 512, 4, 128, _70B),
 ]
 
 
-def run_ours(case: Case, timeout: int, chunk: bool = True, extra: list[str] | None = None) -> dict:
+def run_ours(case: Case, timeout: int, plain: bool = False, extra: list[str] | None = None) -> dict:
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "aot_compile.py"),
@@ -85,9 +85,7 @@ def run_ours(case: Case, timeout: int, chunk: bool = True, extra: list[str] | No
         "--grad_accum",
         str(case.grad_accum),
     ]
-    if chunk:
-        cmd += ["--override", f"loss_chunk_size={case.loss_chunk}"]
-    for item in OURS_OVERRIDES + list(extra or []):
+    for item in (() if plain else case.overrides) + tuple(extra or []):
         cmd += ["--override", item]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -186,7 +184,7 @@ def _gib(x) -> str:
 def table(results: dict) -> str:
     head = (
         "| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
-        "unchunked loss: total GiB | MaxText args / temp / total GiB | ours ÷ MaxText | usable HBM GiB | "
+        "before (no options): total GiB | MaxText args / temp / total GiB | ours ÷ MaxText | usable HBM GiB | "
         "fits (ours / MaxText) |"
     )
     rows = [head, "|" + "---|" * 10]
@@ -228,7 +226,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--timeout", type=int, default=3600)
     p.add_argument(
-        "--no_chunk", action="store_true", help="our side without the chunked loss (stored as ours_unchunked)"
+        "--plain", action="store_true", help="our side without the per-case options (stored as ours_unchunked)"
     )
     p.add_argument("--override", action="append", default=[], help="extra ModelConfig override for our side")
     args = p.parse_args(argv)
@@ -241,12 +239,12 @@ def main(argv=None) -> int:
             for side in ("ours", "maxtext"):
                 if args.side not in ("both", side):
                     continue
-                key = "ours_unchunked" if side == "ours" and args.no_chunk else side
+                key = "ours_unchunked" if side == "ours" and args.plain else side
                 if key in entry and not args.force:
                     continue
                 print(f"[{case.key}] compiling ({key}) ...", file=sys.stderr, flush=True)
                 entry[key] = (
-                    run_ours(case, args.timeout, chunk=not args.no_chunk, extra=args.override)
+                    run_ours(case, args.timeout, plain=args.plain, extra=args.override)
                     if side == "ours"
                     else run_maxtext(case, args.maxtext_python, args.timeout)
                 )
