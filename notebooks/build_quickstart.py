@@ -54,7 +54,11 @@ if importlib.util.find_spec("meditron_jax") is None:
 # No accelerator: split the CPU into 8 devices so that the sharding below is visible. This must happen before
 # JAX starts; it only affects the CPU platform (a TPU or GPU runtime uses its accelerators).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (the data pipeline) start-up chatter""",
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (the data pipeline) start-up chatter
+# Colab's GPU runtime ships torch with triton; importing triton after TensorFlow kills the kernel (seen with
+# triton 3.7.1 on Python 3.11 and 3.12, CONTRIBUTING.md), so it is imported first when it is there.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401""",
     ),
     (
         "code",
