@@ -24,6 +24,7 @@ would have produced.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -258,7 +259,16 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         self.batches_served = 0
 
+    def close(self) -> None:
+        """Release the tf.data iterator now. Left to interpreter shutdown (e.g. after an error, when a traceback
+        cycle keeps it alive), its parallel-map stages wait forever for their workers and the process hangs."""
+        self._iterator = None
+        self._checkpoint = None
+        gc.collect()
+
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise ValueError("this BatchIterator was closed")
         batch = next(self._iterator)
         self.batches_served += 1
         return {k: v.numpy() for k, v in batch.items()}

@@ -261,6 +261,17 @@ def _loop(config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run) -
         host_count=jax.process_count(),
     )
     start, state, iterator = _resume_or_init(config, model_cfg, step_fn, ckpts, data_kwargs)
+    try:
+        return _run_steps(
+            config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run, data_kwargs, start, state, iterator
+        )
+    finally:
+        iterator.close()  # now, not at interpreter shutdown, where tf.data's teardown can hang (data/pipeline.py)
+
+
+def _run_steps(
+    config, model_cfg, step_fn, mesh, ckpts, notice, max_steps_this_run, data_kwargs, start, state, iterator
+) -> dict:
     if jax.process_index() == 0:
         config_json = json.dumps(model_cfg.to_dict(), indent=2, sort_keys=True)  # as ModelConfig.to_json
         fs.write_text(fs.join(config.model_dir, RUN_CONFIG_FILE), config_json)
