@@ -6,6 +6,7 @@ import gc
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,24 @@ def test_a_different_model_is_an_error_not_damage(tmp_path):
     with pytest.raises(ValueError, match=r"does not match this run's model.*params/w has shape \(64, 32\)"):
         ckpts.restore_latest(other, lambda p: p)
     assert ckpts.all_steps() == [1]  # not moved aside
+    ckpts.close()
+
+
+def test_another_host_count_is_an_error_not_damage(tmp_path):
+    # Input positions are per host: a restart on more or fewer hosts used to find "no position", move every
+    # checkpoint aside as damaged and start again from step 0.
+    ckpts = Checkpoints(str(tmp_path), every=1, keep=2)
+    ckpts.save(1, _small_state(1), FakeIterator(1))
+    ckpts.wait()
+    saved = os.path.dirname(ckpts.input_path(1))
+    (only,) = os.listdir(saved)
+    assert only == "input_pipeline-00000-of-00001"
+    for host in range(2):  # as if two hosts had saved it
+        shutil.copytree(os.path.join(saved, only), os.path.join(saved, f"input_pipeline-{host:05d}-of-00002"))
+    shutil.rmtree(os.path.join(saved, only))
+    with pytest.raises(ValueError, match=r"was saved by 2 host\(s\) and this run has 1.*INIT_FROM="):
+        ckpts.restore_latest(_abstract(_small_state(1)), lambda p: p)
+    assert ckpts.all_steps() == [1] and not os.path.exists(tmp_path / "damaged_checkpoints")
     ckpts.close()
 
 

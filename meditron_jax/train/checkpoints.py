@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -234,6 +235,7 @@ class Checkpoints:
         (a failure there is damage too).
         """
         for step in sorted(self.all_steps(), reverse=True):
+            self._check_host_count(step)
             error = None
             try:
                 state = self.restore(step, abstract_state)
@@ -256,6 +258,22 @@ class Checkpoints:
             moved = self._move_aside(step)
             log.warning("skipping damaged checkpoint: %s; moved to %s; trying the previous one", error, moved)
         return None
+
+    def _check_host_count(self, step: int) -> None:
+        """Input positions saved by another number of hosts are a configuration change, not damage: moving
+        every checkpoint aside and starting again from step 0 would throw the run away."""
+        where = os.path.join(self.input_dir, str(step))
+        if not fs.exists(where):
+            return
+        counts = sorted({m.group(1) for n in fs.listdir(where) if (m := re.match(r"input_pipeline-\d+-of-(\d+)$", n))})
+        here = f"{jax.process_count():05d}"
+        if counts and here not in counts:
+            raise ValueError(
+                f"checkpoint {os.path.join(self.state_dir, str(step))} was saved by {int(counts[0])} host(s) and this "
+                f"run has {jax.process_count()}: the input pipeline's positions are per host. Resume on "
+                f"{int(counts[0])} host(s), or start a new MODEL_DIR with INIT_FROM={self.model_dir} "
+                "(same weights, the data restarts)"
+            )
 
     def _move_aside(self, step: int) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S")
