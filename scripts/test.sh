@@ -8,4 +8,5 @@ cd "$root"
 if [ "${MEDITRON_SKIP_LINT:-0}" != 1 ]; then
   bash "$root/scripts/lint.sh"
 fi
-exec "$root/.venv/bin/python" -m pytest "$@"
+# Two workers, each taking whole test files (module fixtures are built once); MEDITRON_TEST_WORKERS=0 runs serially.
+exec "$root/.venv/bin/python" -m pytest -n "${MEDITRON_TEST_WORKERS:-2}" --dist loadfile "$@"
