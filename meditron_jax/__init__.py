@@ -8,7 +8,10 @@ __version__ = "0.1.0"
 # Importing triton (torch's GPU compiler, on Colab's GPU runtime and most CUDA machines) after TensorFlow,
 # which the data pipeline uses, segfaults (triton 3.7.1, TF 2.21, Python 3.11 and 3.12); the other order works.
 if "tensorflow" not in _sys.modules and _importlib_util.find_spec("triton") is not None:
-    import triton  # noqa: F401
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001  a broken triton is torch's problem, not a reason to fail importing us
+        pass
 
 
 def load(path, **kwargs):
