@@ -46,6 +46,25 @@ def hf_hidden_states(model, tokens) -> list[np.ndarray]:
     return [h.float().numpy() for h in out.hidden_states]
 
 
+def assert_layers_match_transformers(cfg, params, hf_model, tokens, atol: float = 1e-5) -> None:
+    """Every layer's output and the final norm's, ours (unscanned ``cfg``) against the HF model's hidden states."""
+    import jax.numpy as jnp
+
+    from meditron_jax.model import Llama
+
+    _, state = Llama(cfg).apply(
+        {"params": params}, jnp.asarray(tokens), capture_intermediates=True, mutable=["intermediates"]
+    )
+    inter = state["intermediates"]
+    ref = hf_hidden_states(hf_model, tokens)  # [embeddings, layer 0 .. layer L-2 outputs, final-norm output]
+    assert len(ref) == cfg.num_layers + 1
+    for i in range(cfg.num_layers - 1):
+        ours_i = np.asarray(inter[f"layers_{i}"]["__call__"][0][0])
+        assert np.abs(ours_i - ref[i + 1]).max() <= atol, f"layer {i}"
+    final = np.asarray(inter["final_norm"]["__call__"][0])
+    assert np.abs(final - ref[-1]).max() <= atol
+
+
 def load_script(name: str):
     """Import ``scripts/<name>.py`` as a module (scripts are thin CLIs, not a package)."""
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

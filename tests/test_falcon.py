@@ -21,7 +21,7 @@ from meditron_jax.convert import hf_falcon
 from meditron_jax.convert.hf import ConversionError, config_from_hf, load_hf_params, read_hf_config, save_hf
 from meditron_jax.model import Llama, abstract_params, init_params, logical_axes
 
-from .hf_utils import hf_hidden_states, hf_logits
+from .hf_utils import assert_layers_match_transformers, hf_logits
 
 PROMPT_LEN = 512
 
@@ -83,17 +83,7 @@ def test_hidden_states_per_layer_match_transformers(tmp_path, layout):
     cfg = read_hf_config(path, scan_layers=False)
     params = load_hf_params(path, cfg)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, PROMPT_LEN))
-    _, state = Llama(cfg).apply(
-        {"params": params}, jnp.asarray(tokens), capture_intermediates=True, mutable=["intermediates"]
-    )
-    inter = state["intermediates"]
-    ref = hf_hidden_states(hf, tokens)  # [embeddings, layer 0 .. layer L-2 outputs, final-norm output]
-    assert len(ref) == cfg.num_layers + 1
-    for i in range(cfg.num_layers - 1):
-        ours_i = np.asarray(inter[f"layers_{i}"]["__call__"][0][0])
-        assert np.abs(ours_i - ref[i + 1]).max() <= 1e-5, f"layer {i}"
-    final = np.asarray(inter["final_norm"]["__call__"][0])
-    assert np.abs(final - ref[-1]).max() <= 1e-5
+    assert_layers_match_transformers(cfg, params, hf, tokens, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout,tied", [("7b-mqa", True), ("40b-new", False), ("mha-sequential", True)])

@@ -15,6 +15,8 @@ from meditron_jax.model import init_params
 from meditron_jax.parallel import MeshConfig, PipelineConfig, create_mesh
 from meditron_jax.train import OptimizerConfig, TrainStep, make_optimizer
 
+from .batch_utils import packed_batch
+
 pytestmark = pytest.mark.slow  # several CPU compiles of a sharded train step
 
 CONFIGS = {
@@ -30,20 +32,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def _batch(seed, vocab):
-    """Two packed documents per row, some padding."""
-    rng = np.random.default_rng(seed)
-    toks = rng.integers(0, vocab, (BATCH, LENGTH + 1)).astype(np.int32)
-    seg = np.ones((BATCH, LENGTH), np.int32)
-    seg[:, LENGTH // 2 :] = 2
-    seg[::3, -3:] = 0
-    pos = np.tile(np.concatenate([np.arange(LENGTH // 2), np.arange(LENGTH - LENGTH // 2)]), (BATCH, 1))
-    return {
-        "decoder_input_tokens": toks[:, :-1],
-        "decoder_target_tokens": toks[:, 1:],
-        "decoder_loss_weights": (seg > 0).astype(np.float32),
-        "decoder_segment_ids": seg,
-        "decoder_positions": pos.astype(np.int32),
-    }
+    return packed_batch(seed, vocab, BATCH, LENGTH)
 
 
 @functools.cache

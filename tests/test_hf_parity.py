@@ -13,7 +13,7 @@ from flax import linen as nn
 from meditron_jax.convert.hf import load_hf_params, read_hf_config
 from meditron_jax.model import Llama, abstract_params
 
-from .hf_utils import hf_hidden_states, hf_logits, random_hf_llama
+from .hf_utils import assert_layers_match_transformers, hf_logits, random_hf_llama
 
 PROMPT_LEN = 512
 
@@ -40,17 +40,7 @@ def test_hidden_states_per_layer_match_transformers(tmp_path):
     cfg = read_hf_config(path, scan_layers=False)
     params = load_hf_params(path, cfg)
     tokens = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 64))
-    _, state = Llama(cfg).apply(
-        {"params": params}, jnp.asarray(tokens), capture_intermediates=True, mutable=["intermediates"]
-    )
-    inter = state["intermediates"]
-    ref = hf_hidden_states(hf, tokens)  # [embeddings, layer 0 .. layer L-2 outputs, final-norm output]
-    assert len(ref) == cfg.num_layers + 1
-    for i in range(cfg.num_layers - 1):
-        ours_i = np.asarray(inter[f"layers_{i}"]["__call__"][0][0])
-        assert np.abs(ours_i - ref[i + 1]).max() <= 1e-5, f"layer {i}"
-    final = np.asarray(inter["final_norm"]["__call__"][0])
-    assert np.abs(final - ref[-1]).max() <= 1e-5
+    assert_layers_match_transformers(cfg, params, hf, tokens, atol=1e-5)
 
 
 def test_rms_norm_and_rope_match_transformers():

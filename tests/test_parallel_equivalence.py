@@ -14,6 +14,8 @@ from meditron_jax.model import init_params
 from meditron_jax.parallel import MeshConfig, PipelineConfig, create_mesh
 from meditron_jax.train import OptimizerConfig, TrainStep, make_optimizer
 
+from .batch_utils import packed_batch
+
 pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
 
 # 4 layers so that 2 stages × 2 circular repeats each hold one layer; GQA (8 heads, 4 KV heads).
@@ -28,20 +30,7 @@ PARAM_RTOL = 1e-4
 
 
 def _batch(seed):
-    """A packed batch: two documents per row, some padding, non-trivial loss weights."""
-    rng = np.random.default_rng(seed)
-    toks = rng.integers(0, CFG.vocab_size, (BATCH, LENGTH + 1)).astype(np.int32)
-    seg = np.ones((BATCH, LENGTH), np.int32)
-    seg[:, LENGTH // 2 :] = 2
-    seg[::3, -3:] = 0
-    pos = np.tile(np.concatenate([np.arange(LENGTH // 2), np.arange(LENGTH - LENGTH // 2)]), (BATCH, 1))
-    return {
-        "decoder_input_tokens": toks[:, :-1],
-        "decoder_target_tokens": toks[:, 1:],
-        "decoder_loss_weights": (seg > 0).astype(np.float32),
-        "decoder_segment_ids": seg,
-        "decoder_positions": pos.astype(np.int32),
-    }
+    return packed_batch(seed, CFG.vocab_size, BATCH, LENGTH)
 
 
 BATCHES = [_batch(i) for i in range(STEPS)]
