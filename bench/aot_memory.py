@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,7 +69,27 @@ CASES = [
 ]
 
 
-def run_ours(case: Case, timeout: int, plain: bool = False, extra: list[str] | None = None) -> dict:
+def versions(python: str, env: dict | None = None) -> dict:
+    """jax and libtpu versions as ``python`` imports them (MaxText 0.2.5 needs a newer libtpu than ours)."""
+    code = (
+        "import json, importlib.metadata as m, libtpu, os; print(json.dumps({'jax': m.version('jax'), "
+        "'libtpu': m.version('libtpu'), 'libtpu_dir': os.path.dirname(libtpu.__file__)}))"
+    )
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-300:]}
+
+
+def _ours_env(libtpu: str | None) -> dict:
+    """Our environment, with ``libtpu`` (a `pip install --target` folder holding another libtpu) first on the path."""
+    env = dict(os.environ)
+    if libtpu:
+        env["PYTHONPATH"] = os.pathsep.join([libtpu, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_ours(
+    case: Case, timeout: int, plain: bool = False, extra: list[str] | None = None, libtpu: str | None = None
+) -> dict:
     cmd = [
         sys.executable,
         str(ROOT / "scripts" / "aot_compile.py"),
@@ -87,14 +108,16 @@ def run_ours(case: Case, timeout: int, plain: bool = False, extra: list[str] | N
     ]
     for item in (() if plain else case.overrides) + tuple(extra or []):
         cmd += ["--override", item]
+    env = _ours_env(libtpu)
     start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = proc.stdout.strip().splitlines()
     if not lines:
         return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}", "command": " ".join(cmd)}
     out = json.loads(lines[-1])
     out["command"] = " ".join(["python"] + cmd[1:]).replace(str(ROOT) + "/", "")
     out["wall_seconds"] = round(time.time() - start)
+    out["versions"] = versions(sys.executable, env)
     return out
 
 
@@ -152,16 +175,23 @@ def run_maxtext(case: Case, python: str | None, timeout: int) -> dict:
     except subprocess.CalledProcessError as e:
         return {"error": f"not measured: cannot import maxtext with {python}: {e.stderr[-500:]}"}
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    os.makedirs(workdir, exist_ok=True)
     start = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/tmp")
+        # cwd: a folder of our own; in a shared /tmp a stray module (say attr.py) shadows MaxText's imports.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
     except subprocess.TimeoutExpired:
         return {"error": f"not measured: MaxText compile exceeded {timeout} s", "command": " ".join(cmd)}
     log = proc.stdout + proc.stderr
     stats = {}
     if "Memory analysis:" in log:
         stats = {k: int(v) for k, v in _STATS.findall(log.split("Memory analysis:")[-1])}
-    out = {"command": " ".join(cmd[1:]), "wall_seconds": round(time.time() - start), "returncode": proc.returncode}
+    out = {
+        "command": " ".join(cmd[1:]),
+        "wall_seconds": round(time.time() - start),
+        "returncode": proc.returncode,
+        "versions": versions(python, env),
+    }
     if stats:
         out.update(
             argument_bytes=stats["argument_size_in_bytes"],
@@ -181,16 +211,22 @@ def _gib(x) -> str:
     return "—" if x is None else f"{x / GIB:.1f}"
 
 
+def _libtpu(d: dict) -> str | None:
+    return d.get("versions", {}).get("libtpu")
+
+
 def table(results: dict) -> str:
+    """ours ÷ MaxText compares the two sides only when both compiled with the same libtpu."""
     head = (
         "| case | model | topology (chips) | seq × batch (accum) | meditron_jax args / temp / total GiB | "
-        "before (no options): total GiB | MaxText args / temp / total GiB | ours ÷ MaxText | usable HBM GiB | "
-        "fits (ours / MaxText) |"
+        "no options: total GiB | on our pinned libtpu: total GiB (no options) | MaxText args / temp / total GiB | "
+        "libtpu (ours / MaxText) | ours ÷ MaxText | usable HBM GiB | fits (ours / MaxText) |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 12]
     for case in CASES:
         r = results.get(case.key, {})
         ours, mt, plain = r.get("ours", {}), r.get("maxtext", {}), r.get("ours_unchunked", {})
+        pinned, pinned_plain = r.get("ours_pinned", {}), r.get("ours_pinned_unchunked", {})
 
         def cell(d):
             if not d:
@@ -199,18 +235,56 @@ def table(results: dict) -> str:
                 return d.get("error", "error")[:120]
             return f"{_gib(d['argument_bytes'])} / {_gib(d['temp_bytes'])} / **{_gib(d['total_bytes'])}**"
 
-        hbm = ours.get("hbm_bytes")
+        hbm = ours.get("hbm_bytes") or pinned.get("hbm_bytes")
         fits_mt = "—" if "total_bytes" not in mt or hbm is None else str(mt["total_bytes"] <= hbm).lower()
-        ratio = (
-            f"{ours['total_bytes'] / mt['total_bytes']:.2f}" if "total_bytes" in ours and "total_bytes" in mt else "—"
-        )
+        same = _libtpu(ours) is not None and _libtpu(ours) == _libtpu(mt)
+        ratio = "—"
+        if "total_bytes" in ours and "total_bytes" in mt:
+            ratio = f"{ours['total_bytes'] / mt['total_bytes']:.2f}" + ("" if same else " (libtpu differs)")
         plain_cell = _gib(plain.get("total_bytes")) if plain else "not run"
+        pinned_cell = f"{_gib(pinned.get('total_bytes'))} ({_gib(pinned_plain.get('total_bytes'))})"
         rows.append(
             f"| {case.key} | {case.model} / {case.maxtext_model} | {case.topology} ({case.chips}) | "
-            f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {plain_cell} | {cell(mt)} | "
-            f"{ratio} | {_gib(hbm)} | {str(ours.get('fits', '—')).lower()} / {fits_mt} |"
+            f"{case.seq_len} × {case.global_batch} ({case.grad_accum}) | {cell(ours)} | {plain_cell} | {pinned_cell} | "
+            f"{cell(mt)} | {_libtpu(ours) or '—'} / {_libtpu(mt) or '—'} | {ratio} | {_gib(hbm)} | "
+            f"{str(ours.get('fits', '—')).lower()} / {fits_mt} |"
         )
     return "\n".join(rows)
+
+
+def libtpu_folder(spec: str | None, maxtext_python: str | None) -> str | None:
+    """A folder to put first on our PYTHONPATH so that our side compiles with another libtpu; None: our own.
+
+    spec: "pinned" (ours, setup.cfg's), "maxtext" (the libtpu of MaxText's venv, linked into a folder of its
+    own: its site-packages also hold a jax our code does not run on), or a folder from
+    ``pip install --no-deps --target DIR libtpu==X``.
+    """
+    if spec in (None, "", "pinned"):
+        return None
+    if spec != "maxtext":
+        if not (Path(spec) / "libtpu").is_dir():
+            raise SystemExit(f"--libtpu {spec}: no libtpu package in that folder")
+        return spec
+    if not maxtext_python:
+        raise SystemExit("--libtpu maxtext needs a MaxText installation (MAXTEXT_PYTHON / --maxtext-python)")
+    v = versions(maxtext_python)
+    if "error" in v:
+        raise SystemExit(f"--libtpu maxtext: cannot import libtpu with {maxtext_python}: {v['error']}")
+    package = Path(v["libtpu_dir"])
+    folder = Path(tempfile.gettempdir()) / f"aot_bench_libtpu_{v['libtpu']}"
+    folder.mkdir(exist_ok=True)
+    for target in (package, *package.parent.glob(f"libtpu-{v['libtpu']}.dist-info")):
+        link = folder / target.name
+        if not link.exists():
+            link.symlink_to(target)
+    return str(folder)
+
+
+def result_key(side: str, plain: bool, libtpu: str | None) -> str:
+    """ours / ours_unchunked: compiled with MaxText's (or a given) libtpu; ours_pinned*: with our pinned one."""
+    if side == "maxtext":
+        return "maxtext"
+    return ("ours" if libtpu else "ours_pinned") + ("_unchunked" if plain else "")
 
 
 def main(argv=None) -> int:
@@ -229,7 +303,16 @@ def main(argv=None) -> int:
         "--plain", action="store_true", help="our side without the per-case options (stored as ours_unchunked)"
     )
     p.add_argument("--override", action="append", default=[], help="extra ModelConfig override for our side")
+    p.add_argument(
+        "--libtpu",
+        default=os.environ.get("OURS_LIBTPU"),
+        help="libtpu for our side: 'maxtext' (default when MaxText is given: both sides on one compiler; MaxText "
+        "0.2.5 needs libtpu >= 0.0.46), 'pinned' (setup.cfg's, stored as ours_pinned*), or a folder from "
+        "`pip install --no-deps --target DIR libtpu==X`",
+    )
     args = p.parse_args(argv)
+    spec = args.libtpu or ("maxtext" if args.maxtext_python else "pinned")
+    libtpu = libtpu_folder(spec, args.maxtext_python) if args.side != "maxtext" and not args.table else None
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.table:
         for case in CASES:
@@ -239,12 +322,12 @@ def main(argv=None) -> int:
             for side in ("ours", "maxtext"):
                 if args.side not in ("both", side):
                     continue
-                key = "ours_unchunked" if side == "ours" and args.plain else side
+                key = result_key(side, args.plain, libtpu)
                 if key in entry and not args.force:
                     continue
                 print(f"[{case.key}] compiling ({key}) ...", file=sys.stderr, flush=True)
                 entry[key] = (
-                    run_ours(case, args.timeout, plain=args.plain, extra=args.override)
+                    run_ours(case, args.timeout, plain=args.plain, extra=args.override, libtpu=libtpu)
                     if side == "ours"
                     else run_maxtext(case, args.maxtext_python, args.timeout)
                 )
