@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                 # Merge into what is on disk now: the two sides may run as two processes at once.
                 on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
                 on_disk.setdefault(case.key, {})[key] = entry[key]
+                if side == "ours" and not case.overrides and not args.override:  # one program: both columns
+                    on_disk[case.key][result_key(side, not args.plain, libtpu)] = entry[key]
                 RESULTS.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
                 results = on_disk
     print(table(json.loads(RESULTS.read_text()) if RESULTS.exists() else results))
