@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
-from meditron_jax.model.layers import WEIGHT_INIT, Attention, constrain, dtype_of, param
+from meditron_jax.model.layers import WEIGHT_INIT, Attention, constrain, dense, dtype_of, param
 
 
 class LayerNorm(nn.Module):
@@ -47,9 +47,9 @@ class GeluMLP(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         up = param(self, "up", (d, f), ("embed", "mlp"), WEIGHT_INIT, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), WEIGHT_INIT, pdt)
-        h = nn.gelu(x @ up.astype(dt), approximate=False)
+        h = nn.gelu(dense(x, up.astype(dt)), approximate=False)
         h = constrain(h, ("batch", "length", "mlp"))
-        return h @ down.astype(dt)
+        return dense(h, down.astype(dt))
 
 
 class FalconDecoderLayer(nn.Module):

@@ -6,6 +6,8 @@ Logical names (mapped to mesh axes in one place, `meditron_jax.parallel.rules`):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -24,6 +26,33 @@ def dtype_of(name: str):
 def constrain(x, axes):
     """Activation sharding hint; a no-op outside a mesh with logical axis rules."""
     return nn.with_logical_constraint(x, axes)
+
+
+def _length_is_split() -> bool:
+    """Whether the logical ``length`` axis is sharded over a mesh axis of more than one device here."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    axes = nn.logical_to_mesh_axes(("length",))[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return any(mesh.shape.get(name, 1) > 1 for name in names)
+
+
+def dense(x, w, contract: int = 1, **kwargs):
+    """``x``'s last ``contract`` dims times ``w``'s first ``contract`` dims, as one 2-D matmul.
+
+    x [batch, length, K...], w [K..., N...] → [batch, length, N...]. Flattening batch and length (free
+    reshapes of row-major arrays) gives the weight gradient one contracting dimension: with two, XLA:CPU's dot
+    canonicalisation writes the activation gradients transposed for it, which made the MLP's forward and
+    backward 1.6× slower on the CPU bench (docs/performance.md). Where ``length`` is sharded (sequence
+    parallelism) merging it with the batch would reshuffle shards, so the plain contraction stays.
+    """
+    if x.ndim - contract != 2 or _length_is_split():
+        return jnp.tensordot(x, w, contract, **kwargs)
+    lead, n_dims = x.shape[:-contract], w.shape[contract:]
+    k, n = math.prod(w.shape[:contract]), math.prod(n_dims)
+    out = jnp.matmul(x.reshape(-1, k), w.reshape(k, n), **kwargs)
+    return out.reshape(*lead, *n_dims)
 
 
 # Llama's (and HF's) initialisation: normal(0, 0.02) for every matrix, ones for norm scales.
@@ -82,9 +111,9 @@ class MLP(nn.Module):
         gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
         up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), init, pdt)
-        h = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
+        h = nn.silu(dense(x, gate.astype(dt))) * dense(x, up.astype(dt))
         h = constrain(h, ("batch", "length", "mlp"))
-        return h @ down.astype(dt)
+        return dense(h, down.astype(dt))
 
 
 class Attention(nn.Module):
@@ -102,9 +131,7 @@ class Attention(nn.Module):
         wv = param(self, "value", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = param(self, "out", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        q = jnp.einsum("bld,dhk->blhk", x, wq.astype(dt))
-        k = jnp.einsum("bld,dhk->blhk", x, wk.astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x, wv.astype(dt))
+        q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
         rdt = dt if cfg.rope_in_compute_dtype else jnp.float32
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta, rdt), ("batch", "length", "heads", "head_dim"))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta, rdt), ("batch", "length", "kv_heads", "head_dim"))
@@ -118,7 +145,7 @@ class Attention(nn.Module):
         else:
             out = self._cached_attention(q, k, v, segment_ids, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+        return dense(out, wo.astype(dt), contract=2)
 
     def _cached_attention(self, q, k, v, segment_ids, scale):
         """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.

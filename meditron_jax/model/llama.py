@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.model.families import decoder_layer_class, norm_class
-from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dtype_of, param
+from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dense, dtype_of, param
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -87,7 +87,7 @@ def embed(config: ModelConfig, embedding, tokens, constrain_fn=constrain):
 
 def vocab_logits(config: ModelConfig, x, head, constrain_fn=constrain):
     """Output projection of the normed hidden state → float32 logits over the real (unpadded) vocabulary."""
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype_of(config.dtype)), preferred_element_type=jnp.float32)
+    logits = dense(x, head.astype(dtype_of(config.dtype)), preferred_element_type=jnp.float32)
     logits = constrain_fn(logits, ("batch", "length", "vocab"))
     return logits[..., : config.vocab_size]
 
