@@ -28,14 +28,17 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
-def _length_is_split() -> bool:
-    """Whether the logical ``length`` axis is sharded over a mesh axis of more than one device here."""
+def _flatten_for_cpu() -> bool:
+    """Whether ``dense`` merges batch and length here: only for XLA:CPU (the platform traced for: the
+    mesh's devices, else the default backend), and not where ``length`` is sharded over several devices."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
+        return jax.default_backend() == "cpu"
+    if mesh.abstract_device is None or mesh.abstract_device.platform != "cpu":
         return False
     axes = nn.logical_to_mesh_axes(("length",))[0]
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return any(mesh.shape.get(name, 1) > 1 for name in names)
+    return all(mesh.shape.get(name, 1) == 1 for name in names)
 
 
 def dense(x, w, contract: int = 1, **kwargs):
@@ -44,10 +47,11 @@ def dense(x, w, contract: int = 1, **kwargs):
     x [batch, length, K...], w [K..., N...] → [batch, length, N...]. Flattening batch and length (free
     reshapes of row-major arrays) gives the weight gradient one contracting dimension: with two, XLA:CPU's dot
     canonicalisation writes the activation gradients transposed for it, which made the MLP's forward and
-    backward 1.6× slower on the CPU bench (docs/performance.md). Where ``length`` is sharded (sequence
-    parallelism) merging it with the batch would reshuffle shards, so the plain contraction stays.
+    backward 1.6× slower on the CPU bench (docs/performance.md). XLA:TPU needs no such help (its compile
+    of the merged form used 1.4% more memory), and where ``length`` is sharded (sequence parallelism)
+    merging it with the batch would reshuffle shards: there the plain contraction stays.
     """
-    if x.ndim - contract != 2 or _length_is_split():
+    if x.ndim - contract != 2 or not _flatten_for_cpu():
         return jnp.tensordot(x, w, contract, **kwargs)
     lead, n_dims = x.shape[:-contract], w.shape[contract:]
     k, n = math.prod(w.shape[:contract]), math.prod(n_dims)
