@@ -60,6 +60,31 @@ def _weighted_ce_bwd(res, g):
 _weighted_ce.defvjp(_weighted_ce_fwd, _weighted_ce_bwd)
 
 
+def _head_with_joint_backward(config: ModelConfig, logits_fn):
+    """``logits_fn(config, x, head)`` whose backward returns the two cotangents through one optimization barrier.
+
+    Values are autodiff's own (the backward is ``jax.vjp`` of the same function). Without the barrier XLA:TPU
+    scheduled the head's gradient (x^T · d_logits) after the whole layer stack's backward, so the bf16
+    [tokens, vocab] logit cotangent stayed live under every layer's backward working set (+0.33 GiB per chip
+    at 70B on v4-256, docs/performance.md). Tied to dx, which the layer stack's backward needs first, it is
+    computed and freed before that.
+    """
+
+    def apply(x, head):
+        return logits_fn(config, x, head)
+
+    def fwd(x, head):
+        return apply(x, head), (x, head)
+
+    def bwd(res, g):
+        _, pullback = jax.vjp(apply, *res)
+        return tuple(jax.lax.optimization_barrier(pullback(g)))
+
+    joint = jax.custom_vjp(apply)
+    joint.defvjp(fwd, bwd)
+    return joint
+
+
 def head_cross_entropy_sums(config: ModelConfig, x, head, targets, weights, logits_fn):
     """(Σ w·CE, Σ w) of ``logits_fn(config, x, head)`` without materialising all of its logits at once.
 
@@ -70,7 +95,7 @@ def head_cross_entropy_sums(config: ModelConfig, x, head, targets, weights, logi
     b, length = targets.shape
     weights = weights.astype(jnp.float32)
     if chunk <= 0 or chunk >= length:
-        return cross_entropy_sums(logits_fn(config, x, head), targets, weights)
+        return cross_entropy_sums(_head_with_joint_backward(config, logits_fn)(x, head), targets, weights)
     if length % chunk:
         raise ValueError(
             f"ModelConfig.loss_chunk_size={chunk} does not divide the sequence length {length}; use a divisor "

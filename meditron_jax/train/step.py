@@ -261,7 +261,7 @@ class TrainStep:
         weights = mb.get("decoder_loss_weights")
         if weights is None:
             weights = jnp.ones(mb["decoder_target_tokens"].shape, jnp.float32)
-        if self.config.loss_chunk_size:
+        if self.pipeline is None:  # the loss applies the head itself (chunked, or with a joint backward)
             x, head = Llama(self.config).apply(
                 {"params": params},
                 mb["decoder_input_tokens"],
