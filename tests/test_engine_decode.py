@@ -24,7 +24,7 @@ def stories(shared_data):
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
 @pytest.mark.parametrize("filled", [1, 17, 64])
-def test_decode_attention_equals_masked_attention(heads, kv_heads, filled):
+def test_head_major_attention_equals_masked_attention(heads, kv_heads, filled):
     """Left padding (invalid slots at the front), a filled prefix, empty slots after it, GQA. Reference:
     `masked_attention` on the token-major cache. float32 on both sides; 1e-5 covers the different
     summation order."""
@@ -39,7 +39,7 @@ def test_decode_attention_equals_masked_attention(heads, kv_heads, filled):
     mask = jnp.asarray(np.repeat(mask, 2, axis=1))
     want = xla_attention.masked_attention(q, k, v, mask, 0.25)
     head_major = (jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)))
-    got = jax.jit(lambda q, k, v, m: xla_attention.decode_attention(q, k, v, m, 0.25))(q, *head_major, mask)
+    got = jax.jit(lambda q, k, v, m: xla_attention.head_major_attention(q, k, v, m, 0.25))(q, *head_major, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

@@ -337,10 +337,12 @@ def test_auto_on_this_cpu_runs_the_expected_path(monkeypatch):
     calls = []
     monkeypatch.setattr(xla, "blockwise_attention", lambda *a, **kw: calls.append("xla_blockwise") or 0)
     monkeypatch.setattr(xla, "reference_attention", lambda *a, **kw: calls.append("xla") or 0)
+    monkeypatch.setattr(xla, "cpu_attention", lambda *a, **kw: calls.append("cpu_attention") or 0)
     kernels.attention(q, k, v)
+    kernels.attention(q, k, v, impl="xla")  # forced: the token-major reference itself
     big = jnp.zeros((2, 2048, 8, 64), jnp.float32)
     kernels.attention(big, big, big)
-    assert calls == ["xla", "xla_blockwise"]
+    assert calls == ["cpu_attention", "xla", "xla_blockwise"]
     assert dispatch.current_target().platform == "cpu"
 
 
@@ -444,3 +446,24 @@ def test_block_size_validation():
     assert pallas_tpu.default_block_sizes("TPU v4") == pallas_tpu.DEFAULT_BLOCK_SIZES["TPU v4"]
     assert pallas_tpu.default_block_sizes("TPU v5 lite").block_kv == 1024
     assert pallas_tpu.default_block_sizes("unknown") == pallas_tpu.BlockSizes()
+
+
+@pytest.mark.parametrize("heads, kv_heads, q_len, segments", [(8, 8, 64, False), (8, 2, 64, True), (4, 1, 16, True)])
+def test_cpu_attention_matches_the_reference_with_gradients(heads, kv_heads, q_len, segments):
+    """`xla.cpu_attention` (what "auto" runs on CPU for small scores: head-major, batch and heads merged)
+    against the token-major reference `xla.reference_attention`: GQA, packed segments, bottom-right causal
+    with fewer queries than keys. float32 both sides; 1e-5 covers summation order."""
+    rng = np.random.default_rng(1)
+    b, kv_len, d = 2, 64, 16
+    q = jnp.asarray(rng.standard_normal((b, q_len, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv_len, kv_heads, d)), jnp.float32) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1, 2], [1, 1]], kv_len // 2, axis=1), jnp.int32) if segments else None
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, causal=True, segment_ids=seg, softmax_scale=0.3) * cot)
+
+    got = jax.value_and_grad(loss(xla.cpu_attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(loss(xla.reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)

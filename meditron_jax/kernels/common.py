@@ -45,6 +45,27 @@ class Problem:
         return self.kv_len - self.q_len
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    platform: str  # "tpu", "gpu" or "cpu"
+    device_kind: str | None
+    from_mesh: bool = False  # True: an ambient mesh fixed the platform; False: the default backend's guess
+
+
+def current_target() -> Target:
+    """The backend being compiled for: the ambient mesh's devices if one is set, else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is not None:
+        return Target(normalise_platform(device.platform), device.device_kind, from_mesh=True)
+    return Target(normalise_platform(jax.default_backend()), jax.devices()[0].device_kind)
+
+
+def normalise_platform(platform: str) -> str:
+    platform = platform.lower()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
 def check_inputs(q, k, v, segment_ids, *, causal: bool, who: str = "attention") -> Problem:
     """Shape/dtype checks with messages that name the caller and the offending shapes."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:

@@ -11,7 +11,6 @@ topology works without a mesh, and running the same program on CPU still fails w
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 
@@ -23,14 +22,15 @@ from jax.interpreters import ad, batching, mlir
 
 from meditron_jax.config import ATTENTION_IMPLS
 from meditron_jax.kernels import cudnn, pallas_gpu, pallas_tpu, sharding, xla
-from meditron_jax.kernels.common import Problem, check_inputs, default_scale
+from meditron_jax.kernels.common import Problem, Target, check_inputs, current_target, default_scale, normalise_platform
 
 # Queries shorter than this (decode steps, short prompts) use the reference: one [q, kv] score tile is
 # small, and a kernel launch plus padding to a 128-row tile would only add work.
 MIN_KERNEL_Q_LEN = 128
-# On CPU the reference is faster than the blockwise loop while its float32 scores stay this small
-# (bytes of batch * heads * q_len * kv_len scores; see docs/kernels.md for the timings behind it).
-CPU_REFERENCE_MAX_SCORE_BYTES = 16 * 2**20
+# On CPU whole-score attention (head-major, `xla.cpu_attention`) is faster than the blockwise loop while
+# its float32 scores stay this small (bytes of batch * heads * q_len * kv_len); beyond, the blockwise
+# loop's memory wins. Timings in docs/kernels.md and docs/performance.md.
+CPU_REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
 
 _SIZES_TYPES = {
     "pallas_tpu": pallas_tpu.BlockSizes,
@@ -40,27 +40,6 @@ _SIZES_TYPES = {
 # Platforms (as lax.platform_dependent names them) each kernel lowers for.
 _KERNEL_PLATFORMS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("cuda", "rocm"), "cudnn": ("cuda",)}
 _BACKEND_OF = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "cudnn": "gpu"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    platform: str  # "tpu", "gpu" or "cpu"
-    device_kind: str | None
-    from_mesh: bool = False  # True: an ambient mesh fixed the platform; False: the default backend's guess
-
-
-def current_target() -> Target:
-    """The backend being compiled for: the ambient mesh's devices if one is set, else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
-    if device is not None:
-        return Target(_normalise(device.platform), device.device_kind, from_mesh=True)
-    return Target(_normalise(jax.default_backend()), jax.devices()[0].device_kind)
-
-
-def _normalise(platform: str) -> str:
-    platform = platform.lower()
-    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
 def attention(
@@ -86,6 +65,8 @@ def attention(
     sizes = _block_sizes_for(chosen, block_sizes, target)
     kwargs = dict(causal=causal, segment_ids=segment_ids, softmax_scale=scale)
     if chosen == "xla":
+        if impl == "auto" and target.platform == "cpu":
+            return xla.cpu_attention(q, k, v, **kwargs)
         return xla.reference_attention(q, k, v, **kwargs)
     if chosen == "xla_blockwise":
         return xla.blockwise_attention(q, k, v, block_sizes=sizes, **kwargs)
@@ -142,11 +123,11 @@ _unavailable_p.def_abstract_eval(lambda x, *, impl: x)
 
 
 def _refuse_to_run(x, *, impl):
-    raise ValueError(_wrong_backend(impl, _normalise(jax.default_backend())))
+    raise ValueError(_wrong_backend(impl, normalise_platform(jax.default_backend())))
 
 
 def _refuse_to_lower(ctx, x, *, impl):
-    raise ValueError(_wrong_backend(impl, "/".join(_normalise(p) for p in ctx.module_context.platforms)))
+    raise ValueError(_wrong_backend(impl, "/".join(normalise_platform(p) for p in ctx.module_context.platforms)))
 
 
 _unavailable_p.def_impl(_refuse_to_run)

@@ -28,7 +28,8 @@ __all__ = [
     "MASK_VALUE",
     "BlockwiseSizes",
     "blockwise_attention",
-    "decode_attention",
+    "cpu_attention",
+    "head_major_attention",
     "make_mask",
     "masked_attention",
     "reference_attention",
@@ -76,31 +77,43 @@ def masked_attention(q, k, v, mask, softmax_scale: float):
     return out.reshape(b, q_len, heads, d).astype(q.dtype)
 
 
-def decode_attention(q, k, v, mask, softmax_scale: float):
-    """`masked_attention` for a few new queries against a head-major KV cache.
+def head_major_attention(q, k, v, mask, softmax_scale: float, merge_batch: bool = False):
+    """`masked_attention` against head-major K/V: decode's cache, and training's attention on CPU.
 
-    q: [b, q_len, heads, d]; k, v: [b, kv_heads, kv_len, d]; mask: bool [b, q_len, kv_len] or None. Same
-    result as `masked_attention`. Head-major, both products are plain batched matmuls over (batch, heads);
-    with the token-major [b, kv_len, kv_heads, d] layout XLA:CPU transposed a copy of the whole cache per
-    layer and decode step.
+    q: [b, q_len, heads, d]; k, v: [b, kv_heads, kv_len, d]; mask: bool, broadcastable to [b, q_len, kv_len],
+    or None. Same result as `masked_attention`. Head-major, both products are plain batched matmuls over
+    (batch, heads); token-major, XLA:CPU transposed a copy of the whole KV cache per layer and decode step.
+    ``merge_batch``: batch and heads as one batch dimension (free reshapes), for XLA:CPU's training step,
+    where with two its dot canonicalisation adds transposes around the backward's products
+    (docs/performance.md); not for the decode cache, which XLA:CPU then copies every step.
     """
     b, q_len, heads, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     adt = accum_dtype(q.dtype)
-    # [b, kv_heads, groups × q_len, d]: the query heads sharing a KV head share its matmul.
-    qg = q.reshape(b, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * q_len, d)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k, preferred_element_type=adt) * softmax_scale
-    scores = scores.reshape(b, kv_heads, groups, q_len, -1)
+    lead = (b * kv_heads,) if merge_batch else (b, kv_heads)
+    # [.., groups × q_len, d]: the query heads sharing a KV head share its matmul.
+    qg = q.reshape(b, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(*lead, groups * q_len, d)
+    k, v = k.reshape(*lead, kv_len, d), v.reshape(*lead, kv_len, d)
+    scores = jnp.einsum("...qd,...kd->...qk", qg, k, preferred_element_type=adt) * softmax_scale
     if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kv_heads, groups * q_len, -1)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=adt)
+        # Masked in the products' own shape: a 5-D view here made XLA:CPU's backward 1.5× slower.
+        full = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, groups, q_len, kv_len))
+        scores = jnp.where(full.reshape(scores.shape), scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), v, preferred_element_type=adt)
     out = out.reshape(b, kv_heads, groups, q_len, d).transpose(0, 3, 1, 2, 4)  # [b, q, kv_heads, groups, d]
     if mask is not None:
         has_key = jnp.broadcast_to(jnp.any(mask, axis=-1), (b, q_len))
         out = out * has_key[:, :, None, None, None].astype(out.dtype)
     return out.reshape(b, q_len, heads, d).astype(q.dtype)
+
+
+def cpu_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale):
+    """What "auto" runs on CPU while the scores are small: `head_major_attention` on K/V transposed once."""
+    mask = make_mask(q.shape[1], k.shape[1], causal=causal, segment_ids=segment_ids)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    return head_major_attention(q, kh, vh, mask, softmax_scale, merge_batch=True)
 
 
 def reference_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale):

@@ -15,6 +15,7 @@ from flax import linen as nn
 from meditron_jax import kernels
 from meditron_jax.config import ModelConfig
 from meditron_jax.kernels import xla as xla_attention
+from meditron_jax.kernels.common import current_target
 
 MODES = ("train", "prefill", "decode")
 
@@ -31,11 +32,11 @@ def constrain(x, axes):
 def _flatten_for_cpu() -> bool:
     """Whether ``dense`` merges batch and length here: only for XLA:CPU (the platform traced for: the
     mesh's devices, else the default backend), and not where ``length`` is sharded over several devices."""
+    if current_target().platform != "cpu":
+        return False
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return jax.default_backend() == "cpu"
-    if mesh.abstract_device is None or mesh.abstract_device.platform != "cpu":
-        return False
+        return True
     axes = nn.logical_to_mesh_axes(("length",))[0]
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     return all(mesh.shape.get(name, 1) == 1 for name in names)
@@ -193,7 +194,7 @@ class Attention(nn.Module):
         q_slots = i + jnp.arange(length)
         mask = valid.value[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
         keys, values = ck.value.reshape(b, *ck.value.shape[-3:]), cv.value.reshape(b, *cv.value.shape[-3:])
-        return xla_attention.decode_attention(q, keys, values, mask, scale)
+        return xla_attention.head_major_attention(q, keys, values, mask, scale)
 
 
 class DecoderLayer(nn.Module):
