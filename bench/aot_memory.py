@@ -14,6 +14,10 @@ Compiles take minutes each (the 70B ones on a 2-core machine ~10+ minutes), so r
     python bench/aot_memory.py --only 7b-v5p --force # re-run one case
     python bench/aot_memory.py --table               # print from the cache
     MAXTEXT_PYTHON=/tmp/maxtext-venv/bin/python python bench/aot_memory.py   # MaxText in its own venv
+
+With MaxText given, our side compiles with MaxText's libtpu (``--libtpu maxtext``: MaxText 0.2.5 does not compile
+with our pinned libtpu 0.0.42.1, and the two libtpu versions report different memory for the same program), so
+the ratio compares programs, not compilers; ``--libtpu pinned`` measures ours on our own pin (``ours_pinned*``).
 """
 
 from __future__ import annotations
