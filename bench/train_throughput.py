@@ -301,16 +301,19 @@ def bench_maxtext(shape: Shape, steps: int, warmup: int, peak: float | None, pyt
         ).stdout.strip()
     except subprocess.CalledProcessError as e:
         return {"error": f"not run: cannot import maxtext with {python}: {e.stderr[-300:]}"}
+    workdir = tempfile.mkdtemp(prefix="maxtext_tp_")
     cmd = [
         python,
         "-m",
         "maxtext.trainers.pre_train.train",
         f"{root}/configs/base.yml",
         "run_name=bench_train_throughput",
-        f"base_output_directory={tempfile.mkdtemp(prefix='maxtext_tp_')}",
+        f"base_output_directory={workdir}",
+        "hardware=cpu",
+        "skip_jax_distributed_system=True",  # one process; its CPU path otherwise wants a launcher's job variables
         "dataset_type=synthetic",
         "enable_checkpointing=False",
-        f"steps={warmup + steps}",
+        f"steps={warmup + 1 + steps}",  # one more: its step times are logged asynchronously (see below)
         f"per_device_batch_size={shape.batch}",
         f"max_target_length={shape.seq_len}",
         f"vocab_size={shape.vocab}",
@@ -325,9 +328,12 @@ def bench_maxtext(shape: Shape, steps: int, warmup: int, peak: float | None, pyt
         "remat_policy=full",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/tmp")
+    # cwd: a folder of our own; in a shared /tmp a stray module (say attr.py) shadows MaxText's imports.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     found = [(int(s), float(t)) for s, t in _MAXTEXT_STEP.findall(proc.stdout + proc.stderr)]
-    times = [t for s, t in found if s >= warmup]
+    # MaxText logs a step's time when the next is dispatched: the first timed line after compiling read 0.28 s
+    # for a 11.7 s step (2026-12-01), so one more step is left out.
+    times = [t for s, t in found if s >= warmup + 1]
     if not times:
         return {"error": f"MaxText exit {proc.returncode}, no step lines: {(proc.stderr or proc.stdout)[-300:]}"}
     row = _median_row(times, shape, model_flops_per_token(shape.model_config(), shape.seq_len), peak)

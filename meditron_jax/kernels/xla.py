@@ -121,13 +121,13 @@ def _softmax_forward(q, k, v, mask, scale):
         scores = jnp.where(mask, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("...qk,...kd->...qd", probs.astype(v.dtype), v, preferred_element_type=adt)
-    return out, (q, k, v, mask, probs, out)
+    return out, (q, k, v, probs, out)  # no mask: masked probabilities are already 0
 
 
 def _softmax_backward(scale, saved, dout):
     """Flash attention's backward on the saved probabilities: the softmax's row term is rowsum(dO·O), a
     [.., q, d] reduction, where autodiff reduces dP·P over [.., q, k] (4% of the CPU step)."""
-    q, k, v, mask, probs, out = saved
+    q, k, v, probs, out = saved
     adt = probs.dtype
     dout = dout.astype(adt)
     dv = jnp.einsum("...qk,...qd->...kd", probs, dout)
