@@ -37,7 +37,8 @@ def _flatten_for_cpu() -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return True
-    axes = nn.logical_to_mesh_axes(("length",))[0]
+    spec = nn.logical_to_mesh_axes(("length",))
+    axes = None if spec is None else spec[0]
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     return all(mesh.shape.get(name, 1) == 1 for name in names)
 
