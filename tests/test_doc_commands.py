@@ -223,6 +223,8 @@ def resolve(command: Command) -> Resolved:
     if head in (".", "source"):
         return Resolved("source", rest[0] if rest else "", rest[1:], None)
     name = head[len(".venv/bin/") :] if head.startswith(".venv/bin/") else head
+    if head.startswith(("/", "~/")) and pathlib.Path(head).name in ("python", "python3", "pip"):
+        return Resolved("external", head, rest, None)  # another environment's interpreter (MaxText's venv)
     if name in ("python", "python3"):
         if rest[:1] == ["-m"]:
             module, args = rest[1], rest[2:]
