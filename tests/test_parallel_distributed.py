@@ -2,19 +2,14 @@
 processes, ICI fsdp=4 within one), each feeds only its own rows of the global batch, and the sharded step's
 loss equals the loss of the whole batch computed on one device."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from .multiprocess_utils import run_two_processes
+
 pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
 
-ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -51,46 +46,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_cpu_processes_feed_their_own_rows(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "PYTHONPATH": str(ROOT),
-        "JAX_NUM_PROCESSES": "",
-        "JAX_PROCESS_ID": "",
-        "JAX_COORDINATOR_ADDRESS": "",
-    }
-    address = f"localhost:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), address, str(i)],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-process workers timed out")
-        assert p.returncode == 0, out[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    results = run_two_processes(script, tmp_path)
     results.sort(key=lambda r: r["process"])
     assert [r["count"] for r in results] == [2, 2] and results[0]["devices"] == 8
     # DCN data=2 across processes: each data replica lives in one process, which loads half of the batch

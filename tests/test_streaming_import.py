@@ -397,47 +397,11 @@ print("RESULT " + json.dumps({"process": jax.process_index(), "shards": shards, 
 def test_two_processes_each_read_their_own_shards(shared_data, tmp_path):
     """Two processes of 4 CPU devices, FSDP=8 across them: each builds only its own devices' shards (the
     parameters are not fully addressable anywhere), and every shard equals the eager import's slice."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from .multiprocess_utils import run_two_processes
 
     script = tmp_path / "worker.py"
     script.write_text(MULTI_PROCESS_WORKER)
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        "JAX_NUM_PROCESSES": "",
-        "JAX_PROCESS_ID": "",
-        "JAX_COORDINATOR_ADDRESS": "",
-    }
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        address = f"localhost:{s.getsockname()[1]}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), address, str(i), str(shared_data / "stories260K_hf")],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    results = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-process workers timed out")
-        assert p.returncode == 0, out[-3000:]
-        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    results = run_two_processes(script, tmp_path, str(shared_data / "stories260K_hf"))
     n_leaves = len(
         jax.tree.leaves(
             hf.lazy_hf_params(
