@@ -61,8 +61,9 @@ class Case:
 # Our side's ModelConfig options, per case, the measured best on libtpu 0.0.52 (docs/performance.md "Training
 # memory ahead of time"): the chunked output head + loss (loss_chunk_size) and RoPE's rotation in bf16, as
 # transformers and MaxText do it (rope_in_compute_dtype). Both are off by default in the model and change results
-# by rounding only. On v4 (5 and 1 sequences per chip and microstep) they made the figure larger (70B: 19.02 ->
-# 19.11 GiB), so those cases have none. --plain compiles every case without them (ours_unchunked).
+# by rounding only. On v4 (5 and 1 sequences per chip and microstep) they did not pay (70B: 19.02 ->
+# 19.11 GiB; since the layer gradients accumulate in the backward scan, 17.10 -> 17.09), so those cases have
+# none. --plain compiles every case without them (ours_unchunked).
 _7B = ("loss_chunk_size=256", "rope_in_compute_dtype=true")
 _70B = ("loss_chunk_size=512", "rope_in_compute_dtype=true")
 CASES = [

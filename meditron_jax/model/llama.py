@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.model.families import decoder_layer_class, norm_class
+from meditron_jax.model.layer_scan import accumulating_layer_scan
 from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dense, dtype_of, param
 
 _REMAT_POLICIES = {
@@ -42,12 +43,24 @@ class Llama(nn.Module):
     mode "prefill"/"decode": also read/write the KV cache collection ``cache`` (see `infer.generate`).
     return_hidden: return (final-normed hidden state, head matrix [embed, padded vocab]) instead of the logits,
     for a loss that applies the head itself (`meditron_jax.model.loss.head_cross_entropy_sums`).
+    layer_grads: gradient accumulators of the stacked layer parameters (training with gradient
+    accumulation, scanned layers and full remat): the layers then run through
+    `layer_scan.accumulating_layer_scan`, and the gradient autodiff reports for ``params["layers"]`` is
+    ``layer_grads`` plus the gradient (the updated accumulators), added inside the backward layer scan.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, mode: str = "train", return_hidden: bool = False):
+    def __call__(
+        self,
+        tokens,
+        positions=None,
+        segment_ids=None,
+        mode: str = "train",
+        return_hidden: bool = False,
+        layer_grads=None,
+    ):
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -60,7 +73,12 @@ class Llama(nn.Module):
         x = embed(cfg, embedding, tokens)
 
         stack = layer_stack(cfg, mode)
-        if cfg.scan_layers:
+        if layer_grads is not None:
+            if mode != "train" or self.is_initializing():
+                raise ValueError("layer_grads is for training steps on existing parameters (mode 'train')")
+            layers = self.variables["params"]["layers"]
+            x = accumulating_layer_scan(cfg, decoder_layer_class(cfg), layers, layer_grads, x, positions, segment_ids)
+        elif cfg.scan_layers:
             x, _ = stack(cfg, mode, name="layers")(x, positions, segment_ids)
         else:
             for i in range(cfg.num_layers):

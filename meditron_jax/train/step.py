@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.data.features import BATCH_KEYS, REQUIRED_KEYS
-from meditron_jax.model import Llama, abstract_params
+from meditron_jax.model import Llama, abstract_params, layer_scan
 from meditron_jax.model.llama import vocab_logits
 from meditron_jax.model.loss import cross_entropy_sums, head_cross_entropy_sums
 from meditron_jax.parallel import pipeline as pp
@@ -90,6 +90,7 @@ class TrainStep:
         max_replication_overhead: float | None = None,
         return_grads: bool = False,
         compiler_options: dict | None = None,
+        accumulate_in_layer_scan: bool = True,
     ):
         self.config = config
         self.mesh = mesh
@@ -141,6 +142,11 @@ class TrainStep:
         self._donate = donate
         self._return_grads = return_grads  # metrics["grads"]: the step's gradients, for checks and debugging
         self._compiler_options = compiler_options  # XLA options, e.g. a lower CPU codegen level in tests
+        # With accumulation, add each layer's gradient to its accumulator inside the backward layer scan
+        # (`model.layer_scan`): the same values bit for bit, without a stacked float32 gradient per microstep.
+        self.accumulate_in_layer_scan = (
+            accumulate_in_layer_scan and self.grad_accum_steps > 1 and pipeline is None and layer_scan.supports(config)
+        )
         self._jitted: dict[tuple, Any] = {}
         if max_replication_overhead is not None:
             self.report().check(max_replication_overhead)
@@ -256,8 +262,11 @@ class TrainStep:
         x = pp.run_stages(self.config, self.pipeline, self.num_stages, params["layers"], x, positions, segment_ids)
         return pp.head(self.config, params, x)
 
-    def _loss_sums(self, params, mb):
-        """(Σ w·CE, Σ w) of a microbatch (`meditron_jax.model.loss`; chunked with ModelConfig.loss_chunk_size)."""
+    def _loss_sums(self, params, mb, layer_grads=None):
+        """(Σ w·CE, Σ w) of a microbatch (`meditron_jax.model.loss`; chunked with ModelConfig.loss_chunk_size).
+
+        layer_grads: accumulators that the layers' gradients are added into (`Llama`'s argument of that name).
+        """
         weights = mb.get("decoder_loss_weights")
         if weights is None:
             weights = jnp.ones(mb["decoder_target_tokens"].shape, jnp.float32)
@@ -268,6 +277,7 @@ class TrainStep:
                 mb.get("decoder_positions"),
                 mb.get("decoder_segment_ids"),
                 return_hidden=True,
+                layer_grads=layer_grads,
             )
             return head_cross_entropy_sums(self.config, x, head, mb["decoder_target_tokens"], weights, vocab_logits)
         logits = self._logits(params, mb)
@@ -275,7 +285,7 @@ class TrainStep:
 
     def _grads(self, params, batch):
         """(loss, Σw, grads of the mean loss) over the whole batch, accumulating over microsteps."""
-        grad_fn = jax.value_and_grad(lambda p, mb: self._loss_sums(p, mb), has_aux=True)
+        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         a = self.grad_accum_steps
         if a == 1:
             (loss_sum, w_sum), g_sum = grad_fn(params, batch)
@@ -291,8 +301,12 @@ class TrainStep:
 
             def body(carry, mb):
                 g_acc, l_acc, w_acc = carry
-                (loss, w), g = grad_fn(params, mb)
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
+                if self.accumulate_in_layer_scan:  # g["layers"] is already g_acc["layers"] + the gradient
+                    (loss, w), g = grad_fn(params, mb, g_acc["layers"])
+                    g_acc = {k: g[k] if k == "layers" else jax.tree.map(jnp.add, g_acc[k], g[k]) for k in g}
+                else:
+                    (loss, w), g = grad_fn(params, mb)
+                    g_acc = jax.tree.map(jnp.add, g_acc, g)
                 return (jax.lax.with_sharding_constraint(g_acc, g_shard), l_acc + loss, w_acc + w), None
 
             zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), g_shard)
