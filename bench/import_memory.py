@@ -8,6 +8,14 @@ then imports it twice, each time in a fresh process with 8 fake CPU devices and 
   ``jax.make_array_from_callback``, which is what the trainer's ``init_from`` did before;
 * stream: ``load_hf_sharded`` (``convert.streaming``): each device shard read from the files by slices.
 
+and the orbax model format (``--modes orbax-export-eager,orbax-export,orbax-eager,orbax-sharded``, in that
+order: the orbax-export row writes the export, next to the checkpoint, that the two restore rows read):
+
+* orbax-export-eager / orbax-export: ``meditron-convert --to orbax`` before (``load_hf_params`` whole on the
+  host, saved from there) and now (streamed into FSDP shards over the 8 devices, saved from there);
+* orbax-eager: ``load_model_dir`` of the export onto the host, then placed with ``make_array_from_callback``;
+* orbax-sharded: ``load_model_dir(lazy=True)`` + ``streaming.place``: orbax restores each device's shards.
+
 Each child records, after its imports and device start-up, a baseline; then the peak of VmHWM (all resident
 memory) and, sampled every 2 ms by a thread, RssAnon (process memory) and RssFile (mapped file pages).
 On the CPU backend the "devices" are host memory, so the placed parameters themselves show up as RssAnon:
@@ -18,6 +26,7 @@ is why the table reports them apart from RssAnon.
     python bench/import_memory.py                 # 2.0 GiB checkpoint, both paths, table
     python bench/import_memory.py --layers 16     # 3.5 GiB
     python bench/import_memory.py --keep DIR      # write (or reuse) the checkpoint in DIR and keep it
+    python bench/import_memory.py --modes orbax-export-eager,orbax-export,orbax-eager,orbax-sharded
 """
 
 from __future__ import annotations
@@ -158,6 +167,12 @@ def child(mode: str, path: str) -> dict:
     sampler.start()
     tracemalloc.start()
     t0 = time.perf_counter()
+    from meditron_jax.convert import orbax, streaming
+    from meditron_jax.convert.model_dir import load_model_dir
+
+    export_dir = path.rstrip("/") + "-orbax"
+    if mode.startswith("orbax-export"):
+        shutil.rmtree(export_dir, ignore_errors=True)
     if mode.startswith("export"):
         out = tempfile.mkdtemp(prefix="import-memory-export-", dir="/tmp")
         try:
@@ -172,6 +187,28 @@ def child(mode: str, path: str) -> dict:
         )
         jax.block_until_ready(placed)
         del host
+    elif mode == "orbax-export-eager":
+        # What meditron-convert --to orbax did: the HF import whole on the host, saved from there.
+        host = hf.load_hf_params(path, cfg)
+        orbax.save_orbax(host, cfg, export_dir)
+        del host
+        placed = {}
+    elif mode == "orbax-export":
+        # meditron-convert --to orbax now: streamed into FSDP shards over the devices, saved from there.
+        lazy, _ = load_model_dir(path, lazy=True)
+        placed = jax.block_until_ready(streaming.place(lazy, shardings))
+        orbax.save_orbax(placed, cfg, export_dir)
+    elif mode == "orbax-eager":
+        # An orbax export restored onto the host, then placed (what load_model_dir + place did before).
+        host, _ = load_model_dir(export_dir)
+        placed = jax.tree.map(
+            lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), host, shardings
+        )
+        jax.block_until_ready(placed)
+        del host
+    elif mode == "orbax-sharded":
+        lazy, _ = load_model_dir(export_dir, lazy=True)
+        placed = jax.block_until_ready(streaming.place(lazy, shardings))
     else:
         placed = jax.block_until_ready(hf.load_hf_sharded(path, cfg, shardings))
     seconds = time.perf_counter() - t0
@@ -190,10 +227,20 @@ def child(mode: str, path: str) -> dict:
         "peak_anon_over_baseline": sampler.peak_anon - base["RssAnon"],
         "peak_file_over_baseline": sampler.peak_file - base["RssFile"],
         "placed_bytes": 0 if mode.startswith("export") else placed_bytes,
+        "export_chunks": _chunks(export_dir) if mode.startswith("orbax") else None,
         "end_anon_over_baseline": end["RssAnon"] - base["RssAnon"],
         "end_anon_after_malloc_trim": trimmed["RssAnon"] - base["RssAnon"],
         "peak_traced": traced_peak,
     }
+
+
+def _chunks(export_dir: str) -> str:
+    """The stored chunk shape of the export's embedding (how finely orbax can read it back)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.join(export_dir, "params")).item_metadata.tree["embedding"]
+    return f"{tuple(meta.shape)} in chunks of {tuple(meta.storage.chunk_shape)}"
 
 
 def run_child(mode: str, path: str) -> dict:
@@ -212,20 +259,23 @@ def table(info: dict, rows: list[dict]) -> str:
     lines = [
         f"checkpoint: {info['total_bytes'] / GIB:.2f} GiB float32 in {info['files']} safetensors files; "
         f"largest tensor {big / 2**20:.0f} MiB; 8 CPU devices, FSDP=8",
-        f"{'path':<12} {'peak RSS':>10} {'peak anon':>10} {'placed':>9} {'cost':>12} {'÷ largest':>10} "
+        f"{'path':<18} {'peak RSS':>10} {'peak anon':>10} {'placed':>9} {'cost':>12} {'÷ largest':>10} "
         f"{'peak file':>10} {'traced':>9} {'seconds':>8}",
     ]
     for r in rows:
         cost = r["peak_anon_over_baseline"] - r["placed_bytes"]
         lines.append(
-            f"{r['mode']:<12} {r['peak_rss_over_baseline'] / GIB:>8.2f}Gi {r['peak_anon_over_baseline'] / GIB:>8.2f}Gi "
+            f"{r['mode']:<18} {r['peak_rss_over_baseline'] / GIB:>8.2f}Gi {r['peak_anon_over_baseline'] / GIB:>8.2f}Gi "
             f"{r['placed_bytes'] / GIB:>7.2f}Gi {cost / GIB:>10.2f}Gi {cost / big:>10.1f} "
             f"{r['peak_file_over_baseline'] / GIB:>8.2f}Gi {r['peak_traced'] / GIB:>7.2f}Gi {r['seconds']:>8.1f}"
         )
     lines.append(
         "peak RSS / peak anon: over the baseline after imports; placed: the parameters on the (CPU) devices; "
         "cost = peak anon − placed; peak file: mapped checkpoint pages (page cache); export rows: "
-        "save_hf of the placed parameters (placed before the baseline); traced: peak of live Python/numpy "
+        "save_hf of the placed parameters (placed before the baseline); orbax-export rows: meditron-convert --to "
+        "orbax before (eager) and now (placed: the model on the CPU devices while orbax saves it); orbax-eager / "
+        "orbax-sharded: restoring the orbax-export output onto the host then placing / straight into shards; "
+        "traced: peak of live Python/numpy "
         "allocations (tracemalloc), which RSS overstates when the allocator keeps freed pages"
     )
     return "\n".join(lines)
@@ -268,6 +318,7 @@ def main(argv=None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(folder.parent, ignore_errors=True)
+        shutil.rmtree(str(folder).rstrip("/") + "-orbax", ignore_errors=True)
     return 0
 
 

@@ -109,7 +109,7 @@ def load(
     if param_dtype:
         overrides["param_dtype"] = param_dtype
     params, config = load_model_dir(path, lazy=True, **overrides)
-    params = streaming.place(params)  # one device; a Hugging Face model is read tensor by tensor into it
+    params = streaming.place(params)  # one device, read into it tensor by tensor (HF) or by orbax (the others)
     if tokenizer_path:
         tokenizer_path = resolve_model_path(tokenizer_path)
     tok_dir = tokenizer_path or path

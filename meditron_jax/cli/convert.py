@@ -30,6 +30,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work
 log = logging.getLogger("meditron-convert")
 
 
+def export_shardings(config):
+    """Every parameter split FSDP-style over all local devices; the first device alone when there is one,
+    or when the model's dimensions do not divide by their number."""
+    import jax
+    from flax import linen as nn
+
+    from meditron_jax.model import logical_axes
+    from meditron_jax.parallel import MeshConfig, create_mesh, logical_axis_rules, resolve_rules
+
+    if jax.local_device_count() > 1:
+        mesh = create_mesh(MeshConfig(ici_fsdp=jax.local_device_count(), dcn_data=1))
+        try:
+            rules = resolve_rules(logical_axis_rules(), config, dict(mesh.shape)).rules
+        except ValueError:
+            pass
+        else:
+            return nn.logical_to_mesh_sharding(logical_axes(config), mesh, rules)
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--to", choices=("orbax", "hf"), required=True, help="output format")
@@ -65,7 +85,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     quiet_startup(args.verbose)
 
-    from meditron_jax.convert import hf, hub, model_card, orbax
+    from meditron_jax.convert import hf, hub, model_card, orbax, streaming
     from meditron_jax.convert.files import check_output_dir
     from meditron_jax.convert.model_dir import load_model_dir, model_dir_kind
 
@@ -100,7 +120,11 @@ def main(argv=None) -> int:
 
     log.info("reading %s (%s)", args.input, kind)
     overrides = {"param_dtype": args.dtype} if args.dtype and args.to == "orbax" else {}
-    params, config = load_model_dir(args.input, step=args.step, **overrides)
+    params, config = load_model_dir(args.input, step=args.step, lazy=True, **overrides)
+    # Read straight into shards over the available devices (FSDP): the input never sits whole on the host
+    # beside them (on GPUs or TPUs the host then holds about one tensor; with JAX_PLATFORMS=cpu, the default
+    # here, the devices are host memory and hold the model once).
+    params = streaming.place(params, export_shardings(config))
     record = {"source_kind": kind, "tokenizer": None if tok_dir is None else os.path.abspath(tok_dir)}
     if args.step is not None:
         record["step"] = args.step

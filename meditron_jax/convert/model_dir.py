@@ -4,6 +4,7 @@ training run's ``MODEL_DIR`` (its newest checkpoint), given as a path or as a Hu
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -60,12 +61,9 @@ def latest_run_step(path: str | os.PathLike) -> int:
     return max(steps)
 
 
-def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
-    """Parameters of a training-run checkpoint, back in the model layout when it was saved pipelined."""
+def _run_item(path: str, step: int | None) -> str:
+    """The orbax item folder of a training run's checkpoint ``step`` (default: the newest)."""
     import orbax.checkpoint as ocp
-    from flax import linen as nn
-
-    from meditron_jax.model import abstract_params
 
     if step is None:
         step = latest_run_step(path)
@@ -73,7 +71,17 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
         steps = sorted(ocp.utils.checkpoint_steps(os.path.join(os.path.abspath(path), RUN_CHECKPOINTS)))
         if step not in steps:
             raise FileNotFoundError(f"{path}: training run has no finished checkpoint of step {step} (it has {steps})")
-    item = os.path.join(os.path.abspath(path), RUN_CHECKPOINTS, str(step), "default")
+    return os.path.join(os.path.abspath(path), RUN_CHECKPOINTS, str(step), "default")
+
+
+def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
+    """Parameters of a training-run checkpoint, back in the model layout when it was saved pipelined."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
+
+    item = _run_item(path, step)
     with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
         # Restored to host arrays, then reshaped to the model's layout: no device topology is involved, so
         # orbax's advice to pass shardings (printed on every load) does not apply.
@@ -93,15 +101,41 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
     return jax.tree.map(fit, params, want)
 
 
+def _lazy_run(path: str, config: ModelConfig, step: int | None) -> dict:
+    """:func:`_load_run` 's parameters as `orbax.StoredParam` s: checked against the checkpoint's metadata
+    now, read only when placed (straight into their shards, reshaped there when saved pipelined). The
+    optimizer state beside them is never read."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    from meditron_jax.model import abstract_params
+
+    item = _run_item(path, step)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(item).item_metadata.tree["params"]
+    want = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.meta.unbox(abstract_params(config)))
+
+    def check(m, target):
+        shape = tuple(m.shape)
+        if shape != tuple(target.shape) and math.prod(shape) != math.prod(target.shape):
+            raise ValueError(f"{item}: a parameter of shape {shape} does not fit the run's model ({target.shape})")
+
+    jax.tree.map(check, stored, want)
+    return orbax.StoredParams(item, ("params",)).lazy_tree(stored, want)
+
+
 def load_model_dir(
     path: str | os.PathLike, *, step: int | None = None, lazy: bool = False, **overrides
 ) -> tuple[dict, ModelConfig]:
     """(host parameters, config) of a Hugging Face, meditron_jax orbax, or training-run directory.
 
     ``overrides`` change how the model computes (dtype, param_dtype, scan_layers, attention_impl, ...);
-    ``step`` picks a training run's checkpoint (default: the newest). ``lazy``: a Hugging Face directory's
-    parameters are `streaming.LazyParam` s, read only when placed (`streaming.place`), so the model never
-    sits whole on the host; the other kinds are read onto the host either way.
+    ``step`` picks a training run's checkpoint (default: the newest). ``lazy``: the parameters are not read
+    yet, only checked against the checkpoint's headers / metadata; `streaming.place` reads them straight
+    into their device shards, so the model never sits whole on the host. A Hugging Face directory gives
+    `streaming.LazyParam` s (read slice by slice), an orbax export or a training run `orbax.StoredParam` s
+    (restored together by orbax into the target shardings). Indexing or ``np.asarray`` of one reads that
+    parameter alone onto the host.
     """
     path = resolve_model_path(path)
     kind = model_dir_kind(path)
@@ -109,5 +143,5 @@ def load_model_dir(
     if kind == "hf":
         return (hf.lazy_hf_params if lazy else hf.load_hf_params)(path, config), config
     if kind == "orbax":
-        return orbax.load_orbax(path, config)
-    return _load_run(path, config, step), config
+        return (orbax.lazy_orbax if lazy else orbax.load_orbax)(path, config)
+    return (_lazy_run if lazy else _load_run)(path, config, step), config

@@ -11,6 +11,10 @@ nor a whole stacked parameter.
 
 Every step is a copy, transpose, reshape, zero-pad or dtype cast of single elements, so the result is bit
 for bit what the whole-tensor conversion (each transform's :meth:`Transform.apply`) gives.
+
+An orbax checkpoint (our model format, a training run) is read differently: its leaves are
+:class:`GroupedParam` s (`meditron_jax.convert.orbax.StoredParam`), and :func:`place` hands all of one
+checkpoint's to it at once, for one orbax restore straight into the target shardings.
 """
 
 from __future__ import annotations
@@ -311,8 +315,25 @@ def place_leaf(x: Any, sharding: jax.sharding.Sharding, max_chunk_bytes: int) ->
     return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
 
 
+class GroupedParam:
+    """A parameter whose source reads many parameters in one call (an orbax checkpoint restores a whole tree
+    straight into its target shardings): :func:`place` hands all leaves of one ``group`` to
+    ``group.place(params, shardings)`` together. Indexing one reads it alone onto the host."""
+
+    group: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _is_lazy(x: Any) -> bool:
+    return isinstance(x, LazyParam | GroupedParam)
+
+
 def leaves(tree) -> Iterator[Any]:
-    yield from jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, LazyParam))
+    yield from jax.tree.leaves(tree, is_leaf=_is_lazy)
 
 
 def largest_tensor_bytes(tree) -> int:
@@ -329,13 +350,28 @@ def largest_tensor_bytes(tree) -> int:
 def place(tree, shardings=None, *, max_chunk_bytes: int | None = None):
     """A tree of lazy / numpy / jax parameters as ``jax.Array`` s in ``shardings`` (a matching tree of
     shardings, one sharding for all, or None: the default device). Host memory in use at any time stays
-    within about ``max_chunk_bytes`` (default: the largest checkpoint tensor) plus one layer's slice."""
+    within about ``max_chunk_bytes`` (default: the largest checkpoint tensor) plus one layer's slice; the
+    leaves of a :class:`GroupedParam` group are placed by their group, whose own bound applies."""
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if max_chunk_bytes is None:
         max_chunk_bytes = max(largest_tensor_bytes(tree), 1)
-    budget = max_chunk_bytes
-    is_leaf = lambda x: isinstance(x, LazyParam)  # noqa: E731
+    flat, treedef = jax.tree.flatten(tree, is_leaf=_is_lazy)
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: place_leaf(x, shardings, budget), tree, is_leaf=is_leaf)
-    return jax.tree.map(lambda x, s: place_leaf(x, s, budget), tree, shardings, is_leaf=is_leaf)
+        flat_sh = [shardings] * len(flat)
+    else:
+        flat_sh = treedef.flatten_up_to(shardings)  # type: ignore[attr-defined]
+    out: list[Any] = [None] * len(flat)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(flat):
+        if isinstance(x, GroupedParam):
+            groups.setdefault(id(x.group), []).append(i)
+    for members in groups.values():
+        group = flat[members[0]].group
+        placed = group.place([flat[i] for i in members], [flat_sh[i] for i in members])
+        for i, array in zip(members, placed, strict=True):
+            out[i] = array
+    for i, (x, s) in enumerate(zip(flat, flat_sh, strict=True)):
+        if not isinstance(x, GroupedParam):
+            out[i] = place_leaf(x, s, max_chunk_bytes)
+    return jax.tree.unflatten(treedef, out)
