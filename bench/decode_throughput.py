@@ -34,6 +34,10 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every row runs with freed memory reused (meditron_jax/host_memory.py; MEDITRON_HOST_MALLOC=default: off).
+from meditron_jax.host_memory import reuse_freed_memory  # noqa: E402
+
+HOST_MALLOC_REUSED = reuse_freed_memory()
 
 
 def _threads_from_argv(argv) -> int:

@@ -26,6 +26,7 @@ import collections
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import time
@@ -36,6 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every row runs with freed memory reused (meditron_jax/host_memory.py; MEDITRON_HOST_MALLOC=default: off).
+from meditron_jax.host_memory import reuse_freed_memory  # noqa: E402
+
+HOST_MALLOC_REUSED = reuse_freed_memory()
 
 
 def _parse(argv):
@@ -201,13 +206,20 @@ def main(argv=None) -> int:
         mm = tt.bench_matmul()
         times = []
         mm_times = []
+        faults = []
         stepper()  # warm-up (compiles through the jit cache)
         for _ in range(args.time):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             stepper()
+            after = resource.getrusage(resource.RUSAGE_SELF)
             times.append(stepper.times[-1])
+            faults.append((after.ru_minflt - before.ru_minflt, round(after.ru_stime - before.ru_stime, 2)))
             mm_times.append(tt.bench_matmul(repeats=1)["step_time_s"])
         best_mm = min([mm["step_time_s"], *mm_times])
         out["step_times_s"] = [round(x, 3) for x in times]
+        # Page faults and kernel CPU seconds per step: what reusing freed memory removes (host_memory.py).
+        out["page_faults_and_sys_s_per_step"] = faults
+        out["host_malloc_reused"] = HOST_MALLOC_REUSED
         out["best_step_s"] = min(times)
         out["median_step_s"] = statistics.median(times)
         out["matmul_gflops_best"] = mm["flops"] / best_mm / 1e9

@@ -9,7 +9,7 @@ is 4 layers at 2 × 256 for quick checks. Rows:
 
 * meditron_jax: ``meditron_jax.train.step.TrainStep`` on a 1-device mesh with ``make_optimizer``;
 * transformers: ``LlamaForCausalLM`` + ``torch.optim.AdamW`` + grad-norm clipping, torch threads = CPUs;
-* XLA matmul: a jitted float32 4096² matmul, the machine's reference rate;
+* XLA matmul: a jitted float32 4096² matmul, the machine's reference rate (best of 3, then one after every round);
 * MaxText: only with ``MAXTEXT_PYTHON`` (synthetic data, same shape; parsed from its "completed step" lines).
 
 Each row compiles/warms up first (``--warmup`` steps), then the rows take turns step by step (``--steps``
@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Every row runs with freed memory reused (meditron_jax/host_memory.py; MEDITRON_HOST_MALLOC=default: off).
+from meditron_jax.host_memory import reuse_freed_memory  # noqa: E402
+
+HOST_MALLOC_REUSED = reuse_freed_memory()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -254,21 +260,32 @@ class TorchStepper:
         return row
 
 
-def round_robin(steppers: dict, steps: int, warmup: int) -> None:
+def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = None) -> None:
     """Warm every stepper up, then alternate them step by step, so load from other jobs on a shared machine
-    falls on all of them alike (running them one after another measures the neighbours as much as the code)."""
+    falls on all of them alike (running them one after another measures the neighbours as much as the code).
+    ``matmul`` (a `bench_matmul` result): one more reference matmul after every round, best of all kept."""
     for stepper in steppers.values():
         for _ in range(warmup):
             stepper()
     for _ in range(steps):
         for stepper in steppers.values():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             stepper()
+            # page faults during this row's step (all rows share the process and its heap)
+            stepper.faults = [
+                *getattr(stepper, "faults", []),
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+            ]
+        if matmul is not None:
+            more = bench_matmul(matmul["n"], repeats=1)["step_times_s"]
+            matmul["step_times_s"] += more
+            matmul["step_time_s"] = min(matmul["step_times_s"])
 
 
 def bench_matmul(n: int = 4096, repeats: int = 3) -> dict:
     """The machine's reference rate: best of ``repeats`` (what the CPU can do when the neighbours let it)."""
     x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
-    matmul = jax.jit(lambda a: a @ a)
+    matmul = _matmul(n)
     matmul(x).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -276,6 +293,12 @@ def bench_matmul(n: int = 4096, repeats: int = 3) -> dict:
         matmul(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return {"n": n, "step_times_s": times, "step_time_s": min(times), "flops": 2.0 * n**3}
+
+
+@functools.cache
+def _matmul(n: int):
+    del n  # one compiled program per size
+    return jax.jit(lambda a: a @ a)
 
 
 def peak_spread(samples: int = 3) -> list[float]:
@@ -550,10 +573,11 @@ def main(argv=None) -> int:
         steppers["transformers"] = TorchStepper(shape, args.threads)
     if steppers:
         print(f"{', '.join(steppers)}, alternating ...", file=sys.stderr, flush=True)
-        round_robin(steppers, args.steps, args.warmup)
+        round_robin(steppers, args.steps, args.warmup, results["matmul"])
         for key, stepper in steppers.items():
             results[key] = stepper.row(shape, args.warmup, peak)
             results[key]["alternated_with"] = [k for k in steppers if k != key]
+            results[key]["page_faults_per_step"] = stepper.faults
     del steppers
     if "maxtext" in args.rows:
         results["maxtext"] = bench_maxtext(shape, args.steps, args.warmup, peak, args.maxtext_python)
@@ -584,6 +608,8 @@ def main(argv=None) -> int:
             line += f"; re-measured at the end: {', '.join(f'{x / 1e9:.1f}' for x in results['peak_resamples'])}"
         print(line)
     print(f"\nload average (1/5/15 min): start {results['load_average_start']}, end {results['load_average_end']}")
+    results["host_malloc_reused"] = HOST_MALLOC_REUSED
+    print(f"freed host memory reused (meditron_jax/host_memory.py, all rows and MaxText): {HOST_MALLOC_REUSED}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

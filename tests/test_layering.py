@@ -10,6 +10,7 @@ RANKS = {
     "config": 0,
     "fs": 0,  # paths that may be gs:// URLs
     "hardware": 0,
+    "host_memory": 0,
     "resources": 0,
     "kernels": 1,
     "model": 2,
