@@ -52,3 +52,21 @@ def run_two_processes(script: Path, cwd: Path, *args: str, devices_per_process: 
         assert p.returncode == 0, out[-3000:]
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
     return results
+
+
+ISOLATED = "MEDITRON_ISOLATED_TEST"  # set in the fresh interpreter that run_alone starts
+
+
+def run_alone(test_file: str, test_name: str, env: dict[str, str] | None = None, timeout: int = 600) -> None:
+    """Run one test alone in a fresh interpreter (``env``, default this one's, plus ``ISOLATED``) and assert it
+    passed; for measurements that threads or memory left behind by earlier tests in the worker would distort."""
+    node = f"{test_file}::{test_name}"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+        env={**(os.environ if env is None else env), ISOLATED: "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "1 passed" in run.stdout, run.stdout[-2000:]

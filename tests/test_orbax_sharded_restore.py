@@ -7,8 +7,6 @@ test_reliability_cli check it against the Hugging Face import and transformers. 
 """
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,6 +22,7 @@ from meditron_jax.convert.model_dir import RUN_CHECKPOINTS, RUN_CONFIG_FILE, loa
 from meditron_jax.model import init_params
 from meditron_jax.parallel import pipeline as pp
 
+from .multiprocess_utils import ISOLATED, run_alone
 from .test_streaming_import import MESHES, _assert_same_bits, _shardings
 
 CFG = get_config("tiny").replace(num_layers=4)
@@ -195,16 +194,11 @@ def test_host_memory_is_one_shard_not_the_model(tmp_path):
     resident and the next one reuses it unseen."""
     from meditron_jax.host_memory import GLIBC_SETTINGS, OPT_OUT
 
-    if os.environ.get("MEDITRON_ISOLATED_TEST"):
+    if os.environ.get(ISOLATED):
         return _host_memory_is_one_shard_not_the_model(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in GLIBC_SETTINGS}
-    env.update({"MEDITRON_ISOLATED_TEST": "1", OPT_OUT: "default", "MALLOC_MMAP_THRESHOLD_": str(64 << 10)})
-    node = f"{__file__}::test_host_memory_is_one_shard_not_the_model"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "1 passed" in run.stdout, run.stdout[-2000:]
+    env.update({OPT_OUT: "default", "MALLOC_MMAP_THRESHOLD_": str(64 << 10)})
+    run_alone(__file__, "test_host_memory_is_one_shard_not_the_model", env)
 
 
 def _host_memory_is_one_shard_not_the_model(tmp_path):

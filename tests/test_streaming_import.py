@@ -8,8 +8,6 @@ transposes and casts elements, so any difference is a bug.
 
 import json
 import os
-import subprocess
-import sys
 import tracemalloc
 
 import jax
@@ -25,6 +23,7 @@ from meditron_jax.model import logical_axes
 from meditron_jax.parallel import MeshConfig, create_mesh, logical_axis_rules, resolve_rules
 
 from .hf_utils import random_hf_llama
+from .multiprocess_utils import ISOLATED, run_alone
 
 MESHES = {
     "fsdp8": {"ici_fsdp": 8},
@@ -246,15 +245,9 @@ def big_checkpoint(tmp_path_factory):
 def test_host_memory_is_one_tensor_not_the_model(request):
     """Run alone in a fresh interpreter: tracemalloc counts every thread's allocations, and threads earlier
     tests leave behind (checkpoint writers, input prefetchers) allocated inside the window in the full suite."""
-    if os.environ.get("MEDITRON_ISOLATED_TEST"):
+    if os.environ.get(ISOLATED):
         return _host_memory_is_one_tensor_not_the_model(request.getfixturevalue("big_checkpoint"))
-    env = {**os.environ, "MEDITRON_ISOLATED_TEST": "1"}
-    node = f"{__file__}::test_host_memory_is_one_tensor_not_the_model"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "1 passed" in run.stdout, run.stdout[-2000:]
+    run_alone(__file__, "test_host_memory_is_one_tensor_not_the_model")
 
 
 def _host_memory_is_one_tensor_not_the_model(big_checkpoint):

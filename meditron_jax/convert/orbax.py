@@ -172,14 +172,6 @@ class StoredParam(streaming.GroupedParam):
             n *= -(-stop // chunk) * chunk - start // chunk * chunk
         return n
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def __getitem__(self, index: Any) -> np.ndarray:
         return self.group.read(self)[index]
 

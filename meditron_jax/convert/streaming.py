@@ -216,7 +216,22 @@ class Part:
             return self.transform.read(src, self.hf_shape, index)
 
 
-class LazyParam:
+class UnreadParam:
+    """What every not-yet-read parameter offers before it is read: its shape, dtype and size in our layout."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+class LazyParam(UnreadParam):
     """A parameter not read yet. ``parts`` is one :class:`Part` (``stacked=False``) or one per layer along the
     leading axis (``stacked=True``, our scanned layout). ``p[index]`` reads that index; ``np.asarray(p)``
     reads it all."""
@@ -232,14 +247,6 @@ class LazyParam:
             got = part.transform.out_shape(part.hf_shape)
             if got is not None and tuple(got) != inner:
                 raise ValueError(f"tensor {part.name!r} {part.hf_shape} converts to {got}, the parameter is {inner}")
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     def __getitem__(self, index: Any) -> np.ndarray:
         index = normalize(index, self.shape)
@@ -315,14 +322,12 @@ def place_leaf(x: Any, sharding: jax.sharding.Sharding, max_chunk_bytes: int) ->
     return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
 
 
-class GroupedParam:
+class GroupedParam(UnreadParam):
     """A parameter whose source reads many parameters in one call (an orbax checkpoint restores a whole tree
     straight into its target shardings): :func:`place` hands all leaves of one ``group`` to
     ``group.place(params, shardings)`` together. Indexing one reads it alone onto the host."""
 
     group: Any
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
     def __getitem__(self, index: Any) -> np.ndarray:
         raise NotImplementedError
