@@ -329,9 +329,6 @@ class GroupedParam(UnreadParam):
 
     group: Any
 
-    def __getitem__(self, index: Any) -> np.ndarray:
-        raise NotImplementedError
-
 
 def _is_lazy(x: Any) -> bool:
     return isinstance(x, LazyParam | GroupedParam)
