@@ -34,7 +34,6 @@ SETTINGS = {
     "reuse": {},
     "reuse+thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
-_CLEARED = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "MEDITRON_HOST_MALLOC")
 
 
 def child(small: bool, packed: bool, warmup: int) -> int:
@@ -72,7 +71,11 @@ def main(argv=None) -> int:
     if args.child:
         return child(args.small, not args.tokens_only, warmup=2)
 
-    base = {k: v for k, v in os.environ.items() if k not in _CLEARED}
+    sys.path.insert(0, str(ROOT))
+    from meditron_jax.host_memory import GLIBC_SETTINGS, OPT_OUT
+
+    cleared = {*GLIBC_SETTINGS, OPT_OUT, "GLIBC_TUNABLES"}  # each child starts from its own setting only
+    base = {k: v for k, v in os.environ.items() if k not in cleared}
     cmd = [sys.executable, __file__, "--child"] + (["--small"] if args.small else [])
     cmd += ["--tokens_only"] if args.tokens_only else []
     procs = {}

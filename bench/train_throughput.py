@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -260,45 +259,40 @@ class TorchStepper:
         return row
 
 
-def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = None) -> None:
+def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = None) -> dict[str, list[int]]:
     """Warm every stepper up, then alternate them step by step, so load from other jobs on a shared machine
     falls on all of them alike (running them one after another measures the neighbours as much as the code).
-    ``matmul`` (a `bench_matmul` result): one more reference matmul after every round, best of all kept."""
+    ``matmul`` (a `bench_matmul` result): one more reference matmul after every round, best of all kept.
+    Returns each row's page faults per timed step (all rows share the process and its heap)."""
+    faults: dict[str, list[int]] = {key: [] for key in steppers}
     for stepper in steppers.values():
         for _ in range(warmup):
             stepper()
     for _ in range(steps):
-        for stepper in steppers.values():
+        for key, stepper in steppers.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             stepper()
-            # page faults during this row's step (all rows share the process and its heap)
-            stepper.faults = [
-                *getattr(stepper, "faults", []),
-                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
-            ]
+            faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         if matmul is not None:
             more = bench_matmul(matmul["n"], repeats=1)["step_times_s"]
             matmul["step_times_s"] += more
             matmul["step_time_s"] = min(matmul["step_times_s"])
+    return faults
 
 
 def bench_matmul(n: int = 4096, repeats: int = 3) -> dict:
     """The machine's reference rate: best of ``repeats`` (what the CPU can do when the neighbours let it)."""
     x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
-    matmul = _matmul(n)
-    matmul(x).block_until_ready()
+    _MATMUL(x).block_until_ready()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        matmul(x).block_until_ready()
+        _MATMUL(x).block_until_ready()
         times.append(time.perf_counter() - t)
     return {"n": n, "step_times_s": times, "step_time_s": min(times), "flops": 2.0 * n**3}
 
 
-@functools.cache
-def _matmul(n: int):
-    del n  # one compiled program per size
-    return jax.jit(lambda a: a @ a)
+_MATMUL = jax.jit(lambda a: a @ a)  # one jit, so the reference re-timed every round compiles once
 
 
 def peak_spread(samples: int = 3) -> list[float]:
@@ -575,11 +569,11 @@ def main(argv=None) -> int:
         steppers["transformers"] = TorchStepper(shape, args.threads)
     if steppers:
         print(f"{', '.join(steppers)}, alternating ...", file=sys.stderr, flush=True)
-        round_robin(steppers, args.steps, args.warmup, results["matmul"])
+        faults = round_robin(steppers, args.steps, args.warmup, results["matmul"])
         for key, stepper in steppers.items():
             results[key] = stepper.row(shape, args.warmup, peak)
             results[key]["alternated_with"] = [k for k in steppers if k != key]
-            results[key]["page_faults_per_step"] = stepper.faults
+            results[key]["page_faults_per_step"] = faults[key]
     del steppers
     if "maxtext" in args.rows:
         results["maxtext"] = bench_maxtext(shape, args.steps, args.warmup, peak, args.maxtext_python)

@@ -331,7 +331,7 @@ class GroupedParam(UnreadParam):
 
 
 def _is_lazy(x: Any) -> bool:
-    return isinstance(x, LazyParam | GroupedParam)
+    return isinstance(x, UnreadParam)
 
 
 def leaves(tree) -> Iterator[Any]:
