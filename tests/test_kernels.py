@@ -448,11 +448,16 @@ def test_block_size_validation():
     assert pallas_tpu.default_block_sizes("unknown") == pallas_tpu.BlockSizes()
 
 
-@pytest.mark.parametrize("heads, kv_heads, q_len, segments", [(8, 8, 64, False), (8, 2, 64, True), (4, 1, 16, True)])
-def test_cpu_attention_matches_the_reference_with_gradients(heads, kv_heads, q_len, segments):
+@pytest.mark.parametrize("block_q", [128, 24])
+@pytest.mark.parametrize(
+    "heads, kv_heads, q_len, segments", [(8, 8, 64, False), (8, 2, 64, True), (4, 1, 16, True), (4, 2, 40, True)]
+)
+def test_cpu_attention_matches_the_reference_with_gradients(heads, kv_heads, q_len, segments, block_q):
     """`xla.cpu_attention` (what "auto" runs on CPU for small scores: head-major, batch and heads merged)
     against the token-major reference `xla.reference_attention`: GQA, packed segments, bottom-right causal
-    with fewer queries than keys. float32 both sides; 1e-5 covers summation order."""
+    with fewer queries than keys. block_q=24 splits the queries into causal blocks, the last one ragged
+    (64 = 24 + 24 + 16; 40 queries against 64 keys: 24 + 16). float32 both sides; 1e-5 covers summation
+    order."""
     rng = np.random.default_rng(1)
     b, kv_len, d = 2, 64, 16
     q = jnp.asarray(rng.standard_normal((b, q_len, heads, d)), jnp.float32)
@@ -463,7 +468,8 @@ def test_cpu_attention_matches_the_reference_with_gradients(heads, kv_heads, q_l
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v, causal=True, segment_ids=seg, softmax_scale=0.3) * cot)
 
-    got = jax.value_and_grad(loss(xla.cpu_attention), argnums=(0, 1, 2))(q, k, v)
+    blocked = functools.partial(xla.cpu_attention, block_q=block_q)
+    got = jax.value_and_grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
     want = jax.value_and_grad(loss(xla.reference_attention), argnums=(0, 1, 2))(q, k, v)
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
