@@ -69,3 +69,26 @@ def test_when_the_step_accumulates_in_the_layer_scan():
     others = (full.replace(remat_policy="none"), full.replace(remat_policy="dots"), full.replace(scan_layers=False))
     for other in others:
         assert not TrainStep(other, mesh, OPT, grad_accum_steps=2).accumulate_in_layer_scan
+
+
+@pytest.mark.parametrize("mesh_kw", [{}, {"ici_fsdp": 2, "ici_tensor": 2}])
+def test_unrolled_stacked_layers_give_the_scans_step(mesh_kw, monkeypatch):
+    """On CPU without remat the stacked layers run unrolled (`llama._unrolls_stacked_layers`): the same loss,
+    gradients and updated parameters as the scan, and the same (stacked) parameter tree. float32; 1e-6
+    relative covers a different fusion of the same sums."""
+    from meditron_jax.model import llama
+
+    cfg = get_config("tiny", num_layers=3, remat_policy="none", dtype="float32")
+    assert llama._unrolls_stacked_layers(cfg, "train")
+    assert not llama._unrolls_stacked_layers(cfg.replace(remat_policy="full"), "train")
+    assert not llama._unrolls_stacked_layers(cfg, "prefill")
+    got = _steps(cfg, mesh_kw, 1, in_scan=False)
+    monkeypatch.setattr(llama, "_unrolls_stacked_layers", lambda config, mode: False)
+    want = _steps(cfg, mesh_kw, 1, in_scan=False)
+    for (g_metrics, g_params), (w_metrics, w_params) in zip(got, want, strict=True):
+        assert jax.tree.structure(g_params) == jax.tree.structure(w_params)
+        for got_leaf, want_leaf in zip(
+            jax.tree.leaves((g_metrics, g_params)), jax.tree.leaves((w_metrics, w_params)), strict=True
+        ):
+            np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-6, atol=1e-7)
+    assert np.any(got[0][0]["grads"]["layers"]["mlp"]["down"] != 0)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from meditron_jax.config import ModelConfig
+from meditron_jax.kernels.common import current_target
 from meditron_jax.model.families import decoder_layer_class, norm_class
 from meditron_jax.model.layer_scan import accumulating_layer_scan
 from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dense, dtype_of, param
@@ -78,6 +79,8 @@ class Llama(nn.Module):
                 raise ValueError("layer_grads is for training steps on existing parameters (mode 'train')")
             layers = self.variables["params"]["layers"]
             x = accumulating_layer_scan(cfg, decoder_layer_class(cfg), layers, layer_grads, x, positions, segment_ids)
+        elif cfg.scan_layers and _unrolls_stacked_layers(cfg, mode) and not self.is_initializing():
+            x = _unrolled_stacked_layers(cfg, self.variables["params"]["layers"], x, positions, segment_ids)
         elif cfg.scan_layers:
             x, _ = stack(cfg, mode, name="layers")(x, positions, segment_ids)
         else:
@@ -94,6 +97,30 @@ class Llama(nn.Module):
         if return_hidden:
             return x, head
         return vocab_logits(cfg, x, head)
+
+
+def _unrolls_stacked_layers(config: ModelConfig, mode: str) -> bool:
+    """Whether the stacked layers run as an unrolled loop instead of a scan: training on XLA:CPU without
+    remat. There the scan only adds memory traffic: every step it zero-fills a stacked buffer for each value
+    saved for the backward, copies each layer's values into it and out again (about 7 GB a step at the CPU
+    bench shape, against 0.7 GB of parameter and gradient copies unrolled; docs/performance.md "Fourth
+    round"). The parameters stay stacked, so checkpoints and shardings do not change."""
+    return mode == "train" and config.remat_policy == "none" and current_target().platform == "cpu"
+
+
+def _unrolled_stacked_layers(config: ModelConfig, layers, x, positions, segment_ids):
+    """The decoder layers applied one after another to ``x``, layer i's parameters cut from the stacked tree.
+
+    ``jnp.split`` rather than indexing: its gradient is one concatenation per parameter, where the gradients
+    of N indexings are N full-size padded arrays for XLA to add.
+    """
+    n = config.num_layers
+    per_layer = jax.tree.map(lambda a: [jnp.squeeze(p, 0) for p in jnp.split(a, n)], nn.meta.unbox(layers))
+    cls = decoder_layer_class(config)
+    for i in range(n):
+        params = jax.tree.map(lambda parts, i=i: parts[i], per_layer, is_leaf=lambda v: isinstance(v, list))
+        x, _ = cls(config, "train").apply({"params": params}, x, positions, segment_ids)
+    return x
 
 
 def embed(config: ModelConfig, embedding, tokens, constrain_fn=constrain):
