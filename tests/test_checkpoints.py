@@ -417,7 +417,13 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, curated, reference)
 def test_sigkill_resumes_from_the_last_checkpoint(tmp_path, curated, reference, capfd):
     run = tmp_path / "run"
     proc = _start(run, curated)
-    _wait_for_step(proc, run, 4)  # the save of step 2 has committed by the time step 4 is saved
+    _wait_for_step(proc, run, 4)
+    # The save of step 2 commits in the background; under load it can still be in flight at step 4.
+    deadline = time.time() + 120
+    while not (os.path.isdir(run / "checkpoints") and _steps(run / "checkpoints")) and time.time() < deadline:
+        assert proc.poll() is None, _output(run)[-3000:]
+        time.sleep(0.05)
+    assert _steps(run / "checkpoints"), "no checkpoint committed before the kill: nothing to resume from"
     proc.kill()
     proc.wait()
     assert os.path.exists(run / "run.lock")  # left behind by the killed run
