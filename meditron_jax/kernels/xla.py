@@ -152,7 +152,7 @@ def cpu_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale, bloc
     Causal, the queries go in blocks of ``block_q`` rows (default ``CPU_CAUSAL_BLOCK_Q``), each against the
     prefix of keys it can see, so the products and softmax passes over the masked upper triangle are never
     computed: at 512 tokens, 4 blocks do 5/8 of the work of whole scores, and one layer's attention forward
-    and backward took 0.54–0.57× the time (docs/performance.md). Masked keys get probability 0 either way.
+    and backward took 0.54–0.67× the time (docs/performance.md). Masked keys get probability 0 either way.
     """
     q_len, kv_len = q.shape[1], k.shape[1]
     block_q = block_q or CPU_CAUSAL_BLOCK_Q
