@@ -102,9 +102,10 @@ class Llama(nn.Module):
 def _unrolls_stacked_layers(config: ModelConfig, mode: str) -> bool:
     """Whether the stacked layers run as an unrolled loop instead of a scan: training on XLA:CPU without
     remat. There the scan only adds memory traffic: every step it zero-fills a stacked buffer for each value
-    saved for the backward, copies each layer's values into it and out again (about 7 GB a step at the CPU
-    bench shape, against 0.7 GB of parameter and gradient copies unrolled; docs/performance.md "Fourth
-    round"). The parameters stay stacked, so checkpoints and shardings do not change."""
+    saved for the backward, copies each layer's values into it and out again (5.7 GB a step counted at the
+    CPU bench shape, against 0.7 GB of parameter and gradient copies unrolled; docs/performance.md "Fourth
+    round"). The parameters stay stacked, so checkpoints and shardings do not change. Compile time grows
+    with the layer count, which CPU-sized models keep small; TPU and GPU keep the scan."""
     return mode == "train" and config.remat_policy == "none" and current_target().platform == "cpu"
 
 
