@@ -12,9 +12,10 @@ is 4 layers at 2 × 256 for quick checks. Rows:
 * XLA matmul: a jitted float32 4096² matmul, the machine's reference rate (best of 3, then one after every round);
 * MaxText: only with ``MAXTEXT_PYTHON`` (synthetic data, same shape; parsed from its "completed step" lines).
 
-Each row compiles/warms up first (``--warmup`` steps), then the rows take turns step by step (``--steps``
-each; JAX: ``block_until_ready`` on the step's outputs) and each reports its median and fastest step: on a
-shared machine, rows run one after another measure the neighbours' load as much as the code. Model FLOPs
+Each row runs in its own process (``--in_process``: all in this one), compiles/warms up first (``--warmup``
+steps), then the rows take turns step by step (``--steps`` each; JAX: ``block_until_ready`` on the step's
+outputs) and each reports its median and fastest step: on a shared machine, rows run one after another
+measure the neighbours' load as much as the code, and rows sharing one process share its heap. Model FLOPs
 per token are the trainer's own (``meditron_jax.train.metrics.model_flops_per_token``: 6·N + 12·L·H·Q·T)
 and the MFU column divides by the trainer's own peak (``peak_flops_per_device``: on CPU,
 ``measured_cpu_flops``, a 2048² matmul timed in this process), so it is the number the trainer would print.
@@ -263,11 +264,17 @@ def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = N
     """Warm every stepper up, then alternate them step by step, so load from other jobs on a shared machine
     falls on all of them alike (running them one after another measures the neighbours as much as the code).
     ``matmul`` (a `bench_matmul` result): one more reference matmul after every round, best of all kept.
-    Returns each row's page faults per timed step (all rows share the process and its heap)."""
+    Returns each row's page faults per timed step (all rows share the process and its heap).
+
+    The warm-up rounds alternate too: the heap settles on the pattern it will be timed in. Warmed up row by
+    row, each of our rows faulted 0.27–0.85 M times in its first timed round, when the steps first met their
+    neighbours' allocations (docs/performance.md, fifth round)."""
     faults: dict[str, list[int]] = {key: [] for key in steppers}
-    for stepper in steppers.values():
-        for _ in range(warmup):
+    for _ in range(warmup):
+        for stepper in steppers.values():
             stepper()
+        if matmul is not None:
+            bench_matmul(matmul["n"], repeats=1)
     for _ in range(steps):
         for key, stepper in steppers.items():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -278,6 +285,71 @@ def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = N
             matmul["step_times_s"] += more
             matmul["step_time_s"] = min(matmul["step_times_s"])
     return faults
+
+
+def make_stepper(key: str, shape: Shape, threads: int):
+    if key == "transformers":
+        return TorchStepper(shape, threads)
+    return OursStepper(shape, packed=key == "ours")
+
+
+def serve_row(key: str, shape: Shape, warmup: int, threads: int, peak: float | None) -> int:
+    """A child process of `round_robin_processes`: warm one row up, then run one step per line read from
+    stdin, answering each with a JSON line; when stdin closes, the row's summary."""
+    stepper = make_stepper(key, shape, threads)
+    for _ in range(warmup):
+        stepper()
+    stepper.times.clear()
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        stepper()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        print(json.dumps({"step_s": stepper.times[-1], "faults": faults}), flush=True)
+    print(json.dumps({"row": stepper.row(shape, 0, peak)}), flush=True)
+    return 0
+
+
+def _reply(proc: subprocess.Popen, key: str) -> dict:
+    """The next JSON line from a row's process (other lines a library prints to stdout are passed on)."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+        print(f"[{key}] {line}", end="", file=sys.stderr)
+    raise SystemExit(f"{key}: the row's process ended early (exit {proc.wait()}; see its stderr above)")
+
+
+def round_robin_processes(keys: list[str], args, steps: int, peak: float | None, matmul: dict) -> dict[str, dict]:
+    """Each row in its own process, taking turns step by step (the parent times the reference matmul after
+    every round). In one process the rows share one heap: each one's steps met the others' freed blocks, and
+    a step now and then grew the heap and page-faulted (0.36–0.82 M faults, +50–100% on that step; docs/
+    performance.md, fifth round), which a training run, alone in its process, does not see."""
+    cmd = [sys.executable, __file__, "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--small"] if args.small else []
+    cmd += ["--peak", repr(peak)] if peak else []
+    procs = {}
+    for key in keys:  # one at a time, so that compiles do not overlap
+        procs[key] = subprocess.Popen(
+            [*cmd, "--serve_row", key], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        _reply(procs[key], key)
+    faults: dict[str, list[int]] = {key: [] for key in keys}
+    for _ in range(steps):
+        for key, proc in procs.items():
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            faults[key].append(_reply(proc, key)["faults"])
+        more = bench_matmul(matmul["n"], repeats=1)["step_times_s"]
+        matmul["step_times_s"] += more
+        matmul["step_time_s"] = min(matmul["step_times_s"])
+    rows = {}
+    for key, proc in procs.items():
+        proc.stdin.close()
+        rows[key] = _reply(proc, key)["row"]
+        rows[key]["page_faults_per_step"] = faults[key]
+        rows[key]["own_process"] = True
+        proc.wait()
+    return rows
 
 
 def bench_matmul(n: int = 4096, repeats: int = 3) -> dict:
@@ -513,7 +585,16 @@ def main(argv=None) -> int:
     p.add_argument("--trainer_steps", type=int, default=8)
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--json", help="write the numbers here")
+    p.add_argument(
+        "--in_process",
+        action="store_true",
+        help="all rows in this one process, sharing its heap (before the fifth round; default: one process each)",
+    )
+    p.add_argument("--serve_row", choices=rows[:3], help=argparse.SUPPRESS)  # a child of round_robin_processes
+    p.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_row:
+        return serve_row(args.serve_row, SMALL if args.small else DEFAULT, args.warmup, args.threads, args.peak)
     if args.steps < 1 or args.warmup < 0 or args.trainer_steps < 2:
         p.error("--steps must be >= 1, --warmup >= 0 and --trainer_steps >= 2 (its first step compiles)")
     if args.json and os.path.exists(args.json) and os.path.getsize(args.json):
@@ -560,21 +641,22 @@ def main(argv=None) -> int:
         results["trainer"] = trainer
         results["agreement"] = compare(results["ours"], trainer, args.tolerance)
         del stepper
-    steppers = {}  # rows measured alternately, step by step
-    if "ours" in args.rows and not args.compare_trainer:
-        steppers["ours"] = OursStepper(shape, packed=True)
-    if "ours_tokens" in args.rows:
-        steppers["ours_tokens"] = OursStepper(shape, packed=False)
-    if "transformers" in args.rows:
-        steppers["transformers"] = TorchStepper(shape, args.threads)
-    if steppers:
-        print(f"{', '.join(steppers)}, alternating ...", file=sys.stderr, flush=True)
+    keys = [k for k in ("ours", "ours_tokens", "transformers") if k in args.rows]
+    if args.compare_trainer and "ours" in keys:
+        keys.remove("ours")  # measured above, interleaved with the trainer
+    if keys and not args.in_process:
+        print(f"{', '.join(keys)}, one process each, alternating ...", file=sys.stderr, flush=True)
+        for key, row in round_robin_processes(keys, args, args.steps, peak, results["matmul"]).items():
+            results[key] = row | {"alternated_with": [k for k in keys if k != key]}
+    elif keys:
+        steppers = {key: make_stepper(key, shape, args.threads) for key in keys}
+        print(f"{', '.join(steppers)}, alternating in this process ...", file=sys.stderr, flush=True)
         faults = round_robin(steppers, args.steps, args.warmup, results["matmul"])
         for key, stepper in steppers.items():
             results[key] = stepper.row(shape, args.warmup, peak)
             results[key]["alternated_with"] = [k for k in steppers if k != key]
             results[key]["page_faults_per_step"] = faults[key]
-    del steppers
+        del steppers
     if "maxtext" in args.rows:
         results["maxtext"] = bench_maxtext(shape, args.steps, args.warmup, peak, args.maxtext_python)
     if devices[0].platform == "cpu":
