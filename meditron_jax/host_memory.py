@@ -9,9 +9,9 @@ per-thread arenas cannot grow past 64 MiB and fall back to ``mmap`` for anything
 from its worker threads. So this asks glibc for one arena, no ``mmap`` chunks and no trimming: freed blocks
 stay in the heap and the next step reuses them without a fault. The resident set then stays at its high-water
 mark instead of shrinking between steps, as with jemalloc/tcmalloc, which PyTorch's CPU guides recommend for
-the same reason. It also grows now and then in the first tens of steps, by one step's temporaries, when the
-freed space no longer fits them: measured up to about twice the first step's resident set, then flat
-(docs/performance.md, "Fifth round").
+the same reason. It can also grow, by one step's temporaries, when a step starts before the previous step's
+temporaries are freed (they appear to be freed asynchronously, after the outputs are ready): measured up to about
+twice the first step's resident set in the first tens of steps, then flat (docs/performance.md, "Fifth round").
 
 The settings must be made before the threads that allocate exist (glibc fixes the arena limit on first use),
 so the command-line tools apply them when ``meditron_jax.cli`` is imported and the benchmarks first thing; in
