@@ -266,9 +266,9 @@ def round_robin(steppers: dict, steps: int, warmup: int, matmul: dict | None = N
     ``matmul`` (a `bench_matmul` result): one more reference matmul after every round, best of all kept.
     Returns each row's page faults per timed step (all rows share the process and its heap).
 
-    The warm-up rounds alternate too: the heap settles on the pattern it will be timed in. Warmed up row by
-    row, each of our rows faulted 0.27–0.85 M times in its first timed round, when the steps first met their
-    neighbours' allocations (docs/performance.md, fifth round)."""
+    The warm-up rounds alternate too, so the heap settles on the pattern it will be timed in (warmed up row by
+    row, each of our rows faulted 0.27–0.85 M times in its first timed round; docs/performance.md, fifth
+    round)."""
     faults: dict[str, list[int]] = {key: [] for key in steppers}
     for _ in range(warmup):
         for stepper in steppers.values():
@@ -321,9 +321,9 @@ def _reply(proc: subprocess.Popen, key: str) -> dict:
 
 def round_robin_processes(keys: list[str], args, steps: int, peak: float | None, matmul: dict) -> dict[str, dict]:
     """Each row in its own process, taking turns step by step (the parent times the reference matmul after
-    every round). In one process the rows share one heap: each one's steps met the others' freed blocks, and
-    a step now and then grew the heap and page-faulted (0.36–0.82 M faults, +50–100% on that step; docs/
-    performance.md, fifth round), which a training run, alone in its process, does not see."""
+    every round). In one process the rows share one heap, and a step now and then grew it and page-faulted
+    (0.36–0.82 M faults, +50–100% on that step; docs/performance.md, fifth round). A training run has its
+    process to itself, and so does each row here."""
     cmd = [sys.executable, __file__, "--warmup", str(args.warmup), "--threads", str(args.threads)]
     cmd += ["--small"] if args.small else []
     cmd += ["--peak", repr(peak)] if peak else []
