@@ -16,6 +16,14 @@ best step time, page faults and kernel CPU seconds per step (``getrusage``), and
 
     python bench/host_malloc.py --steps 4            # the benchmark shape of bench/train_throughput.py
     python bench/host_malloc.py --small --steps 3    # 4 layers, 2 x 256 tokens
+
+``--growth N`` instead runs N steps back to back in this one process (freed memory reused) and lists the
+steps that page-faulted, with the resident set's high-water mark after each: where the heap grew.
+``--pause S`` sleeps S seconds after each step (docs/performance.md, fifth round: the growth is mostly a
+race between freeing one step's temporaries and allocating the next's).
+
+    python bench/host_malloc.py --small --growth 45
+    python bench/host_malloc.py --small --growth 45 --pause 0.02
 """
 
 from __future__ import annotations
@@ -60,6 +68,31 @@ def child(small: bool, packed: bool, warmup: int) -> int:
     return 0
 
 
+def growth(small: bool, packed: bool, steps: int, pause: float) -> int:
+    import resource
+    import time
+
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    import train_throughput as tt  # applies reuse_freed_memory() unless MEDITRON_HOST_MALLOC=default
+
+    stepper = tt.OursStepper(tt.SMALL if small else tt.DEFAULT, packed=packed)
+    print(f"{steps} steps back to back, {pause} s pause after each; freed memory reused: {tt.HOST_MALLOC_REUSED}")
+    print("| step | s | page faults | resident high-water mark GiB |")
+    print("|---|---|---|---|")
+    grew = 0
+    for step in range(1, steps + 1):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        stepper()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults = after.ru_minflt - before
+        if faults > 10_000 or step == 1:  # the first step compiles and first touches everything
+            grew += step > 1
+            print(f"| {step} | {stepper.times[-1]:.2f} | {faults:,} | {after.ru_maxrss / 2**20:.2f} |", flush=True)
+        time.sleep(pause)
+    print(f"\nsteps after the first with more than 10,000 page faults: {grew}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=4)
@@ -67,7 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--tokens_only", action="store_true", help="tokens and targets only (default: packed batch)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--growth", type=int, metavar="N", help="N steps back to back in this process: where the heap grew")
+    p.add_argument("--pause", type=float, default=0.0, help="with --growth: seconds of sleep after each step")
     args = p.parse_args(argv)
+    if args.growth:
+        return growth(args.small, not args.tokens_only, args.growth, args.pause)
     if args.child:
         return child(args.small, not args.tokens_only, warmup=2)
 
