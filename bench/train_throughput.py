@@ -319,7 +319,7 @@ def _reply(proc: subprocess.Popen, key: str) -> dict:
     raise SystemExit(f"{key}: the row's process ended early (exit {proc.wait()}; see its stderr above)")
 
 
-def round_robin_processes(keys: list[str], args, steps: int, peak: float | None, matmul: dict) -> dict[str, dict]:
+def round_robin_processes(keys: list[str], args, peak: float | None, matmul: dict) -> dict[str, dict]:
     """Each row in its own process, taking turns step by step (the parent times the reference matmul after
     every round). In one process the rows share one heap, and a step now and then grew it and page-faulted
     (0.36–0.82 M faults, +50–100% on that step; docs/performance.md, fifth round). A training run has its
@@ -334,7 +334,7 @@ def round_robin_processes(keys: list[str], args, steps: int, peak: float | None,
         )
         _reply(procs[key], key)
     faults: dict[str, list[int]] = {key: [] for key in keys}
-    for _ in range(steps):
+    for _ in range(args.steps):
         for key, proc in procs.items():
             proc.stdin.write("step\n")
             proc.stdin.flush()
@@ -646,7 +646,7 @@ def main(argv=None) -> int:
         keys.remove("ours")  # measured above, interleaved with the trainer
     if keys and not args.in_process:
         print(f"{', '.join(keys)}, one process each, alternating ...", file=sys.stderr, flush=True)
-        for key, row in round_robin_processes(keys, args, args.steps, peak, results["matmul"]).items():
+        for key, row in round_robin_processes(keys, args, peak, results["matmul"]).items():
             results[key] = row | {"alternated_with": [k for k in keys if k != key]}
     elif keys:
         steppers = {key: make_stepper(key, shape, args.threads) for key in keys}
