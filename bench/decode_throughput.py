@@ -9,7 +9,7 @@ round), so both see the same neighbours on a shared machine. Reported per side: 
 ``--repeats`` rounds of a whole ``generate`` call, new tokens/s end to end, and decode tokens/s with the
 prefill taken out (the same call with ``max_new_tokens=1`` subtracted); the ratio is engine / transformers.
 
-Also, in the same process: the memory bandwidth a single thread reaches here (a jitted sum over a 256 MiB
+Also, in the same process: the memory bandwidth reached here on the same cores (a jitted sum over a 256 MiB
 float32 array, between rounds), the bytes one decode step reads by XLA's ``cost_analysis`` of the engine's
 compiled decode loop (its body runs once per step) against the floor (weights without the embedding table,
 plus the KV cache), and the tokens/s that bandwidth allows at batch 1. Load average at start and end.
@@ -17,8 +17,10 @@ plus the KV cache), and the tokens/s that bandwidth allows at batch 1. Load aver
     nice python bench/decode_throughput.py                 # the table in docs/performance.md (decode)
     python bench/decode_throughput.py --batches 1 --repeats 1
 
-Both sides run single-threaded by default (``--threads 1``): on a shared machine, torch's spinning OpenMP
-threads lose several-fold to other processes, which measures the neighbours, not the code.
+Both sides run on one core by default (``--threads 1``: the process is pinned to one core, and torch gets one
+thread): on a shared machine, torch's spinning OpenMP threads lose several-fold to other processes, which
+measures the neighbours, not the code. ``cores used`` is each side's process CPU time over its wall time, the
+check that it ran on the cores it was given.
 """
 
 from __future__ import annotations
@@ -51,10 +53,18 @@ def _threads_from_argv(argv) -> int:
     return 1
 
 
-if _threads_from_argv(None) == 1:
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    )
+def bind_cores(n: int) -> list[int]:
+    """Pin this process to its first ``n`` allowed cores (0: leave it), before jax starts. XLA:CPU sizes its
+    thread pool from the affinity mask, and YNNPACK's matmuls use that pool whatever
+    ``--xla_cpu_multi_thread_eigen`` says, so pinning is what makes XLA single-threaded."""
+    cores = sorted(os.sched_getaffinity(0))
+    if n:
+        cores = cores[:n]
+        os.sched_setaffinity(0, cores)
+    return cores
+
+
+CORES = bind_cores(_threads_from_argv(None))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -143,7 +153,7 @@ def main(argv=None) -> int:
         "--threads",
         type=int,
         default=1,
-        help="CPU threads for each side (1: XLA single-threaded and torch.set_num_threads(1); 0: defaults)",
+        help="CPU cores for each side (N: the process pinned to N cores, torch.set_num_threads(N); 0: defaults)",
     )
     args = ap.parse_args(argv)
 
@@ -196,10 +206,13 @@ def main(argv=None) -> int:
         ours(1)
         agree = float((got == want).all(axis=1).mean())
         calls: dict[tuple[str, int], list[float]] = {}
+        cpu = {"engine": 0.0, "transformers": 0.0}  # process CPU seconds over each side's calls
         for _ in range(args.repeats):  # take turns: both sides see the same neighbours
             for n in (args.new_tokens, 1):
                 for name, fn in (("engine", ours), ("transformers", theirs)):
+                    before = time.process_time()
                     calls.setdefault((name, n), []).append(timed(lambda fn=fn, n=n: fn(n)))
+                    cpu[name] += time.process_time() - before
             bandwidth.append(read_bandwidth())
         timing = {}
         for name in ("engine", "transformers"):
@@ -212,6 +225,7 @@ def main(argv=None) -> int:
                 )
                 for stat, pick in (("median", statistics.median), ("best", min))
             }
+            timing[name]["cores"] = cpu[name] / (sum(calls[(name, args.new_tokens)]) + sum(calls[(name, 1)]))
         rows.append((batch, timing, agree, step_bytes(engine, b, c, c - w)))
 
     if args.pubmedqa:
@@ -219,10 +233,11 @@ def main(argv=None) -> int:
     bw = max(bandwidth)
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; {args.repeats} rounds taking "
           f"turns; load average {load_start[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print(f"single-thread read bandwidth (jitted sum of 256 MiB): best {bw / 1e9:.1f} GB/s, median "
+    print(f"read bandwidth on {len(CORES)} core(s) (jitted sum of 256 MiB): best {bw / 1e9:.1f} GB/s, median "
           f"{statistics.median(bandwidth) / 1e9:.1f} GB/s over {len(bandwidth)} probes")  # fmt: skip
-    print(f"{'batch':>5} | {'side':<12} | {'call s':>13} | {'new tok/s':>13} | {'decode tok/s':>13} | ratio (decode)")
-    print(f"{'':>5} | {'':<12} | {'median (best)':>13} | {'median (best)':>13} | {'median (best)':>13} |")
+    print(f"{'batch':>5} | {'side':<12} | {'cores used':>10} | {'call s':>13} | {'new tok/s':>13} | "
+          f"{'decode tok/s':>13} | ratio (decode)")  # fmt: skip
+    print(f"{'':>5} | {'':<12} | {'':>10} | {'median (best)':>13} | {'median (best)':>13} | {'median (best)':>13} |")
     for batch, timing, agree, (cost, floor) in rows:
         for name in ("engine", "transformers"):
             med, best = timing[name]["median"], timing[name]["best"]
@@ -231,7 +246,7 @@ def main(argv=None) -> int:
                 t = timing["transformers"]
                 ratio = f"{med[2] / t['median'][2]:.2f}x ({best[2] / t['best'][2]:.2f}x)"
             cells = " | ".join(f"{m:>6.{p}f} ({x:.{p}f})" for m, x, p in zip(med, best, (2, 1, 1), strict=True))
-            print(f"{batch:>5} | {name:<12} | {cells} | {ratio}")
+            print(f"{batch:>5} | {name:<12} | {timing[name]['cores']:>10.2f} | {cells} | {ratio}")
         print(f"{'':>5}   rows whose greedy output matches transformers token for token: {agree:.0%}")
         print(f"{'':>5}   decode step reads {cost / 1e6:.0f} MB (cost_analysis), floor {floor / 1e6:.0f} MB: "
               f"{cost / batch / 1e6:.1f} MB per token; at {bw / 1e9:.1f} GB/s that allows "
