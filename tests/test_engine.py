@@ -87,6 +87,26 @@ def _hf_filtered_probs(logits, temperature, top_k, top_p):
     return torch.softmax(scores, -1)[0].double().numpy()
 
 
+def test_greedy_tokens_equal_numpys_argmax():
+    """First maximum per row, NaN counted as the maximum, as np.argmax: ties, infinities and NaNs placed on
+    purpose, and random rows at the decode shape."""
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((12, 37)).astype(np.float32)
+    rows[0, [5, 20]] = 9.0  # a tie: the first wins
+    rows[1] = -np.inf  # nothing but -inf: index 0
+    rows[2, [3, 30]] = np.inf
+    rows[3, 17] = np.nan
+    rows[4, [8, 25]] = np.nan
+    rows[5, 2], rows[5, 11] = np.inf, np.nan  # NaN beats +inf, as in np.argmax
+    rows[6] = 0.0
+    rows[7, -1] = 50.0
+    wide = rng.standard_normal((16, 32000)).astype(np.float32)
+    for logits in (rows, wide):
+        got = np.asarray(jax.jit(sampling_lib.greedy_tokens)(jnp.asarray(logits)))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
 @pytest.mark.parametrize(
     "temperature, top_k, top_p, penalty",
     [(0.7, None, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.3, None, 0.8, 0.0), (0.9, 6, 0.7, 0.0), (1.0, None, 0.9, 1.0)],
