@@ -36,35 +36,14 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from cores import bind_cores, threads_from_argv  # noqa: E402
+
+CORES = bind_cores(threads_from_argv(sys.argv[1:]))  # before jax starts: XLA sizes its pool from it
+
 # Every row runs with freed memory reused (meditron_jax/host_memory.py; MEDITRON_HOST_MALLOC=default: off).
 from meditron_jax.host_memory import reuse_freed_memory  # noqa: E402
 
 HOST_MALLOC_REUSED = reuse_freed_memory()
-
-
-def _threads_from_argv(argv) -> int:
-    """--threads must act before jax is imported (XLA reads its flags once)."""
-    argv = sys.argv[1:] if argv is None else argv
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return 1
-
-
-def bind_cores(n: int) -> list[int]:
-    """Pin this process to its first ``n`` allowed cores (0: leave it), before jax starts. XLA:CPU sizes its
-    thread pool from the affinity mask, and YNNPACK's matmuls use that pool whatever
-    ``--xla_cpu_multi_thread_eigen`` says, so pinning is what makes XLA single-threaded."""
-    cores = sorted(os.sched_getaffinity(0))
-    if n:
-        cores = cores[:n]
-        os.sched_setaffinity(0, cores)
-    return cores
-
-
-CORES = bind_cores(_threads_from_argv(None))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
