@@ -12,7 +12,7 @@ import gin
 import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
-ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "xla_blockwise", "xla")
+ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "cpu_native", "xla_blockwise", "xla")
 # ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
 # scan_layers, which stacks the layers' parameters).
 EXECUTION_FIELDS = (

@@ -21,7 +21,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from meditron_jax.config import ATTENTION_IMPLS
-from meditron_jax.kernels import cudnn, pallas_gpu, pallas_tpu, sharding, xla
+from meditron_jax.kernels import cpu_native, cudnn, pallas_gpu, pallas_tpu, sharding, xla
 from meditron_jax.kernels.common import Problem, Target, check_inputs, current_target, default_scale, normalise_platform
 
 # Queries shorter than this (decode steps, short prompts) use the reference: one [q, kv] score tile is
@@ -68,6 +68,15 @@ def attention(
         if impl == "auto" and target.platform == "cpu":
             return xla.cpu_attention(q, k, v, **kwargs)
         return xla.reference_attention(q, k, v, **kwargs)
+    if chosen == "cpu_native":
+
+        def native(q, k, v, segment_ids):
+            return cpu_native.cpu_native_attention(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale)
+
+        partition = sharding.kernel_partition(jax.sharding.get_abstract_mesh(), p.batch, p.heads, p.kv_heads)
+        if partition is None:
+            return native(q, k, v, segment_ids)
+        return sharding.shard_kernel(native, q, k, v, segment_ids, partition, jax.sharding.get_abstract_mesh())
     if chosen == "xla_blockwise":
         return xla.blockwise_attention(q, k, v, block_sizes=sizes, **kwargs)
     if chosen == "cudnn":
@@ -105,7 +114,17 @@ def check_runnable(impl: str, q, k, v, segment_ids, *, causal: bool, target: Tar
 
     Pallas kernels without a mesh are only shape-checked here; the backend check happens at lowering.
     """
-    if impl == "cudnn":
+    if impl == "cpu_native":
+        if target.platform != "cpu":
+            raise ValueError(f"attention impl 'cpu_native' needs the CPU backend, not {target.platform!r}")
+        if not cpu_native.supports(q, k, v):
+            raise ValueError(
+                f"attention impl 'cpu_native' takes float32 q, k, v with q_len <= kv_len, got {q.dtype}, "
+                f"q_len {q.shape[1]}, kv_len {k.shape[1]}"
+            )
+        if not cpu_native.available():
+            raise ValueError(f"attention impl 'cpu_native' is unavailable here: {cpu_native.why_unavailable()}")
+    elif impl == "cudnn":
         # cuDNN's own checks query the local GPU while tracing, so the backend must be known now.
         if target.platform != "gpu":
             raise ValueError(_wrong_backend(impl, target.platform))

@@ -1,0 +1,158 @@
+"""Attention on XLA:CPU as a compiled FFI kernel that splits (batch, heads) between the cores.
+
+XLA:CPU splits a batched product's matrices between its threads, not its batch, so the small per-head
+products of causal attention ran on one core of two (docs/performance.md, fifth round). ``cpu_native.cc``
+splits the (batch, KV head) units between threads instead, each running its causal blocks' products through
+a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is needed at run time.
+
+The C++ is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``) into
+``$MEDITRON_JAX_CACHE`` (default ``~/.cache/meditron_jax``), one library per source, flags and CPU, written
+atomically. Where that cannot happen (no compiler, no OpenBLAS in numpy, not Linux), `available()` is False,
+says why once in the log, and "auto" keeps `xla.cpu_attention`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_native.cc")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+_FORWARD, _BACKWARD = "meditron_cpu_attention_fwd", "meditron_cpu_attention_bwd"
+
+
+def _openblas() -> str | None:
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    found = sorted(glob.glob(str(libs / "libscipy_openblas64_*.so")))
+    return found[0] if found else None
+
+
+def _cpu_key() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDITRON_JAX_CACHE") or Path.home() / ".cache" / "meditron_jax")
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), "-ldl", "-lpthread"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(out, target)  # atomic: a concurrent build or a killed one never leaves half a library
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    """(loaded, why not). Compiles and registers the handlers once per process."""
+    if not sys.platform.startswith("linux"):
+        return False, f"not on Linux ({sys.platform})"
+    blas = _openblas()
+    if blas is None:
+        return False, "numpy has no bundled OpenBLAS (numpy.libs/libscipy_openblas64_*.so)"
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return False, f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)"
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_key().encode(), jax.__version__.encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"cpu_native-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as e:
+        return False, f"could not build or load {target}: {e}"
+    status = lib.mj_init(blas.encode())
+    if status != 0:
+        return False, f"could not load sgemm from {blas} (mj_init returned {status})"
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MjAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MjAttentionBackward), platform="cpu")
+    return True, ""
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered (building it on the first call)."""
+    ok, why = _load()
+    if not ok:
+        _warn_once(why)
+    return ok
+
+
+def why_unavailable() -> str:
+    return _load()[1]
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+    log.warning("cpu_native attention unavailable, using XLA's: %s", why)
+
+
+def supports(q, k, v) -> bool:
+    """Float32 (the kernel's products are float32 sgemm), and no more queries than keys."""
+    return all(x.dtype == jnp.float32 for x in (q, k, v)) and q.shape[1] <= k.shape[1]
+
+
+def cpu_native_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scale):
+    """Same contract as `xla.reference_attention` (token-major q [b, q_len, heads, d], k, v [b, kv_len,
+    kv_heads, d]); float32. Call `available()` first."""
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"cpu_native attention: q_len {q.shape[1]} must not exceed kv_len {k.shape[1]}")
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    has_segments = segment_ids is not None
+    seg = segment_ids.astype(jnp.int32) if has_segments else jnp.zeros((1,), jnp.int32)
+    out = _attention(heads(q), heads(k), heads(v), seg, bool(causal), has_segments, float(softmax_scale))
+    return heads(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, seg, causal, has_segments, scale):
+    return _forward(q, k, v, seg, causal, has_segments, scale)[0]
+
+
+def _forward(q, k, v, seg, causal, has_segments, scale):
+    b, h, s, _ = q.shape
+    outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
+    call = jax.ffi.ffi_call(_FORWARD, outs)
+    return call(q, k, v, seg, causal=causal, has_segments=has_segments, scale=np.float32(scale))
+
+
+def _attention_fwd(q, k, v, seg, causal, has_segments, scale):
+    out, lse = _forward(q, k, v, seg, causal, has_segments, scale)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _attention_bwd(causal, has_segments, scale, res, dout):
+    q, k, v, seg, out, lse = res
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call(_BACKWARD, shapes)
+    dq, dk, dv = call(q, k, v, seg, out, lse, dout, causal=causal, has_segments=has_segments, scale=np.float32(scale))
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,96 @@
+"""The compiled CPU attention kernel (`kernels/cpu_native.py` + `cpu_native.cc`) against the token-major
+reference `xla.reference_attention` differentiated by autodiff: outputs and q, k, v gradients, float32.
+1e-5 covers summation order (sgemm's against XLA's; measured differences are ~5e-7 relative)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meditron_jax import kernels
+from meditron_jax.kernels import cpu_native, xla
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # Builds the library into the cache on first use; CI and this machine have g++ and numpy's OpenBLAS.
+    assert cpu_native.available(), cpu_native.why_unavailable()
+
+
+def _inputs(b, q_len, kv_len, heads, kv_heads, d, segments, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, q_len, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv_len, kv_heads, d)), jnp.float32) for _ in range(2))
+    cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    seg = None
+    if segments:  # packed documents, and a padded tail (segment 0) in the first row
+        ids = np.sort(rng.integers(1, 4, (b, kv_len)), axis=1)
+        ids[0, -kv_len // 5 :] = 0
+        seg = jnp.asarray(ids, jnp.int32)
+    return q, k, v, seg, cot
+
+
+def _value_and_grads(fn, q, k, v, seg, cot, causal):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, causal=causal, segment_ids=seg, softmax_scale=0.3) * cot)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, heads, kv_heads, causal, segments",
+    [
+        (64, 64, 4, 4, True, False),
+        (300, 300, 4, 2, True, True),  # three causal blocks of 128, the last ragged; GQA
+        (40, 64, 4, 4, True, False),  # fewer queries than keys: bottom-right causal
+        (200, 256, 8, 2, True, True),
+        (64, 64, 4, 1, False, True),  # not causal, one KV head
+    ],
+)
+def test_matches_the_reference_with_gradients(q_len, kv_len, heads, kv_heads, causal, segments):
+    q, k, v, seg, cot = _inputs(2, q_len, kv_len, heads, kv_heads, 16, segments)
+    got = _value_and_grads(cpu_native.cpu_native_attention, q, k, v, seg, cot, causal)
+    want = _value_and_grads(xla.reference_attention, q, k, v, seg, cot, causal)
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_through_dispatch_alone_and_sharded():
+    """impl="cpu_native" runs the kernel; on a (data, tensor) mesh of the test's 8 CPU devices it runs per
+    shard (shard_map over batch) and gives the single-device result."""
+    q, k, v, seg, cot = _inputs(4, 256, 256, 4, 4, 16, True)
+
+    def fn(q, k, v, **kw):
+        return kernels.attention(q, k, v, impl="cpu_native", **kw)
+
+    alone = _value_and_grads(fn, q, k, v, seg, cot, True)
+    want = _value_and_grads(xla.reference_attention, q, k, v, seg, cot, True)
+    for a, e in zip(jax.tree.leaves(alone), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+        sharded = _value_and_grads(fn, q, k, v, seg, cot, True)
+        program = str(jax.make_jaxpr(lambda q, k, v: fn(q, k, v, causal=True, segment_ids=seg))(q, k, v))
+    assert "shard_map" in program and "meditron_cpu_attention_fwd" in program
+    for a, e in zip(jax.tree.leaves(sharded), jax.tree.leaves(alone), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_and_an_unavailable_kernel_are_named(monkeypatch):
+    q, k, v, _, _ = _inputs(1, 64, 64, 2, 2, 16, False)
+    with pytest.raises(ValueError, match="float32 q, k, v with q_len <= kv_len, got bfloat16"):
+        kernels.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), impl="cpu_native")
+    with pytest.raises(ValueError, match="q_len 64, kv_len 32"):
+        kernels.attention(q, k[:, :32], v[:, :32], impl="cpu_native")
+    monkeypatch.setattr(cpu_native, "_load", lambda: (False, "no C++ compiler ('g++' not found; set CXX)"))
+    assert not cpu_native.available()
+    with pytest.raises(ValueError, match="'cpu_native' is unavailable here: no C\\+\\+ compiler"):
+        kernels.attention(q, k, v, impl="cpu_native")
+
+
+def test_the_library_is_built_once_per_source_and_cpu_into_the_cache(tmp_path, monkeypatch):
+    """A build writes one library under $MEDITRON_JAX_CACHE, atomically (no temporary left behind)."""
+    monkeypatch.setenv("MEDITRON_JAX_CACHE", str(tmp_path / "cache"))
+    target = cpu_native.cache_dir() / "probe.so"
+    cpu_native._build("g++", target)
+    assert [p.name for p in target.parent.iterdir()] == ["probe.so"]
