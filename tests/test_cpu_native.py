@@ -94,3 +94,8 @@ def test_the_library_is_built_once_per_source_and_cpu_into_the_cache(tmp_path, m
     target = cpu_native.cache_dir() / "probe.so"
     cpu_native._build("g++", target)
     assert [p.name for p in target.parent.iterdir()] == ["probe.so"]
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MEDITRON_CPU_NATIVE", "off")
+    assert cpu_native._load.__wrapped__() == (False, "turned off by MEDITRON_CPU_NATIVE")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from meditron_jax import kernels
-from meditron_jax.kernels import dispatch, pallas_gpu, pallas_tpu, xla
+from meditron_jax.kernels import cpu_native, dispatch, pallas_gpu, pallas_tpu, xla
 from meditron_jax.kernels.common import Problem
 
 F32_TOL = 1e-5  # max |error| / max |reference|, float32 inputs
@@ -323,8 +323,10 @@ CPU = dispatch.Target("cpu", "cpu")
         (_problem(), jnp.float32, GPU, "pallas_gpu"),  # cuDNN is half precision only
         (_problem(head_dim=100), jnp.bfloat16, GPU, "pallas_gpu"),  # cuDNN needs head_dim % 8 == 0
         (_problem(head_dim=512), jnp.bfloat16, GPU, "xla_blockwise"),
-        (_problem(q_len=256, kv_len=256, heads=4), jnp.float32, CPU, "xla"),
-        (_problem(q_len=4096, kv_len=4096), jnp.float32, CPU, "xla_blockwise"),
+        (_problem(q_len=256, kv_len=256, heads=4), jnp.float32, CPU, "cpu_native"),
+        (_problem(q_len=4096, kv_len=4096), jnp.float32, CPU, "cpu_native"),
+        (_problem(q_len=256, kv_len=256, heads=4), jnp.bfloat16, CPU, "xla"),
+        (_problem(q_len=4096, kv_len=4096), jnp.bfloat16, CPU, "xla_blockwise"),
     ],
 )
 def test_auto_selection(problem, dtype, target, expected):
@@ -338,11 +340,17 @@ def test_auto_on_this_cpu_runs_the_expected_path(monkeypatch):
     monkeypatch.setattr(xla, "blockwise_attention", lambda *a, **kw: calls.append("xla_blockwise") or 0)
     monkeypatch.setattr(xla, "reference_attention", lambda *a, **kw: calls.append("xla") or 0)
     monkeypatch.setattr(xla, "cpu_attention", lambda *a, **kw: calls.append("cpu_attention") or 0)
+    monkeypatch.setattr(cpu_native, "cpu_native_attention", lambda *a, **kw: calls.append("cpu_native") or 0)
     kernels.attention(q, k, v)
     kernels.attention(q, k, v, impl="xla")  # forced: the token-major reference itself
     big = jnp.zeros((2, 2048, 8, 64), jnp.float32)
     kernels.attention(big, big, big)
-    assert calls == ["cpu_attention", "xla", "xla_blockwise"]
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    kernels.attention(*half)  # no bfloat16 kernel: XLA's
+    kernels.attention(*(x.astype(jnp.bfloat16) for x in (big, big, big)))
+    monkeypatch.setattr(cpu_native, "_load", lambda: (False, "no C++ compiler"))
+    kernels.attention(q, k, v)  # cannot be built: XLA's
+    assert calls == ["cpu_native", "xla", "cpu_native", "cpu_attention", "xla_blockwise", "cpu_attention"]
     assert dispatch.current_target().platform == "cpu"
 
 

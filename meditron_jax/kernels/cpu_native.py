@@ -7,8 +7,10 @@ a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is ne
 
 The C++ is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``) into
 ``$MEDITRON_JAX_CACHE`` (default ``~/.cache/meditron_jax``), one library per source, flags and CPU, written
-atomically. Where that cannot happen (no compiler, no OpenBLAS in numpy, not Linux), `available()` is False,
-says why once in the log, and "auto" keeps `xla.cpu_attention`.
+atomically. Where that cannot happen (no compiler, no OpenBLAS in numpy, not Linux, or
+``MEDITRON_CPU_NATIVE=off``), `available()` is False,
+says why once in the log, and "auto" falls back to XLA (`xla.cpu_attention`, or the blockwise loop for
+long sequences).
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def _load() -> tuple[bool, str]:
     """(loaded, why not). Compiles and registers the handlers once per process."""
+    if os.environ.get("MEDITRON_CPU_NATIVE", "").lower() in ("0", "off", "false", "no"):
+        return False, "turned off by MEDITRON_CPU_NATIVE"
     if not sys.platform.startswith("linux"):
         return False, f"not on Linux ({sys.platform})"
     blas = _openblas()
@@ -138,7 +142,7 @@ def _attention(q, k, v, seg, causal, has_segments, scale):
 def _forward(q, k, v, seg, causal, has_segments, scale):
     b, h, s, _ = q.shape
     outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
-    call = jax.ffi.ffi_call(_FORWARD, outs)
+    call = jax.ffi.ffi_call(_FORWARD, outs, vmap_method="sequential")
     return call(q, k, v, seg, causal=causal, has_segments=has_segments, scale=np.float32(scale))
 
 
@@ -150,7 +154,7 @@ def _attention_fwd(q, k, v, seg, causal, has_segments, scale):
 def _attention_bwd(causal, has_segments, scale, res, dout):
     q, k, v, seg, out, lse = res
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    call = jax.ffi.ffi_call(_BACKWARD, shapes)
+    call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
     dq, dk, dv = call(q, k, v, seg, out, lse, dout, causal=causal, has_segments=has_segments, scale=np.float32(scale))
     return dq, dk, dv, None
 

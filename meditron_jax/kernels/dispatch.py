@@ -27,9 +27,10 @@ from meditron_jax.kernels.common import Problem, Target, check_inputs, current_t
 # Queries shorter than this (decode steps, short prompts) use the reference: one [q, kv] score tile is
 # small, and a kernel launch plus padding to a 128-row tile would only add work.
 MIN_KERNEL_Q_LEN = 128
-# On CPU whole-score attention (head-major, `xla.cpu_attention`) is faster than the blockwise loop while
-# its float32 scores stay this small (bytes of batch * heads * q_len * kv_len); beyond, the blockwise
-# loop's memory wins. Timings in docs/kernels.md and docs/performance.md.
+# On CPU, float32 attention runs `cpu_native` (a compiled kernel on all cores, memory linear in length).
+# Without it (other dtypes, or no compiler), whole-score attention (head-major, `xla.cpu_attention`) is
+# faster than the blockwise loop while its float32 scores stay this small (bytes of batch * heads * q_len *
+# kv_len); beyond, the blockwise loop's memory wins. Timings in docs/kernels.md and docs/performance.md.
 CPU_REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
 
 _SIZES_TYPES = {
@@ -60,6 +61,8 @@ def attention(
     scale = default_scale(p.head_dim, softmax_scale)
     target = current_target()
     chosen = select_impl(p, q.dtype, target) if impl == "auto" else impl
+    if impl == "auto" and chosen == "cpu_native" and not cpu_native.available():
+        chosen = _cpu_xla_impl(p)
     if impl != "auto":
         check_runnable(chosen, q, k, v, segment_ids, causal=causal, target=target, interpret=interpret)
     sizes = _block_sizes_for(chosen, block_sizes, target)
@@ -178,6 +181,12 @@ def select_impl(p: Problem, dtype, target: Target) -> str:
         if p.head_dim <= pallas_gpu.MAX_HEAD_DIM and jnp.dtype(dtype) != jnp.float64:
             return "pallas_gpu"
         return "xla_blockwise"
+    if jnp.dtype(dtype) == jnp.float32 and p.q_len <= p.kv_len:
+        return "cpu_native"  # when it cannot be built, `attention` falls back to `_cpu_xla_impl`
+    return _cpu_xla_impl(p)
+
+
+def _cpu_xla_impl(p: Problem) -> str:
     score_bytes = p.batch * p.heads * p.q_len * p.kv_len * 4
     return "xla" if score_bytes <= CPU_REFERENCE_MAX_SCORE_BYTES else "xla_blockwise"
 
