@@ -211,27 +211,26 @@ extern "C" int mj_init(const char* path) {
   return 0;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_segments")
-                                  .Attr<float>("scale")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+namespace {
+// What both handlers take first: the options, then q, k, v and the segment ids.
+auto bind_inputs() {
+  return ffi::Ffi::Bind()
+      .Attr<bool>("causal")
+      .Attr<bool>("has_segments")
+      .Attr<float>("scale")
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+}  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionForward, Forward,
+                              bind_inputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+// The backward also takes o, lse and dO; it returns dq, dk, dv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_segments")
-                                  .Attr<float>("scale")
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              bind_inputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
