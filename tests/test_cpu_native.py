@@ -2,6 +2,10 @@
 reference `xla.reference_attention` differentiated by autodiff: outputs and q, k, v gradients, float32.
 1e-5 covers summation order (sgemm's against XLA's; measured differences are ~5e-7 relative)."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +103,23 @@ def test_the_library_is_built_once_per_source_and_cpu_into_the_cache(tmp_path, m
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("MEDITRON_CPU_NATIVE", "off")
     assert cpu_native._load.__wrapped__() == (False, "turned off by MEDITRON_CPU_NATIVE")
+
+
+def test_numpys_openblas_keeps_its_thread_count():
+    """The kernel runs sgemm with one OpenBLAS thread per worker thread, set per thread: numpy's own
+    matmuls in the same process keep their thread count (a fresh process, so loading is covered too)."""
+    script = (
+        "import ctypes, jax, jax.numpy as jnp\n"
+        "from meditron_jax.kernels import cpu_native\n"
+        "count = ctypes.CDLL(cpu_native._openblas()).scipy_openblas_get_num_threads64_\n"
+        "before = count()\n"
+        "assert cpu_native.available()\n"
+        "q = jnp.ones((1, 256, 2, 16), jnp.float32)\n"
+        "f = lambda q: cpu_native.cpu_native_attention(q, q, q, softmax_scale=0.25).sum()\n"
+        "jax.block_until_ready(jax.grad(f)(q))\n"
+        "print(before, count())\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["2", "2"]

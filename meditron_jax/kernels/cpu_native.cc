@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -26,7 +27,29 @@ namespace {
 using Sgemm = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
                        int64_t, float, float*, int64_t);
 using SetThreads = void (*)(int);
+using GetThreads = int (*)();
 Sgemm sgemm = nullptr;
+SetThreads set_blas_threads = nullptr;
+GetThreads get_blas_threads = nullptr;
+
+// OpenBLAS's thread count is process-wide (its "_local" setter is too, in numpy's build). While any handler
+// runs, it is one (the handlers split the work between their own threads); the last handler to finish
+// puts back what numpy had.
+std::mutex blas_mutex;
+int blas_users = 0, blas_saved = 1;
+struct OneBlasThread {
+  OneBlasThread() {
+    std::lock_guard<std::mutex> lock(blas_mutex);
+    if (blas_users++ == 0) {
+      blas_saved = get_blas_threads();
+      set_blas_threads(1);
+    }
+  }
+  ~OneBlasThread() {
+    std::lock_guard<std::mutex> lock(blas_mutex);
+    if (--blas_users == 0) set_blas_threads(blas_saved);
+  }
+};
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kBlockQ = 128;  // query rows per block: each block's products see only its visible keys
 
@@ -46,6 +69,7 @@ void parallel_units(int64_t n, Fn fn) {
   cpu_set_t set;
   int64_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
   int64_t threads = std::max<int64_t>(1, std::min(cores, n));
+  OneBlasThread one;
   auto run = [&](int64_t t) {
     for (int64_t u = t; u < n; u += threads) fn(u);
   };
@@ -199,14 +223,16 @@ ffi::Error Backward(bool causal, bool has_segments, float scale, ffi::Buffer<ffi
 
 }  // namespace
 
-// Loads sgemm from the OpenBLAS at `path` and makes it single-threaded (the handlers split the work).
+// Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
 extern "C" int mj_init(const char* path) {
   void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) return 1;
   auto gemm = reinterpret_cast<Sgemm>(dlsym(handle, "scipy_cblas_sgemm64_"));
-  auto threads = reinterpret_cast<SetThreads>(dlsym(handle, "scipy_openblas_set_num_threads64_"));
-  if (gemm == nullptr || threads == nullptr) return 2;
-  threads(1);
+  auto set = reinterpret_cast<SetThreads>(dlsym(handle, "scipy_openblas_set_num_threads64_"));
+  auto get = reinterpret_cast<GetThreads>(dlsym(handle, "scipy_openblas_get_num_threads64_"));
+  if (gemm == nullptr || set == nullptr || get == nullptr) return 2;
+  set_blas_threads = set;
+  get_blas_threads = get;
   sgemm = gemm;
   return 0;
 }

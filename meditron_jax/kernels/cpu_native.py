@@ -8,9 +8,8 @@ a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is ne
 The C++ is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``) into
 ``$MEDITRON_JAX_CACHE`` (default ``~/.cache/meditron_jax``), one library per source, flags and CPU, written
 atomically. Where that cannot happen (no compiler, no OpenBLAS in numpy, not Linux, or
-``MEDITRON_CPU_NATIVE=off``), `available()` is False,
-says why once in the log, and "auto" falls back to XLA (`xla.cpu_attention`, or the blockwise loop for
-long sequences).
+``MEDITRON_CPU_NATIVE=off``), `available()` is False, says why once in the log, and "auto" falls back to
+XLA (`xla.cpu_attention`, or the blockwise loop for long sequences).
 """
 
 from __future__ import annotations
@@ -127,11 +126,15 @@ def cpu_native_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scal
     kv_heads, d]); float32. Call `available()` first."""
     if q.shape[1] > k.shape[1]:
         raise ValueError(f"cpu_native attention: q_len {q.shape[1]} must not exceed kv_len {k.shape[1]}")
-    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     has_segments = segment_ids is not None
     seg = segment_ids.astype(jnp.int32) if has_segments else jnp.zeros((1,), jnp.int32)
-    out = _attention(heads(q), heads(k), heads(v), seg, bool(causal), has_segments, float(softmax_scale))
-    return heads(out)
+    out = _attention(_swap_12(q), _swap_12(k), _swap_12(v), seg, bool(causal), has_segments, float(softmax_scale))
+    return _swap_12(out)
+
+
+def _swap_12(x):
+    """Token-major [b, length, heads, d] <-> head-major [b, heads, length, d]."""
+    return x.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
