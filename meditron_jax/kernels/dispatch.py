@@ -76,10 +76,7 @@ def attention(
         def native(q, k, v, segment_ids):
             return cpu_native.cpu_native_attention(q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale)
 
-        partition = sharding.kernel_partition(jax.sharding.get_abstract_mesh(), p.batch, p.heads, p.kv_heads)
-        if partition is None:
-            return native(q, k, v, segment_ids)
-        return sharding.shard_kernel(native, q, k, v, segment_ids, partition, jax.sharding.get_abstract_mesh())
+        return _per_shard(native, q, k, v, segment_ids, p)
     if chosen == "xla_blockwise":
         return xla.blockwise_attention(q, k, v, block_sizes=sizes, **kwargs)
     if chosen == "cudnn":
@@ -93,8 +90,14 @@ def attention(
             q, k, v, causal=causal, segment_ids=segment_ids, softmax_scale=scale, block_sizes=sizes, interpret=interpret
         )
 
+    return _per_shard(kernel, q, k, v, segment_ids, p, whole=interpret)
+
+
+def _per_shard(kernel, q, k, v, segment_ids, p: Problem, whole: bool = False):
+    """``kernel(q, k, v, segment_ids)``, per shard of the current mesh's batch and heads (``shard_map``), or on
+    the whole arrays without a mesh or when ``whole``."""
     mesh = jax.sharding.get_abstract_mesh()
-    partition = None if interpret else sharding.kernel_partition(mesh, p.batch, p.heads, p.kv_heads)
+    partition = None if whole else sharding.kernel_partition(mesh, p.batch, p.heads, p.kv_heads)
     if partition is None:
         return kernel(q, k, v, segment_ids)
     return sharding.shard_kernel(kernel, q, k, v, segment_ids, partition, mesh)
