@@ -21,6 +21,32 @@ import pytest  # noqa: E402
 
 from meditron_jax.data.paths import ENV_VAR, shared_data_dir  # noqa: E402
 
+# The files that take longest (pytest --durations, 2026-12-02), started first: `--dist loadfile` hands files
+# to the two workers in collection order, so a long file collected last would run alone at the end.
+# This changes only the order; every test still runs.
+LONGEST_FIRST = (
+    "test_doc_commands.py",
+    "test_checkpoints.py",
+    "test_notebook.py",
+    "test_quickstart.py",
+    "test_curation_runners.py",
+    "test_falcon_parallel.py",
+    "test_metrics.py",
+    "test_sft.py",
+    "test_model_card.py",
+    "test_layer_scan.py",
+    "test_data_pipeline.py",
+    "test_trainer.py",
+    "test_orbax_sharded_restore.py",
+    "test_reliability_cli.py",
+    "test_real_models.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, order is kept
+
 
 @pytest.fixture(scope="session")
 def shared_data():

@@ -27,10 +27,16 @@ def _inputs(b, q_len, kv_len, heads, kv_heads, d, segments, seed=0):
     k, v = (jnp.asarray(rng.standard_normal((b, kv_len, kv_heads, d)), jnp.float32) for _ in range(2))
     cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     seg = None
-    if segments:  # packed documents, and a padded tail (segment 0) in the first row
+    if segments == "packed":  # a few packed documents, and a padded tail (segment 0) in the first row
         ids = np.sort(rng.integers(1, 4, (b, kv_len)), axis=1)
         ids[0, -kv_len // 5 :] = 0
         seg = jnp.asarray(ids, jnp.int32)
+    elif segments == "short":  # many documents of 1-40 tokens: most key blocks lie outside a block's window
+        ids = np.cumsum(rng.random((b, kv_len)) < 1 / 20, axis=1) + 1
+        ids[1, :3] = [7, 8, 9]  # one-token documents
+        seg = jnp.asarray(ids, jnp.int32)
+    elif segments == "scattered":  # ids that recur far apart (not contiguous), so windows are wide but gappy
+        seg = jnp.asarray(rng.integers(0, 5, (b, kv_len)), jnp.int32)
     return q, k, v, seg, cot
 
 
@@ -44,11 +50,15 @@ def _value_and_grads(fn, q, k, v, seg, cot, causal):
 @pytest.mark.parametrize(
     "q_len, kv_len, heads, kv_heads, causal, segments",
     [
-        (64, 64, 4, 4, True, False),
-        (300, 300, 4, 2, True, True),  # three causal blocks of 128, the last ragged; GQA
-        (40, 64, 4, 4, True, False),  # fewer queries than keys: bottom-right causal
-        (200, 256, 8, 2, True, True),
-        (64, 64, 4, 1, False, True),  # not causal, one KV head
+        (64, 64, 4, 4, True, None),
+        (300, 300, 4, 2, True, "packed"),  # three causal blocks of 128, the last ragged; GQA
+        (40, 64, 4, 4, True, None),  # fewer queries than keys: bottom-right causal
+        (200, 256, 8, 2, True, "packed"),
+        (64, 64, 4, 1, False, "packed"),  # not causal, one KV head
+        (300, 300, 4, 2, True, "short"),  # windows narrower than the causal prefix
+        (200, 300, 4, 4, False, "short"),  # not causal: windows end before the last key
+        (300, 300, 4, 2, True, "scattered"),
+        (260, 300, 4, 1, False, "scattered"),
     ],
 )
 def test_matches_the_reference_with_gradients(q_len, kv_len, heads, kv_heads, causal, segments):
@@ -62,7 +72,7 @@ def test_matches_the_reference_with_gradients(q_len, kv_len, heads, kv_heads, ca
 def test_forced_through_dispatch_alone_and_sharded():
     """impl="cpu_native" runs the kernel; on a (data, tensor) mesh of the test's 8 CPU devices it runs per
     shard (shard_map over batch) and gives the single-device result."""
-    q, k, v, seg, cot = _inputs(4, 256, 256, 4, 4, 16, True)
+    q, k, v, seg, cot = _inputs(4, 256, 256, 4, 4, 16, "short")
 
     def fn(q, k, v, **kw):
         return kernels.attention(q, k, v, impl="cpu_native", **kw)
@@ -80,8 +90,29 @@ def test_forced_through_dispatch_alone_and_sharded():
         np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
 
 
+def test_independent_calls_in_one_program_give_each_calls_result():
+    """Four attention calls with nothing between them in one program, forward and backward: XLA:CPU may run
+    them side by side on its thread pool, whose threads the kernel's units also take. Each call's output and
+    gradients equal the same call compiled alone."""
+    calls = [_inputs(2, 256, 256, 4, 2, 16, "short", seed=i) for i in range(4)]
+
+    def loss_of(q, k, v, seg, cot):
+        return jnp.sum(cpu_native.cpu_native_attention(q, k, v, segment_ids=seg, softmax_scale=0.25) * cot)
+
+    def together(qkvs):
+        return sum(loss_of(q, k, v, c[3], c[4]) for (q, k, v), c in zip(qkvs, calls, strict=True))
+
+    qkvs = [c[:3] for c in calls]
+    total, grads = jax.jit(jax.value_and_grad(together))(qkvs)
+    alone = [jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1, 2)))(*c) for c in calls]
+    np.testing.assert_allclose(total, sum(a[0] for a in alone), rtol=1e-6)
+    for got, (_, want) in zip(grads, alone, strict=True):
+        for a, e in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, e)
+
+
 def test_bad_inputs_and_an_unavailable_kernel_are_named(monkeypatch):
-    q, k, v, _, _ = _inputs(1, 64, 64, 2, 2, 16, False)
+    q, k, v, _, _ = _inputs(1, 64, 64, 2, 2, 16, None)
     with pytest.raises(ValueError, match="float32 q, k, v with q_len <= kv_len, got bfloat16"):
         kernels.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), impl="cpu_native")
     with pytest.raises(ValueError, match="q_len 64, kv_len 32"):
@@ -106,8 +137,8 @@ def test_turned_off_by_the_environment(monkeypatch):
 
 
 def test_numpys_openblas_keeps_its_thread_count():
-    """The kernel runs sgemm with one OpenBLAS thread per worker thread, set per thread: numpy's own
-    matmuls in the same process keep their thread count (a fresh process, so loading is covered too)."""
+    """The kernel sets OpenBLAS's (process-wide) thread count to one while it runs and puts it back: numpy's
+    own matmuls in the same process keep their thread count (a fresh process, so loading is covered too)."""
     script = (
         "import ctypes, jax, jax.numpy as jnp\n"
         "from meditron_jax.kernels import cpu_native\n"

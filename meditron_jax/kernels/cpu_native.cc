@@ -5,17 +5,20 @@
 // (batch, KV head) units are split between threads, each running its products one after another through
 // a single-threaded sgemm (numpy's bundled OpenBLAS, loaded by mj_init).
 //
-// Layouts, float32, row-major: q, o [B, H, Sq, D]; k, v [B, KVH, Sk, D]; lse [B, H, Sq]; segment ids
-// [B, Sk] int32 (queries use the last Sq). Query i sits at key position Sk - Sq + i (bottom-right causal
+// Layouts, float32, row-major: q, o [B, Sq, H, D]; k, v [B, Sk, KVH, D] (the model's token-major layout:
+// sgemm reads a head's rows with a stride, so nothing is transposed around the call); lse [B, H, Sq];
+// segment ids [B, Sk] int32 (queries use the last Sq). Query i sits at key position Sk - Sq + i (bottom-right causal
 // alignment). A query that sees no key outputs zeros, has lse -inf and passes no gradient.
 #include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -59,46 +62,86 @@ struct Shape {
   float scale;
   const int32_t* seg;  // nullptr: no segments
   int64_t offset() const { return Sk - Sq; }
+  int64_t ldq() const { return H * D; }    // from one query row (or output row) of a head to the next
+  int64_t ldk() const { return KVH * D; }  // the same for keys and values
   // Keys [0, visible_end(r1)) can be seen by some query of rows [r0, r1).
   int64_t visible_end(int64_t r1) const { return causal ? std::min(Sk, std::max<int64_t>(0, offset() + r1)) : Sk; }
 };
 
-// Runs fn(unit) for unit in [0, n) on the cores this process may use.
-template <typename Fn>
-void parallel_units(int64_t n, Fn fn) {
-  cpu_set_t set;
-  int64_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-  int64_t threads = std::max<int64_t>(1, std::min(cores, n));
-  OneBlasThread one;
-  auto run = [&](int64_t t) {
-    for (int64_t u = t; u < n; u += threads) fn(u);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(run, t);
-  run(0);
-  for (auto& th : pool) th.join();
+// The keys [lo, hi) that some query of rows [r0, r1) of batch row b can see: the causal prefix, narrowed with
+// segments to the first and last key of any of the rows' segments. Keys outside are masked for every row,
+// so the block's products skip them; with packed documents that is most of a long row. lo == hi: none.
+struct Window {
+  int64_t lo, hi;
+};
+Window key_window(const Shape& sh, int64_t b, int64_t r0, int64_t r1) {
+  int64_t lo = 0, hi = sh.visible_end(r1);
+  if (sh.seg == nullptr || hi == 0) return {lo, hi};
+  const int32_t* seg = sh.seg + b * sh.Sk;
+  const int32_t* first = seg + sh.offset() + r0;
+  const int32_t* last = seg + sh.offset() + r1;
+  auto mine = [&](int32_t id) { return std::find(first, last, id) != last; };  // usually 1-4 documents
+  while (lo < hi && !mine(seg[lo])) ++lo;
+  while (hi > lo && !mine(seg[hi - 1])) --hi;
+  return {lo, hi};
 }
 
-// Scores of rows [r0, r1) against keys [0, L) into s (rows of L), then probabilities in place:
+// Runs fn(unit) for unit in [0, n) on XLA's intra-op thread pool, the calling thread included. Units are
+// taken from a shared counter, not split in advance: a pool thread busy with another instruction of the
+// program (XLA:CPU runs independent ones side by side) joins when it is free, or finds nothing left, and no
+// more threads run than the cores allow. The caller returns once every unit is done; a helper that starts
+// later touches only the shared state, which it co-owns.
+template <typename Fn>
+void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, f = &fn] {
+    for (int64_t u; (u = state->next.fetch_add(1)) < n;) {
+      (*f)(u);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->all_done.notify_all();
+      }
+    }
+  };
+  cpu_set_t set;
+  const int64_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+  const int64_t helpers = std::min({cores, pool.num_threads(), n}) - 1;
+  OneBlasThread one;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->all_done.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// Scores of rows [r0, r1) against keys w = [lo, hi) into s (rows of hi - lo), then probabilities in place:
 // softmax (forward, lse written) or exp(score - lse) (backward, lse read). Invisible keys get 0.
 // Branch-free over keys so that the loops vectorise; no infinities are compared, since the library is built
 // with -ffast-math (a masked score is kMasked, whose exp underflows to 0).
 constexpr float kMasked = -1e30f;
-void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, int64_t r0, int64_t r1, int64_t L,
+void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, int64_t r0, int64_t r1, Window w,
                    float* s, float* lse, bool forward) {
-  const int64_t M = r1 - r0, D = sh.D;
-  sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, sh.scale, q + r0 * D, D, k, D, 0.f, s, L);
+  const int64_t M = r1 - r0, D = sh.D, L = w.hi - w.lo;
+  sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, sh.scale, q + r0 * sh.ldq(), sh.ldq(), k + w.lo * sh.ldk(), sh.ldk(), 0.f,
+        s, L);
   const int32_t* seg = sh.seg == nullptr ? nullptr : sh.seg + b * sh.Sk;
   for (int64_t i = 0; i < M; ++i) {
     float* row = s + i * L;
     const int64_t qi = r0 + i;
-    const int64_t end = sh.causal ? std::min(L, std::max<int64_t>(0, sh.offset() + qi + 1)) : L;
+    // This row's keys are [w.lo, end) of the window, stored from row[0].
+    const int64_t end = sh.causal ? std::min(w.hi, std::max(w.lo, sh.offset() + qi + 1)) : w.hi;
+    const int64_t n = end - w.lo;
     const int64_t own = sh.offset() + qi;  // the query's own key, which it sees when in range
-    int64_t seen = end;
+    int64_t seen = n;
     if (seg != nullptr) {
       const int32_t mine = seg[own];
-      for (int64_t j = 0; j < end; ++j) row[j] = seg[j] == mine ? row[j] : kMasked;
-      if (own < 0 || own >= end) seen = std::count(seg, seg + end, mine);
+      const int32_t* ids = seg + w.lo;
+      for (int64_t j = 0; j < n; ++j) row[j] = ids[j] == mine ? row[j] : kMasked;
+      if (own < w.lo || own >= end) seen = std::count(ids, ids + n, mine);
     }
     if (seen == 0) {  // sees no key: zeros, and lse -inf
       std::fill(row, row + L, 0.f);
@@ -107,19 +150,19 @@ void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, i
     }
     float m = kMasked;
     if (forward) {
-      for (int64_t j = 0; j < end; ++j) m = std::max(m, row[j]);
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
     } else {
       m = lse[qi];
     }
     float total = 0.f;
-    for (int64_t j = 0; j < end; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       row[j] = expf(row[j] - m);
       total += row[j];
     }
-    std::fill(row + end, row + L, 0.f);
+    std::fill(row + n, row + L, 0.f);
     if (forward) {
       const float inv = 1.f / total;
-      for (int64_t j = 0; j < end; ++j) row[j] *= inv;
+      for (int64_t j = 0; j < n; ++j) row[j] *= inv;
       lse[qi] = m + logf(total);
     }
   }
@@ -128,44 +171,52 @@ void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, i
 Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::S32>& seg, bool causal,
                bool has_segments, float scale) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], causal, scale, has_segments ? seg.typed_data() : nullptr};
+  return Shape{qd[0], qd[2], kd[2], qd[1], kd[1], qd[3], causal, scale, has_segments ? seg.typed_data() : nullptr};
 }
 
-ffi::Error Forward(bool causal, bool has_segments, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+// Zeros rows [r0, r1) of a head whose rows are ld apart.
+void zero_rows(float* x, int64_t r0, int64_t r1, int64_t ld, int64_t D) {
+  for (int64_t r = r0; r < r1; ++r) std::fill(x + r * ld, x + r * ld + D, 0.f);
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, bool causal, bool has_segments, float scale, ffi::Buffer<ffi::F32> q,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
   if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
   const Shape sh = shape_of(q, k, seg, causal, has_segments, scale);
   const int64_t groups = sh.H / sh.KVH, D = sh.D;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
-  parallel_units(sh.B * sh.H, [&](int64_t unit) {
+  const int64_t ldq = sh.ldq(), ldk = sh.ldk();
+  parallel_units(pool, sh.B * sh.H, [&](int64_t unit) {
     const int64_t b = unit / sh.H, h = unit % sh.H, kvh = h / groups;
-    const float* kk = kp + (b * sh.KVH + kvh) * sh.Sk * D;
-    const float* vv = vp + (b * sh.KVH + kvh) * sh.Sk * D;
-    const float* qq = qp + unit * sh.Sq * D;
-    float* oo = op + unit * sh.Sq * D;
+    const float* kk = kp + b * sh.Sk * ldk + kvh * D;  // row 0 of this head; rows are ldk apart
+    const float* vv = vp + b * sh.Sk * ldk + kvh * D;
+    const float* qq = qp + b * sh.Sq * ldq + h * D;
+    float* oo = op + b * sh.Sq * ldq + h * D;
     float* ll = lp + unit * sh.Sq;
     std::vector<float> s;
     for (int64_t r0 = 0; r0 < sh.Sq; r0 += kBlockQ) {
-      const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0, L = sh.visible_end(r1);
+      const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0;
+      const Window w = key_window(sh, b, r0, r1);
+      const int64_t L = w.hi - w.lo;
       if (L == 0) {
-        std::fill(oo + r0 * D, oo + r1 * D, 0.f);
+        zero_rows(oo, r0, r1, ldq, D);
         std::fill(ll + r0, ll + r1, -INFINITY);
         continue;
       }
       s.resize(M * L);
-      probabilities(sh, b, qq, kk, r0, r1, L, s.data(), ll, /*forward=*/true);
-      sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, 1.f, s.data(), L, vv, D, 0.f, oo + r0 * D, D);
+      probabilities(sh, b, qq, kk, r0, r1, w, s.data(), ll, /*forward=*/true);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, 1.f, s.data(), L, vv + w.lo * ldk, ldk, 0.f, oo + r0 * ldq, ldq);
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(bool causal, bool has_segments, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> o,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float scale, ffi::Buffer<ffi::F32> q,
+                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
   Shape sh = shape_of(q, k, seg, causal, has_segments, scale);
   const int64_t groups = sh.H / sh.KVH, D = sh.D;
@@ -174,47 +225,50 @@ ffi::Error Backward(bool causal, bool has_segments, float scale, ffi::Buffer<ffi
   float* lp = const_cast<float*>(lse.typed_data());  // read only: `probabilities` writes it only forward
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   // One unit per (batch, KV head): the query heads sharing it add into its dK and dV one after another.
-  parallel_units(sh.B * sh.KVH, [&](int64_t unit) {
-    const int64_t b = unit / sh.KVH;
-    const float* kk = kp + unit * sh.Sk * D;
-    const float* vv = vp + unit * sh.Sk * D;
-    float* dkk = dkp + unit * sh.Sk * D;
-    float* dvv = dvp + unit * sh.Sk * D;
-    std::fill(dkk, dkk + sh.Sk * D, 0.f);
-    std::fill(dvv, dvv + sh.Sk * D, 0.f);
+  const int64_t ldq = sh.ldq(), ldk = sh.ldk();
+  parallel_units(pool, sh.B * sh.KVH, [&](int64_t unit) {
+    const int64_t b = unit / sh.KVH, kvh = unit % sh.KVH;
+    const int64_t kv_at = b * sh.Sk * ldk + kvh * D;  // row 0 of this KV head; rows are ldk apart
+    const float *kk = kp + kv_at, *vv = vp + kv_at;
+    float *dkk = dkp + kv_at, *dvv = dvp + kv_at;
+    zero_rows(dkk, 0, sh.Sk, ldk, D);
+    zero_rows(dvv, 0, sh.Sk, ldk, D);
     std::vector<float> p, dp, delta(sh.Sq);
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t head = unit * groups + g;  // (b, h) with h = kvh * groups + g
-      const float* qq = qp + head * sh.Sq * D;
-      const float* oo = op + head * sh.Sq * D;
-      const float* dd = dop + head * sh.Sq * D;
-      float* dqq = dqp + head * sh.Sq * D;
-      float* ll = lp + head * sh.Sq;
+      const int64_t h = kvh * groups + g;
+      const int64_t q_at = b * sh.Sq * ldq + h * D;
+      const float *qq = qp + q_at, *oo = op + q_at, *dd = dop + q_at;
+      float* dqq = dqp + q_at;
+      float* ll = lp + (b * sh.H + h) * sh.Sq;
       for (int64_t i = 0; i < sh.Sq; ++i) {
         float acc = 0.f;
-        for (int64_t c = 0; c < D; ++c) acc += dd[i * D + c] * oo[i * D + c];
+        for (int64_t c = 0; c < D; ++c) acc += dd[i * ldq + c] * oo[i * ldq + c];
         delta[i] = acc;
       }
       for (int64_t r0 = 0; r0 < sh.Sq; r0 += kBlockQ) {
-        const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0, L = sh.visible_end(r1);
+        const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0;
+        const Window w = key_window(sh, b, r0, r1);
+        const int64_t L = w.hi - w.lo;
         if (L == 0) {
-          std::fill(dqq + r0 * D, dqq + r1 * D, 0.f);
+          zero_rows(dqq, r0, r1, ldq, D);
           continue;
         }
         p.resize(M * L);
         dp.resize(M * L);
-        probabilities(sh, b, qq, kk, r0, r1, L, p.data(), ll, /*forward=*/false);
-        // dV += Pᵀ dO; dP = dO Vᵀ; dS = P (dP - delta); dQ = scale dS K; dK += scale dSᵀ Q.
-        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, 1.f, p.data(), L, dd + r0 * D, D, 1.f, dvv, D);
-        sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, 1.f, dd + r0 * D, D, vv, D, 0.f, dp.data(), L);
+        probabilities(sh, b, qq, kk, r0, r1, w, p.data(), ll, /*forward=*/false);
+        // Over the window's keys: dV += Pᵀ dO; dP = dO Vᵀ; dS = P (dP - delta); dQ = scale dS K;
+        // dK += scale dSᵀ Q.
+        const int64_t at = w.lo * ldk, qr = r0 * ldq;
+        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, 1.f, p.data(), L, dd + qr, ldq, 1.f, dvv + at, ldk);
+        sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, 1.f, dd + qr, ldq, vv + at, ldk, 0.f, dp.data(), L);
         for (int64_t i = 0; i < M; ++i) {
           float* prow = p.data() + i * L;
           const float* dprow = dp.data() + i * L;
           const float di = delta[r0 + i];
           for (int64_t j = 0; j < L; ++j) prow[j] *= dprow[j] - di;
         }
-        sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, sh.scale, p.data(), L, kk, D, 0.f, dqq + r0 * D, D);
-        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, sh.scale, p.data(), L, qq + r0 * D, D, 1.f, dkk, D);
+        sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, sh.scale, p.data(), L, kk + at, ldk, 0.f, dqq + qr, ldq);
+        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, sh.scale, p.data(), L, qq + qr, ldq, 1.f, dkk + at, ldk);
       }
     }
   });
@@ -238,9 +292,10 @@ extern "C" int mj_init(const char* path) {
 }
 
 namespace {
-// What both handlers take first: the options, then q, k, v and the segment ids.
+// What both handlers take first: XLA's intra-op thread pool, the options, then q, k, v and the segment ids.
 auto bind_inputs() {
   return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
       .Attr<bool>("causal")
       .Attr<bool>("has_segments")
       .Attr<float>("scale")

@@ -128,13 +128,7 @@ def cpu_native_attention(q, k, v, *, causal=True, segment_ids=None, softmax_scal
         raise ValueError(f"cpu_native attention: q_len {q.shape[1]} must not exceed kv_len {k.shape[1]}")
     has_segments = segment_ids is not None
     seg = segment_ids.astype(jnp.int32) if has_segments else jnp.zeros((1,), jnp.int32)
-    out = _attention(_swap_12(q), _swap_12(k), _swap_12(v), seg, bool(causal), has_segments, float(softmax_scale))
-    return _swap_12(out)
-
-
-def _swap_12(x):
-    """Token-major [b, length, heads, d] <-> head-major [b, heads, length, d]."""
-    return x.transpose(0, 2, 1, 3)
+    return _attention(q, k, v, seg, bool(causal), has_segments, float(softmax_scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -143,7 +137,7 @@ def _attention(q, k, v, seg, causal, has_segments, scale):
 
 
 def _forward(q, k, v, seg, causal, has_segments, scale):
-    b, h, s, _ = q.shape
+    b, s, h, _ = q.shape  # token-major; the log-sum-exp is [b, heads, q_len]
     outs = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
     call = jax.ffi.ffi_call(_FORWARD, outs, vmap_method="sequential")
     return call(q, k, v, seg, causal=causal, has_segments=has_segments, scale=np.float32(scale))
