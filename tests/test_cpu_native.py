@@ -2,6 +2,7 @@
 reference `xla.reference_attention` differentiated by autodiff: outputs and q, k, v gradients, float32.
 1e-5 covers summation order (sgemm's against XLA's; measured differences are ~5e-7 relative)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -154,3 +155,61 @@ def test_numpys_openblas_keeps_its_thread_count():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["2", "2"]
+
+
+@pytest.mark.parametrize(
+    "b, new, heads, kv_heads, slots, first",
+    [
+        (3, 1, 4, 2, 40, 25),  # one new token, GQA
+        (2, 3, 4, 4, 32, 10),  # three new tokens: each sees one slot more
+        (1, 1, 2, 1, 24, 23),  # one row: the cache has no batch axis; the last slot
+        (2, 1, 4, 2, 16, 0),  # the first slot: a row whose only slot is invalid sees nothing
+    ],
+)
+def test_decode_attention_equals_xlas_over_the_cache(b, new, heads, kv_heads, slots, first):
+    """The decode kernel against `xla.head_major_attention` with the mask the model builds (valid slots, up
+    to each new token's own): left padding, unwritten slots beyond the new tokens (garbage in the cache,
+    never read), GQA. 1e-6: both sum in float32 over at most 40 slots."""
+    rng = np.random.default_rng(b * 100 + first)
+    d = 16
+    q = jnp.asarray(rng.standard_normal((b, new, heads, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv_heads, slots, d)), jnp.float32) for _ in range(2))
+    valid = np.ones((b, slots), bool)
+    valid[0, : min(4, slots)] = False  # a left-padded row
+    valid[:, first + new :] = False  # not written yet
+    if first == 0:
+        valid[1, 0] = True
+    k = k.at[:, :, first + new :].set(jnp.nan)  # never read: NaNs there would show
+    v = v.at[:, :, first + new :].set(jnp.nan)
+    valid = jnp.asarray(valid)
+    cache = (k[0], v[0]) if b == 1 else (k, v)
+    got = jax.jit(lambda q, kc, vc: cpu_native.decode_attention(q, kc, vc, valid, first, softmax_scale=0.25))(q, *cache)
+    slot = jnp.arange(slots)
+    mask = valid[:, None, :] & (slot[None, None, :] <= first + jnp.arange(new)[None, :, None])
+    safe_k, safe_v = (jnp.where(jnp.isnan(x), 0.0, x) for x in (k, v))
+    want = xla.head_major_attention(q, safe_k, safe_v, mask, 0.25)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if first == 0:
+        assert not np.any(np.asarray(got[0]))  # row 0 sees no slot: zeros
+
+
+def test_decode_runs_the_kernel_on_one_cpu_device_and_xla_otherwise(monkeypatch):
+    """`kernels.decode_attention` picks the kernel on one CPU device in float32 (impl "auto" or
+    "cpu_native"), and XLA's head-major attention for impl "xla", other dtypes, or a multi-device mesh."""
+    q = jnp.ones((2, 1, 4, 16), jnp.float32)
+    cache = jnp.ones((2, 2, 8, 16), jnp.float32)
+    valid = jnp.ones((2, 8), bool)
+
+    def program(impl, dtype=jnp.float32):
+        fn = functools.partial(kernels.decode_attention, softmax_scale=0.25, impl=impl)
+        return str(jax.make_jaxpr(lambda q, c: fn(q, c, c, valid, 3))(q.astype(dtype), cache.astype(dtype)))
+
+    assert "meditron_cpu_decode_attention" in program("auto")
+    assert "meditron_cpu_decode_attention" in program("cpu_native")
+    assert "meditron_cpu_decode_attention" not in program("xla")
+    assert "meditron_cpu_decode_attention" not in program("auto", jnp.bfloat16)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert "meditron_cpu_decode_attention" not in program("auto")
+    monkeypatch.setattr(cpu_native, "_load", lambda: (False, "off for the test"))
+    assert "meditron_cpu_decode_attention" not in program("auto")

@@ -1,5 +1,5 @@
-"""Attention kernels behind one entry point, :func:`attention`."""
+"""Attention kernels behind one entry point, :func:`attention`, and decode's :func:`decode_attention`."""
 
-from meditron_jax.kernels.dispatch import attention
+from meditron_jax.kernels.dispatch import attention, decode_attention
 
-__all__ = ["attention"]
+__all__ = ["attention", "decode_attention"]

@@ -275,6 +275,56 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
   return ffi::Error::Success();
 }
 
+// Decode's attention over the head-major KV cache (model/layers.py): q, out [B, Q, H, D] for Q new tokens;
+// k, v [B, KVH, T, D], or [KVH, T, D] for one row; valid [B, T]; first = the first new token's slot. Query t
+// sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
+// head) units are split between the cores, which XLA:CPU's batched dots do not do. Vectors of D, not sgemm:
+// each product is one row against at most T slots.
+ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> first,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const int64_t B = qd[0], Q = qd[1], H = qd[2], D = qd[3];
+  const int64_t KVH = kd[kd.size() - 3], T = kd[kd.size() - 2], groups = H / KVH;
+  const int64_t end_all = std::min<int64_t>(T, std::max<int64_t>(0, first.typed_data()[0] + Q));
+  const int64_t from = end_all - Q;  // slot of query 0, as the caller wrote it (first, clamped)
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* ok = valid.typed_data();
+  float* op = out->typed_data();
+  parallel_units(pool, B * KVH, [&](int64_t unit) {
+    const int64_t b = unit / KVH, kvh = unit % KVH;
+    const float* kk = kp + unit * T * D;
+    const float* vv = vp + unit * T * D;
+    const bool* seen = ok + b * T;
+    std::vector<float> s(std::max<int64_t>(end_all, 1));
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const int64_t h = kvh * groups + g, end = std::max<int64_t>(0, from + t + 1);
+        const float* qq = qp + ((b * Q + t) * H + h) * D;
+        float* oo = op + ((b * Q + t) * H + h) * D;
+        float m = kMasked;
+        for (int64_t j = 0; j < end; ++j) {
+          float dot = 0.f;
+          for (int64_t c = 0; c < D; ++c) dot += qq[c] * kk[j * D + c];
+          s[j] = seen[j] ? dot * scale : kMasked;
+          m = std::max(m, s[j]);
+        }
+        std::fill(oo, oo + D, 0.f);
+        if (m == kMasked) continue;  // sees no slot: zeros, as head_major_attention gives
+        float total = 0.f;
+        for (int64_t j = 0; j < end; ++j) {
+          const float p = seen[j] ? expf(s[j] - m) : 0.f;
+          total += p;
+          for (int64_t c = 0; c < D; ++c) oo[c] += p * vv[j * D + c];
+        }
+        const float inv = 1.f / total;
+        for (int64_t c = 0; c < D; ++c) oo[c] *= inv;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
@@ -308,6 +358,17 @@ auto bind_inputs() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionForward, Forward,
                               bind_inputs().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjDecodeAttention, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<float>("scale")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // The backward also takes o, lse and dO; it returns dq, dk, dv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionBackward, Backward,

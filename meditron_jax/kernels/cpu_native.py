@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_native.cc")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "meditron_cpu_attention_fwd", "meditron_cpu_attention_bwd"
+_DECODE = "meditron_cpu_decode_attention"
 
 
 def _openblas() -> str | None:
@@ -96,6 +97,7 @@ def _load() -> tuple[bool, str]:
         return False, f"could not load sgemm from {blas} (mj_init returned {status})"
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MjAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MjAttentionBackward), platform="cpu")
+    jax.ffi.register_ffi_target(_DECODE, jax.ffi.pycapsule(lib.MjDecodeAttention), platform="cpu")
     return True, ""
 
 
@@ -157,3 +159,13 @@ def _attention_bwd(causal, has_segments, scale, res, dout):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def decode_attention(q, k_cache, v_cache, valid, first_slot, *, softmax_scale):
+    """Decode's attention over the head-major cache, the (batch, KV head) units split between the cores and
+    only the filled slots read. q: [b, new, heads, d]; k_cache, v_cache: [b, kv_heads, slots, d] (or
+    [kv_heads, slots, d] for one row); valid: bool [b, slots]; first_slot: int32 scalar, the first new
+    token's slot. New token t sees slot j when ``valid[:, j]`` and j <= first_slot + t; one that sees none
+    gives zeros. The same result as `xla.head_major_attention` with that mask; float32, no gradient."""
+    call = jax.ffi.ffi_call(_DECODE, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k_cache, v_cache, valid, jnp.asarray(first_slot, jnp.int32), scale=np.float32(softmax_scale))

@@ -12,6 +12,7 @@ topology works without a mesh, and running the same program on CPU still fails w
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
@@ -91,6 +92,36 @@ def attention(
         )
 
     return _per_shard(kernel, q, k, v, segment_ids, p, whole=interpret)
+
+
+def decode_attention(q, k_cache, v_cache, valid, first_slot, *, softmax_scale: float, impl: str = "auto"):
+    """Decode's attention over the head-major KV cache (`model.layers.Attention`).
+
+    q: [b, new, heads, d]; k_cache, v_cache: [b, kv_heads, slots, d], or [kv_heads, slots, d] for one row;
+    valid: bool [b, slots]; first_slot: the first new token's slot. New token t sees slot j when
+    ``valid[:, j]`` and j <= first_slot + t. On one CPU device in float32, with impl "auto" or "cpu_native",
+    the compiled kernel (`cpu_native.decode_attention`: (batch, KV head) split between the cores, only the
+    filled slots read); otherwise `xla.head_major_attention` with that mask.
+    """
+    if impl in ("auto", "cpu_native") and _native_decode_runs(q, k_cache):
+        return cpu_native.decode_attention(q, k_cache, v_cache, valid, first_slot, softmax_scale=softmax_scale)
+    b = q.shape[0]
+    keys, values = k_cache.reshape(b, *k_cache.shape[-3:]), v_cache.reshape(b, *v_cache.shape[-3:])
+    slots = jnp.arange(k_cache.shape[-2])
+    q_slots = first_slot + jnp.arange(q.shape[1])
+    mask = valid[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+    return xla.head_major_attention(q, keys, values, mask, softmax_scale)
+
+
+def _native_decode_runs(q, k_cache) -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh.empty or math.prod(mesh.axis_sizes) == 1
+    return (
+        one_device
+        and current_target().platform == "cpu"
+        and q.dtype == k_cache.dtype == jnp.float32
+        and cpu_native.available()
+    )
 
 
 def _per_shard(kernel, q, k, v, segment_ids, p: Problem, whole: bool = False):

@@ -14,7 +14,6 @@ from flax import linen as nn
 
 from meditron_jax import kernels
 from meditron_jax.config import ModelConfig
-from meditron_jax.kernels import xla as xla_attention
 from meditron_jax.kernels.common import current_target
 
 MODES = ("train", "prefill", "decode")
@@ -191,11 +190,9 @@ class Attention(nn.Module):
         cv.value = jax.lax.dynamic_update_slice(cv.value, v_heads, (*zeros, 0, i, 0))
         valid.value = jax.lax.dynamic_update_slice(valid.value, is_real, (0, i))
         index.value = i + length
-        slots = jnp.arange(ck.value.shape[-2])
-        q_slots = i + jnp.arange(length)
-        mask = valid.value[:, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
-        keys, values = ck.value.reshape(b, *ck.value.shape[-3:]), cv.value.reshape(b, *cv.value.shape[-3:])
-        return xla_attention.head_major_attention(q, keys, values, mask, scale)
+        return kernels.decode_attention(
+            q, ck.value, cv.value, valid.value, i, softmax_scale=scale, impl=self.config.attention_impl
+        )
 
 
 class DecoderLayer(nn.Module):
