@@ -78,9 +78,10 @@ Window key_window(const Shape& sh, int64_t b, int64_t r0, int64_t r1) {
   int64_t lo = 0, hi = sh.visible_end(r1);
   if (sh.seg == nullptr || hi == 0) return {lo, hi};
   const int32_t* seg = sh.seg + b * sh.Sk;
-  const int32_t* first = seg + sh.offset() + r0;
-  const int32_t* last = seg + sh.offset() + r1;
-  auto mine = [&](int32_t id) { return std::find(first, last, id) != last; };  // usually 1-4 documents
+  std::vector<int32_t> ids;  // the rows' distinct segment ids: usually 1-4 documents
+  for (int64_t r = sh.offset() + r0; r < sh.offset() + r1; ++r)
+    if (std::find(ids.begin(), ids.end(), seg[r]) == ids.end()) ids.push_back(seg[r]);
+  auto mine = [&](int32_t id) { return std::find(ids.begin(), ids.end(), id) != ids.end(); };
   while (lo < hi && !mine(seg[lo])) ++lo;
   while (hi > lo && !mine(seg[hi - 1])) --hi;
   return {lo, hi};
