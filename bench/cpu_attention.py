@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     k, v = (jnp.asarray(rng.standard_normal((b, seq, kvh, d)), jnp.float32) for _ in range(2))
     scale = d**-0.5
     seg = None
-    if args.packed:
+    if args.packed:  # the import also turns on freed-memory reuse, as in every bench (meditron_jax/host_memory.py)
         from train_throughput import Shape, packed_batch
 
         seg = jnp.asarray(packed_batch(Shape(layers=1, batch=b, seq_len=seq))["decoder_segment_ids"])
