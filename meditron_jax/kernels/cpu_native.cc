@@ -64,6 +64,7 @@ struct Shape {
   int64_t offset() const { return Sk - Sq; }
   int64_t ldq() const { return H * D; }    // from one query row (or output row) of a head to the next
   int64_t ldk() const { return KVH * D; }  // the same for keys and values
+  int64_t blocks() const { return (Sq + kBlockQ - 1) / kBlockQ; }  // query blocks
   // Keys [0, visible_end(r1)) can be seen by some query of rows [r0, r1).
   int64_t visible_end(int64_t r1) const { return causal ? std::min(Sk, std::max<int64_t>(0, offset() + r1)) : Sk; }
 };
@@ -85,6 +86,16 @@ Window key_window(const Shape& sh, int64_t b, int64_t r0, int64_t r1) {
   while (lo < hi && !mine(seg[lo])) ++lo;
   while (hi > lo && !mine(seg[hi - 1])) --hi;
   return {lo, hi};
+}
+
+// Every block's window, [b * blocks + block]: computed once per call, since all heads of a row share them.
+std::vector<Window> key_windows(const Shape& sh) {
+  const int64_t blocks = sh.blocks();
+  std::vector<Window> all(sh.B * blocks);
+  for (int64_t b = 0; b < sh.B; ++b)
+    for (int64_t i = 0; i < blocks; ++i)
+      all[b * blocks + i] = key_window(sh, b, i * kBlockQ, std::min(sh.Sq, (i + 1) * kBlockQ));
+  return all;
 }
 
 // Runs fn(unit) for unit in [0, n) on XLA's intra-op thread pool, the calling thread included. Units are
@@ -188,7 +199,8 @@ ffi::Error Forward(ffi::ThreadPool pool, bool causal, bool has_segments, float s
   const int64_t groups = sh.H / sh.KVH, D = sh.D;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
-  const int64_t ldq = sh.ldq(), ldk = sh.ldk();
+  const int64_t ldq = sh.ldq(), ldk = sh.ldk(), blocks = sh.blocks();
+  const std::vector<Window> windows = key_windows(sh);
   parallel_units(pool, sh.B * sh.H, [&](int64_t unit) {
     const int64_t b = unit / sh.H, h = unit % sh.H, kvh = h / groups;
     const float* kk = kp + b * sh.Sk * ldk + kvh * D;  // row 0 of this head; rows are ldk apart
@@ -199,7 +211,7 @@ ffi::Error Forward(ffi::ThreadPool pool, bool causal, bool has_segments, float s
     std::vector<float> s;
     for (int64_t r0 = 0; r0 < sh.Sq; r0 += kBlockQ) {
       const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0;
-      const Window w = key_window(sh, b, r0, r1);
+      const Window w = windows[b * blocks + r0 / kBlockQ];
       const int64_t L = w.hi - w.lo;
       if (L == 0) {
         zero_rows(oo, r0, r1, ldq, D);
@@ -226,7 +238,8 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
   float* lp = const_cast<float*>(lse.typed_data());  // read only: `probabilities` writes it only forward
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   // One unit per (batch, KV head): the query heads sharing it add into its dK and dV one after another.
-  const int64_t ldq = sh.ldq(), ldk = sh.ldk();
+  const int64_t ldq = sh.ldq(), ldk = sh.ldk(), blocks = sh.blocks();
+  const std::vector<Window> windows = key_windows(sh);
   parallel_units(pool, sh.B * sh.KVH, [&](int64_t unit) {
     const int64_t b = unit / sh.KVH, kvh = unit % sh.KVH;
     const int64_t kv_at = b * sh.Sk * ldk + kvh * D;  // row 0 of this KV head; rows are ldk apart
@@ -248,7 +261,7 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
       }
       for (int64_t r0 = 0; r0 < sh.Sq; r0 += kBlockQ) {
         const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0;
-        const Window w = key_window(sh, b, r0, r1);
+        const Window w = windows[b * blocks + r0 / kBlockQ];
         const int64_t L = w.hi - w.lo;
         if (L == 0) {
           zero_rows(dqq, r0, r1, ldq, D);
