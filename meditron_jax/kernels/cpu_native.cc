@@ -133,8 +133,9 @@ void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
 // Scores of rows [r0, r1) against keys w = [lo, hi) into s (rows of hi - lo), then probabilities in place:
 // softmax (forward, lse written) or exp(score - lse) (backward, lse read). Invisible keys get 0.
 // Branch-free over keys so that the loops vectorise; no infinities are compared, since the library is built
-// with -ffast-math (a masked score is kMasked, whose exp underflows to 0).
+// with -ffast-math (a masked score is kMasked, and never reaches expf).
 constexpr float kMasked = -1e30f;
+constexpr float kExpFloor = -87.f;  // expf(-87) = 1.6e-38, the smallest normal float's order
 void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, int64_t r0, int64_t r1, Window w,
                    float* s, float* lse, bool forward) {
   const int64_t M = r1 - r0, D = sh.D, L = w.hi - w.lo;
@@ -166,9 +167,12 @@ void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, i
     } else {
       m = lse[qi];
     }
+    // expf's argument is kept above kExpFloor: libm's vector expf leaves its fast path for any lane that
+    // would underflow (every masked key would), so masked keys are zeroed by the select instead.
     float total = 0.f;
     for (int64_t j = 0; j < n; ++j) {
-      row[j] = expf(row[j] - m);
+      const float e = expf(std::max(row[j] - m, kExpFloor));
+      row[j] = row[j] > kMasked * 0.5f ? e : 0.f;
       total += row[j];
     }
     std::fill(row + n, row + L, 0.f);
@@ -327,7 +331,7 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
         if (m == kMasked) continue;  // sees no slot: zeros, as head_major_attention gives
         float total = 0.f;
         for (int64_t j = 0; j < end; ++j) {
-          const float p = seen[j] ? expf(s[j] - m) : 0.f;
+          const float p = seen[j] ? expf(std::max(s[j] - m, kExpFloor)) : 0.f;
           total += p;
           for (int64_t c = 0; c < D; ++c) oo[c] += p * vv[j * D + c];
         }
