@@ -13,6 +13,7 @@ import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "cpu_native", "xla_blockwise", "xla")
+MATMUL_IMPLS = ("auto", "cpu_native", "xla")
 # ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
 # scan_layers, which stacks the layers' parameters).
 EXECUTION_FIELDS = (
@@ -21,6 +22,7 @@ EXECUTION_FIELDS = (
     "scan_layers",
     "remat_policy",
     "attention_impl",
+    "matmul_impl",
     "loss_chunk_size",
     "rope_in_compute_dtype",
 )
@@ -60,6 +62,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    # The dense layers' products: "auto" runs the large float32 ones on one CPU device through the compiled
+    # kernel (kernels.matmul), everything else through XLA; "xla" always XLA; "cpu_native" forces the kernel.
+    matmul_impl: str = "auto"
     # Training loss: sequence positions per chunk of the fused output head + cross-entropy, so the float32
     # [tokens, vocab] logits never exist in full (meditron_jax.model.loss). 0: one chunk (the exact default);
     # a chunk sums the loss and the head's gradient in another order (rounding-level differences).
@@ -83,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul_impl {self.matmul_impl!r} is not one of {MATMUL_IMPLS}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be float32, bfloat16 or float16")
@@ -168,7 +175,7 @@ _BOOLS = (
     "new_decoder_architecture",
     "rope_in_compute_dtype",
 )
-_STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl", "family")
+_STRINGS = ("param_dtype", "dtype", "remat_policy", "attention_impl", "matmul_impl", "family")
 FAMILIES = ("llama", "falcon")
 # Fields that only Falcon reads, with the value a Llama config must keep.
 _FALCON_ONLY = {"parallel_attn": False, "parallel_norms": 1, "new_decoder_architecture": False, "layer_norm_eps": 1e-5}

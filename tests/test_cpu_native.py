@@ -213,3 +213,96 @@ def test_decode_runs_the_kernel_on_one_cpu_device_and_xla_otherwise(monkeypatch)
         assert "meditron_cpu_decode_attention" not in program("auto")
     monkeypatch.setattr(cpu_native, "_load", lambda: (False, "off for the test"))
     assert "meditron_cpu_decode_attention" not in program("auto")
+
+
+# --- The dense layers' product, `cpu_native.matmul` (through `kernels.matmul`) ---
+
+
+@pytest.mark.parametrize(
+    "m, k, n",
+    [
+        (300, 200, 170),  # cut by rows into one piece per core, ragged
+        (5, 7, 300),  # more columns than rows: cut by columns
+        (1000, 33, 1000),
+        (40, 64, 16),  # too small to cut: one piece
+        (1, 9, 1),
+    ],
+)
+def test_matmul_equals_float64_with_gradients(m, k, n):
+    """Product and both gradients (dx = dy wᵀ, dw = xᵀ dy, the kernel's two transposed forms) against
+    float64 numpy. 1e-5 relative to each result's largest entry: float32 sums of up to 1000 terms."""
+    rng = np.random.default_rng(m + k + n)
+    x, w, dy = (rng.standard_normal(s) for s in ((m, k), (k, n), (m, n)))
+    out, vjp = jax.vjp(cpu_native.matmul, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+    for got, want in ((out, x @ w), (dx, dy @ w.T), (dw, x.T @ dy)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _matmul_program(x, w, impl="auto", **kwargs):
+    return str(jax.make_jaxpr(lambda x, w: kernels.matmul(x, w, impl=impl, **kwargs))(x, w))
+
+
+def test_matmul_runs_the_kernel_for_large_float32_products_on_one_cpu_device(monkeypatch):
+    """"auto" takes the kernel from CPU_NATIVE_MATMUL_MIN_ROWS rows and CPU_NATIVE_MATMUL_MIN_WEIGHT weight
+    elements on one CPU device in float32, and XLA's dot otherwise; "xla" never takes it."""
+    from meditron_jax.kernels import dispatch
+
+    rows, weight = dispatch.CPU_NATIVE_MATMUL_MIN_ROWS, dispatch.CPU_NATIVE_MATMUL_MIN_WEIGHT
+    x = jax.ShapeDtypeStruct((rows, 512), jnp.float32)
+    w = jax.ShapeDtypeStruct((512, weight // 512), jnp.float32)
+    native = "meditron_cpu_matmul"
+    assert native in _matmul_program(x, w)
+    assert native not in _matmul_program(x, w, "xla")
+    assert native not in _matmul_program(jax.ShapeDtypeStruct((rows - 1, 512), jnp.float32), w)  # decode's rows
+    assert native not in _matmul_program(x, jax.ShapeDtypeStruct((512, weight // 512 - 1), jnp.float32))
+    bf16 = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in (x, w)]
+    assert native not in _matmul_program(*bf16)
+    assert native not in _matmul_program(*bf16, preferred_element_type=jnp.float32)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert native not in _matmul_program(x, w)
+    monkeypatch.setattr(cpu_native, "_load", lambda: (False, "off for the test"))
+    assert native not in _matmul_program(x, w)
+
+
+def test_matmul_forced_runs_any_size_or_says_why_not(monkeypatch):
+    small = jnp.ones((3, 4), jnp.float32)
+    assert "meditron_cpu_matmul" in _matmul_program(small, small.T, "cpu_native")
+    with pytest.raises(ValueError, match="'cpu_native' cannot run here: it computes in float32, got x bfloat16"):
+        kernels.matmul(small.astype(jnp.bfloat16), small.T.astype(jnp.bfloat16), impl="cpu_native")
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="runs on one CPU device"):
+        kernels.matmul(small, small.T, impl="cpu_native")
+    with pytest.raises(ValueError, match="matmul impl 'fast' is not one of"):
+        kernels.matmul(small, small.T, impl="fast")
+    monkeypatch.setattr(cpu_native, "_load", lambda: (False, "no C++ compiler ('g++' not found; set CXX)"))
+    with pytest.raises(ValueError, match="cannot run here: no C\\+\\+ compiler"):
+        kernels.matmul(small, small.T, impl="cpu_native")
+
+
+def test_a_train_step_with_the_kernels_products_equals_xlas():
+    """The tiny Llama's loss and every parameter's gradient with all dense products forced through the
+    kernel against XLA's dots: the same float32 products summed in another order (1e-5)."""
+    from meditron_jax.config import get_config
+    from meditron_jax.model.llama import Llama, init_params
+
+    cfg = get_config("tiny").replace(scan_layers=True)
+    params = init_params(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 33)), jnp.int32)
+
+    def loss_and_grads(impl):
+        model = Llama(cfg.replace(matmul_impl=impl))
+
+        def loss(p):
+            logits = model.apply({"params": p}, tokens[:, :-1])
+            picked = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)
+            return -jnp.mean(picked)
+
+        return jax.value_and_grad(loss)
+
+    assert str(jax.make_jaxpr(loss_and_grads("cpu_native"))(params)).count("meditron_cpu_matmul") >= 6
+    native, xla_ = jax.jit(loss_and_grads("cpu_native"))(params), jax.jit(loss_and_grads("xla"))(params)
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla_), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

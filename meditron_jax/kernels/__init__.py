@@ -1,5 +1,6 @@
-"""Attention kernels behind one entry point, :func:`attention`, and decode's :func:`decode_attention`."""
+"""Attention kernels behind one entry point, :func:`attention`; decode's :func:`decode_attention`; and the
+dense layers' :func:`matmul`."""
 
-from meditron_jax.kernels.dispatch import attention, decode_attention
+from meditron_jax.kernels.dispatch import attention, decode_attention, matmul
 
-__all__ = ["attention", "decode_attention"]
+__all__ = ["attention", "decode_attention", "matmul"]

@@ -103,6 +103,13 @@ std::vector<Window> key_windows(const Shape& sh) {
 // program (XLA:CPU runs independent ones side by side) joins when it is free, or finds nothing left, and no
 // more threads run than the cores allow. The caller returns once every unit is done; a helper that starts
 // later touches only the shared state, which it co-owns.
+// Threads that can work at once: the pool's, at most one per core this process may use.
+int64_t thread_count(ffi::ThreadPool& pool) {
+  cpu_set_t set;
+  const int64_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+  return std::max<int64_t>(1, std::min<int64_t>(cores, pool.num_threads()));
+}
+
 template <typename Fn>
 void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   struct State {
@@ -120,9 +127,7 @@ void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
       }
     }
   };
-  cpu_set_t set;
-  const int64_t cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-  const int64_t helpers = std::min({cores, pool.num_threads(), n}) - 1;
+  const int64_t helpers = std::min(thread_count(pool), n) - 1;
   OneBlasThread one;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
   work();
@@ -343,6 +348,34 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// C [M, N] = op(A) · op(B), for the model's dense layers (kernels.matmul): A is [M, K], or [K, M] when
+// trans_a; B is [K, N], or [N, K] when trans_b. The longer side of C is cut into one piece per core, each
+// through the single-threaded sgemm: for the MLP's and the output head's shapes that beats XLA:CPU's dots
+// (docs/performance.md, ninth round). One piece per core measured best (four: level with XLA).
+ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<ffi::F32> a,
+                  ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c) {
+  if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
+  auto ad = a.dimensions(), bd = b.dimensions();
+  const int64_t M = trans_a ? ad[1] : ad[0], K = trans_a ? ad[0] : ad[1], N = trans_b ? bd[0] : bd[1];
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  float* cp = c->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const bool by_rows = M >= N;
+  const int64_t side = by_rows ? M : N;
+  const int64_t pieces = std::max<int64_t>(1, std::min(thread_count(pool), side / 64));
+  const int64_t step = ((side + pieces - 1) / pieces + 15) / 16 * 16;  // a multiple of 16 wide
+  parallel_units(pool, (side + step - 1) / step, [&](int64_t u) {
+    const int64_t lo = u * step, hi = std::min(side, lo + step);
+    const int64_t r0 = by_rows ? lo : 0, rows = by_rows ? hi - lo : M;
+    const int64_t c0 = by_rows ? 0 : lo, cols = by_rows ? N : hi - lo;
+    const float* a0 = trans_a ? ap + r0 : ap + r0 * K;
+    const float* b0 = trans_b ? bp + c0 * K : bp + c0;
+    sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, rows, cols, K, 1.f, a0,
+          trans_a ? M : K, b0, trans_b ? K : N, 0.f, cp + r0 * N + c0, N);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
@@ -396,4 +429,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MjAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MjMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -37,6 +37,7 @@ SOURCE = Path(__file__).with_name("cpu_native.cc")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
 _FORWARD, _BACKWARD = "meditron_cpu_attention_fwd", "meditron_cpu_attention_bwd"
 _DECODE = "meditron_cpu_decode_attention"
+_MATMUL = "meditron_cpu_matmul"
 
 
 def _openblas() -> str | None:
@@ -98,6 +99,7 @@ def _load() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.MjAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MjAttentionBackward), platform="cpu")
     jax.ffi.register_ffi_target(_DECODE, jax.ffi.pycapsule(lib.MjDecodeAttention), platform="cpu")
+    jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.MjMatmul), platform="cpu")
     return True, ""
 
 
@@ -169,3 +171,29 @@ def decode_attention(q, k_cache, v_cache, valid, first_slot, *, softmax_scale):
     gives zeros. The same result as `xla.head_major_attention` with that mask; float32, no gradient."""
     call = jax.ffi.ffi_call(_DECODE, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k_cache, v_cache, valid, jnp.asarray(first_slot, jnp.int32), scale=np.float32(softmax_scale))
+
+
+def _product(a, b, trans_a=False, trans_b=False):
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+@jax.custom_vjp
+def matmul(x, w):
+    """x [m, k] @ w [k, n] in float32, the product cut into one piece per core (single-threaded sgemm).
+    Its gradients are the same kind of call: dx = dy wᵀ, dw = xᵀ dy. Call `available()` first."""
+    return _product(x, w)
+
+
+def _matmul_fwd(x, w):
+    return _product(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    return _product(dy, w, trans_b=True), _product(x, dy, trans_a=True)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -21,7 +21,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from meditron_jax.config import ATTENTION_IMPLS
+from meditron_jax.config import ATTENTION_IMPLS, MATMUL_IMPLS
 from meditron_jax.kernels import cpu_native, cudnn, pallas_gpu, pallas_tpu, sharding, xla
 from meditron_jax.kernels.common import Problem, Target, check_inputs, current_target, default_scale, normalise_platform
 
@@ -33,6 +33,11 @@ MIN_KERNEL_Q_LEN = 128
 # faster than the blockwise loop while its float32 scores stay this small (bytes of batch * heads * q_len *
 # kv_len); beyond, the blockwise loop's memory wins. Timings in docs/kernels.md and docs/performance.md.
 CPU_REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
+# "auto" runs a dense product through `cpu_native.matmul` from these sizes on: measured faster than XLA:CPU's
+# dots for the MLP's and the output head's weights and training's rows, not for attention's 768 × 768
+# projections, nor for decode's few rows (docs/performance.md, ninth round).
+CPU_NATIVE_MATMUL_MIN_ROWS = 256
+CPU_NATIVE_MATMUL_MIN_WEIGHT = 2**20  # elements of w
 
 _SIZES_TYPES = {
     "pallas_tpu": pallas_tpu.BlockSizes,
@@ -114,14 +119,47 @@ def decode_attention(q, k_cache, v_cache, valid, first_slot, *, softmax_scale: f
 
 
 def _native_decode_runs(q, k_cache) -> bool:
+    return _on_one_cpu_device() and q.dtype == k_cache.dtype == jnp.float32 and cpu_native.available()
+
+
+def _on_one_cpu_device() -> bool:
+    """The compiled kernels have no sharding rule: they run where the program has one device, a CPU."""
     mesh = jax.sharding.get_abstract_mesh()
-    one_device = mesh.empty or math.prod(mesh.axis_sizes) == 1
-    return (
-        one_device
-        and current_target().platform == "cpu"
-        and q.dtype == k_cache.dtype == jnp.float32
-        and cpu_native.available()
-    )
+    return (mesh.empty or math.prod(mesh.axis_sizes) == 1) and current_target().platform == "cpu"
+
+
+def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
+    """x [m, k] @ w [k, n]: the dense layers' product (`model.layers.dense`).
+
+    impl "auto": `cpu_native.matmul` (the product cut between the cores, each piece through sgemm) on one CPU
+    device for float32 with at least ``CPU_NATIVE_MATMUL_MIN_ROWS`` rows and ``CPU_NATIVE_MATMUL_MIN_WEIGHT``
+    weight elements; otherwise XLA. "xla": always XLA. "cpu_native": the kernel, or a ValueError saying why
+    it cannot run here.
+    """
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"matmul impl {impl!r} is not one of {MATMUL_IMPLS}")
+    if impl != "xla":
+        why_not = _native_matmul_refusal(x, w, preferred_element_type)
+        if impl == "cpu_native" and why_not:
+            raise ValueError(f"matmul impl 'cpu_native' cannot run here: {why_not}")
+        large = x.shape[0] >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
+        if not why_not and (impl == "cpu_native" or large):
+            return cpu_native.matmul(x, w)
+    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+
+def _native_matmul_refusal(x, w, preferred_element_type) -> str:
+    """Why `cpu_native.matmul` cannot compute this product here; "" when it can."""
+    if x.ndim != 2 or w.ndim != 2:
+        return f"it takes 2-D operands, got x{tuple(x.shape)} and w{tuple(w.shape)}"
+    out = jnp.dtype(preferred_element_type or x.dtype)
+    if not x.dtype == w.dtype == out == jnp.float32:
+        return f"it computes in float32, got x {x.dtype}, w {w.dtype}, output {out}"
+    if not _on_one_cpu_device():
+        return "it runs on one CPU device (no mesh, or a mesh of one), not on this backend or mesh"
+    if not cpu_native.available():
+        return cpu_native.why_unavailable()
+    return ""
 
 
 def _per_shard(kernel, q, k, v, segment_ids, p: Problem, whole: bool = False):
@@ -240,11 +278,14 @@ def _block_sizes_for(impl: str, block_sizes, target: Target):
 
 
 __all__ = [
+    "CPU_NATIVE_MATMUL_MIN_ROWS",
+    "CPU_NATIVE_MATMUL_MIN_WEIGHT",
     "CPU_REFERENCE_MAX_SCORE_BYTES",
     "MIN_KERNEL_Q_LEN",
     "Target",
     "attention",
     "check_runnable",
     "current_target",
+    "matmul",
     "select_impl",
 ]

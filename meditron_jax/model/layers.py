@@ -42,7 +42,7 @@ def _flatten_for_cpu() -> bool:
     return all(mesh.shape.get(name, 1) == 1 for name in names)
 
 
-def dense(x, w, contract: int = 1, **kwargs):
+def dense(x, w, contract: int = 1, impl: str = "auto", preferred_element_type=None):
     """``x``'s last ``contract`` dims times ``w``'s first ``contract`` dims, as one 2-D matmul.
 
     x [batch, length, K...], w [K..., N...] → [batch, length, N...]. Flattening batch and length (free
@@ -50,13 +50,16 @@ def dense(x, w, contract: int = 1, **kwargs):
     canonicalisation writes the activation gradients transposed for it, which made the MLP's forward and
     backward 1.6× slower on the CPU bench (docs/performance.md). XLA:TPU needs no such help (its compile
     of the merged form used 1.4% more memory), and where ``length`` is sharded (sequence parallelism)
-    merging it with the batch would reshuffle shards: there the plain contraction stays.
+    merging it with the batch would reshuffle shards: there the plain contraction stays. The 2-D product is
+    ``kernels.matmul``'s, with ``impl`` (ModelConfig.matmul_impl) choosing XLA's dot or the CPU kernel.
     """
     if x.ndim - contract != 2 or not _flatten_for_cpu():
-        return jnp.tensordot(x, w, contract, **kwargs)
+        if impl == "cpu_native":
+            raise ValueError("matmul_impl 'cpu_native' needs XLA:CPU with the length axis unsharded")
+        return jnp.tensordot(x, w, contract, preferred_element_type=preferred_element_type)
     lead, n_dims = x.shape[:-contract], w.shape[contract:]
     k, n = math.prod(w.shape[:contract]), math.prod(n_dims)
-    out = jnp.matmul(x.reshape(-1, k), w.reshape(k, n), **kwargs)
+    out = kernels.matmul(x.reshape(-1, k), w.reshape(k, n), impl=impl, preferred_element_type=preferred_element_type)
     return out.reshape(*lead, *n_dims)
 
 
@@ -116,9 +119,10 @@ class MLP(nn.Module):
         gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
         up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), init, pdt)
-        h = nn.silu(dense(x, gate.astype(dt))) * dense(x, up.astype(dt))
+        impl = cfg.matmul_impl
+        h = nn.silu(dense(x, gate.astype(dt), impl=impl)) * dense(x, up.astype(dt), impl=impl)
         h = constrain(h, ("batch", "length", "mlp"))
-        return dense(h, down.astype(dt))
+        return dense(h, down.astype(dt), impl=impl)
 
 
 class Attention(nn.Module):
@@ -136,7 +140,7 @@ class Attention(nn.Module):
         wv = param(self, "value", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = param(self, "out", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        q, k, v = (dense(x, w.astype(dt)) for w in (wq, wk, wv))
+        q, k, v = (dense(x, w.astype(dt), impl=cfg.matmul_impl) for w in (wq, wk, wv))
         rdt = dt if cfg.rope_in_compute_dtype else jnp.float32
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta, rdt), ("batch", "length", "heads", "head_dim"))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta, rdt), ("batch", "length", "kv_heads", "head_dim"))
@@ -150,7 +154,7 @@ class Attention(nn.Module):
         else:
             out = self._cached_attention(q, k, v, segment_ids, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return dense(out, wo.astype(dt), contract=2)
+        return dense(out, wo.astype(dt), contract=2, impl=cfg.matmul_impl)
 
     def _cached_attention(self, q, k, v, segment_ids, scale):
         """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.

@@ -133,7 +133,7 @@ def embed(config: ModelConfig, embedding, tokens, constrain_fn=constrain):
 
 def vocab_logits(config: ModelConfig, x, head, constrain_fn=constrain):
     """Output projection of the normed hidden state → float32 logits over the real (unpadded) vocabulary."""
-    logits = dense(x, head.astype(dtype_of(config.dtype)), preferred_element_type=jnp.float32)
+    logits = dense(x, head.astype(dtype_of(config.dtype)), impl=config.matmul_impl, preferred_element_type=jnp.float32)
     logits = constrain_fn(logits, ("batch", "length", "vocab"))
     return logits[..., : config.vocab_size]
 
