@@ -244,7 +244,7 @@ def _matmul_program(x, w, impl="auto", **kwargs):
 
 
 def test_matmul_runs_the_kernel_for_large_float32_products_on_one_cpu_device(monkeypatch):
-    """"auto" takes the kernel from CPU_NATIVE_MATMUL_MIN_ROWS rows and CPU_NATIVE_MATMUL_MIN_WEIGHT weight
+    """ "auto" takes the kernel from CPU_NATIVE_MATMUL_MIN_ROWS rows and CPU_NATIVE_MATMUL_MIN_WEIGHT weight
     elements on one CPU device in float32, and XLA's dot otherwise; "xla" never takes it."""
     from meditron_jax.kernels import dispatch
 
