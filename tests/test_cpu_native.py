@@ -306,3 +306,17 @@ def test_a_train_step_with_the_kernels_products_equals_xlas():
     native, xla_ = jax.jit(loss_and_grads("cpu_native"))(params), jax.jit(loss_and_grads("xla"))(params)
     for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(xla_), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_libraries_unused_for_a_week_are_pruned_from_the_cache(tmp_path):
+    """Loading marks the current library used; other libraries older than UNUSED_FOR_S are deleted, younger
+    ones and files that are not libraries are kept."""
+    now = 1_000_000_000.0
+    current, recent, stale = (tmp_path / f"cpu_native-{n}.so" for n in ("cur", "recent", "stale"))
+    other = tmp_path / "notes.txt"
+    for path, age in ((current, 30 * 86400), (recent, 86400), (stale, 8 * 86400), (other, 30 * 86400)):
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+    assert cpu_native.prune_unused(current, now=now) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_native-cur.so", "cpu_native-recent.so", "notes.txt"]
+    assert current.stat().st_mtime == now

@@ -1,4 +1,5 @@
-// Attention forward and backward for XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
+// Attention forward and backward, decode's attention over the KV cache, and the dense layers' product for
+// XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
 //
 // Why: XLA:CPU splits a batched product's matrices between its threads, never its batch, so the small
 // per-head products of causal attention run on one core (docs/performance.md, fifth round). Here the

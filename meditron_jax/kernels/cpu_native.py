@@ -1,15 +1,18 @@
-"""Attention on XLA:CPU as a compiled FFI kernel that splits (batch, heads) between the cores.
+"""Compiled XLA:CPU kernels as FFI handlers: attention that splits (batch, heads) between the cores, decode's
+attention over the KV cache, and the dense layers' product cut into one piece per core.
 
 XLA:CPU splits a batched product's matrices between its threads, not its batch, so the small per-head
 products of causal attention ran on one core of two (docs/performance.md, fifth round). ``cpu_native.cc``
 splits the (batch, KV head) units between threads instead, each running its causal blocks' products through
-a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is needed at run time.
+a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is needed at run time. The same
+sgemm runs the MLP's and the output head's products faster than XLA:CPU's dots (`matmul`; ninth round).
 
 The C++ is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``) into
 ``$MEDITRON_JAX_CACHE`` (default ``~/.cache/meditron_jax``), one library per source, flags and CPU, written
-atomically. Where that cannot happen (no compiler, no OpenBLAS in numpy, not Linux, or
-``MEDITRON_CPU_NATIVE=off``), `available()` is False, says why once in the log, and "auto" falls back to
-XLA (`xla.cpu_attention`, or the blockwise loop for long sequences).
+atomically; libraries unused for a week are removed (`prune_unused`). Where that cannot happen (no compiler,
+no OpenBLAS in numpy, not Linux, or ``MEDITRON_CPU_NATIVE=off``), `available()` is False, says why once in
+the log, and "auto" falls back to XLA (`xla.cpu_attention`, or the blockwise loop for long sequences, and
+XLA's dots).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -70,6 +74,28 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: a concurrent build or a killed one never leaves half a library
 
 
+# A library no process has loaded for this long is removed from the cache (each load marks its own library
+# used). Libraries of other sources, flags, CPUs or jax versions would otherwise pile up with every change.
+UNUSED_FOR_S = 7 * 24 * 3600
+
+
+def prune_unused(current: Path, now: float | None = None) -> list[Path]:
+    """Marks ``current`` as used now and deletes the cache's other libraries unused for ``UNUSED_FOR_S``.
+    A process that has one loaded keeps it (the file is only unlinked); one that starts later rebuilds it.
+    Returns what was deleted; errors (a read-only cache, a concurrent delete) are ignored."""
+    now = time.time() if now is None else now
+    deleted = []
+    try:
+        os.utime(current, (now, now))
+        for lib in current.parent.glob("cpu_native-*.so"):
+            if lib != current and now - lib.stat().st_mtime > UNUSED_FOR_S:
+                lib.unlink()
+                deleted.append(lib)
+    except OSError:
+        pass
+    return deleted
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
     """(loaded, why not). Compiles and registers the handlers once per process."""
@@ -93,6 +119,7 @@ def _load() -> tuple[bool, str]:
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
         return False, f"could not build or load {target}: {e}"
+    prune_unused(target)
     status = lib.mj_init(blas.encode())
     if status != 0:
         return False, f"could not load sgemm from {blas} (mj_init returned {status})"
