@@ -12,6 +12,7 @@ import gin
 import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+DOT_SAVING_REMAT_POLICIES = ("dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_IMPLS = ("auto", "pallas_tpu", "pallas_gpu", "cudnn", "cpu_native", "xla_blockwise", "xla")
 MATMUL_IMPLS = ("auto", "cpu_native", "xla")
 # ModelConfig fields that change how the model computes, not what it is (or the weights' shapes, except
@@ -94,6 +95,14 @@ class ModelConfig:
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be float32, bfloat16 or float16")
         _check_family(self)
+
+    @property
+    def layer_matmul_impl(self) -> str:
+        """``matmul_impl`` as the decoder layers use it. Under a remat policy that saves dot outputs, "auto"
+        keeps XLA's dots: a kernel's product is not a dot to the policy, so it would be recomputed."""
+        if self.matmul_impl == "auto" and self.remat_policy in DOT_SAVING_REMAT_POLICIES:
+            return "xla"
+        return self.matmul_impl
 
     @property
     def padded_vocab_size(self) -> int:

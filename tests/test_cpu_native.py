@@ -320,3 +320,21 @@ def test_libraries_unused_for_a_week_are_pruned_from_the_cache(tmp_path):
     assert cpu_native.prune_unused(current, now=now) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu_native-cur.so", "cpu_native-recent.so", "notes.txt"]
     assert current.stat().st_mtime == now
+
+
+@pytest.mark.parametrize("remat, layer_calls", [("none", 3), ("full", 3), ("dots", 0), ("minimal", 0)])
+def test_auto_keeps_xlas_dots_in_layers_whose_remat_policy_saves_dots(remat, layer_calls):
+    """A kernel's product is not a dot to `checkpoint_dots`-like policies, which would then recompute it: under
+    them "auto" gives the layers XLA's dots. The head, outside the layers, keeps the kernel (1 call forward)."""
+    from meditron_jax.config import get_config
+    from meditron_jax.model.llama import Llama
+
+    cfg = get_config("tiny").replace(
+        hidden_size=512, intermediate_size=2048, num_heads=8, num_kv_heads=8, num_layers=1, vocab_size=2048
+    )
+    cfg = cfg.replace(remat_policy=remat, scan_layers=False)
+    tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+    model = Llama(cfg)
+    params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
+    program = str(jax.make_jaxpr(lambda p, t: model.apply(p, t))(params, tokens))
+    assert program.count("target_name=meditron_cpu_matmul") == layer_calls + 1  # MLP's three, the head

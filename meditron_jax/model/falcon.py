@@ -47,9 +47,9 @@ class GeluMLP(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         up = param(self, "up", (d, f), ("embed", "mlp"), WEIGHT_INIT, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), WEIGHT_INIT, pdt)
-        h = nn.gelu(dense(x, up.astype(dt), impl=cfg.matmul_impl), approximate=False)
+        h = nn.gelu(dense(x, up.astype(dt), impl=cfg.layer_matmul_impl), approximate=False)
         h = constrain(h, ("batch", "length", "mlp"))
-        return dense(h, down.astype(dt), impl=cfg.matmul_impl)
+        return dense(h, down.astype(dt), impl=cfg.layer_matmul_impl)
 
 
 class FalconDecoderLayer(nn.Module):

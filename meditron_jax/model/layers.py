@@ -119,7 +119,7 @@ class MLP(nn.Module):
         gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
         up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), init, pdt)
-        impl = cfg.matmul_impl
+        impl = cfg.layer_matmul_impl
         h = nn.silu(dense(x, gate.astype(dt), impl=impl)) * dense(x, up.astype(dt), impl=impl)
         h = constrain(h, ("batch", "length", "mlp"))
         return dense(h, down.astype(dt), impl=impl)
@@ -140,7 +140,7 @@ class Attention(nn.Module):
         wv = param(self, "value", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = param(self, "out", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        q, k, v = (dense(x, w.astype(dt), impl=cfg.matmul_impl) for w in (wq, wk, wv))
+        q, k, v = (dense(x, w.astype(dt), impl=cfg.layer_matmul_impl) for w in (wq, wk, wv))
         rdt = dt if cfg.rope_in_compute_dtype else jnp.float32
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta, rdt), ("batch", "length", "heads", "head_dim"))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta, rdt), ("batch", "length", "kv_heads", "head_dim"))
@@ -154,7 +154,7 @@ class Attention(nn.Module):
         else:
             out = self._cached_attention(q, k, v, segment_ids, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return dense(out, wo.astype(dt), contract=2, impl=cfg.matmul_impl)
+        return dense(out, wo.astype(dt), contract=2, impl=cfg.layer_matmul_impl)
 
     def _cached_attention(self, q, k, v, segment_ids, scale):
         """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.
