@@ -138,13 +138,14 @@ def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul impl {impl!r} is not one of {MATMUL_IMPLS}")
-    if impl != "xla":
+    forced = impl == "cpu_native"
+    large = x.shape[0] >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
+    if forced or (impl == "auto" and large):
         why_not = _native_matmul_refusal(x, w, preferred_element_type)
-        if impl == "cpu_native" and why_not:
-            raise ValueError(f"matmul impl 'cpu_native' cannot run here: {why_not}")
-        large = x.shape[0] >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
-        if not why_not and (impl == "cpu_native" or large):
+        if not why_not:
             return cpu_native.matmul(x, w)
+        if forced:
+            raise ValueError(f"matmul impl 'cpu_native' cannot run here: {why_not}")
     return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
 
 
