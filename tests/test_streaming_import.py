@@ -273,9 +273,10 @@ def _host_memory_is_one_tensor_not_the_model(big_checkpoint):
     finally:
         tracemalloc.stop()
     assert eager_peak >= total, (eager_peak, total)
-    # Layers are read in groups of at most the largest tensor (2 MiB), plus the slice being converted;
-    # 3 × largest leaves room for Python's own allocations.
-    assert stream_peak - held <= 3 * largest, (stream_peak, held, largest, total)
+    # Layers are read in groups of at most the largest tensor (2 MiB), plus the slice being converted: 1.67 ×
+    # largest in every run measured once each write is waited for (before, asynchronous writes queued up to
+    # 3.67 × and this failed in CI); 2.5 × leaves room for Python's own allocations.
+    assert stream_peak - held <= 2.5 * largest, (stream_peak, held, largest, total)
 
 
 def test_trainer_init_from_streams_into_the_step_shardings(shared_data, tmp_path):

@@ -293,7 +293,10 @@ def _shard_on(p: LazyParam, index: Index, device, max_chunk_bytes: int) -> jax.A
         stop = min(start + group, index[0].stop)
         chunk = jax.device_put(p[(slice(start, stop), *index[1:])], device)
         buf = _update_jit(buf, chunk, np.int32(start - first))
-        del chunk  # the CPU backend may alias the numpy buffer: free it before reading the next group
+        del chunk
+        # Dispatch is asynchronous and the transfer (or, on CPU, the aliased numpy buffer) holds the host group
+        # until the write has run: wait, so that one group at a time is in host memory, not a queue of them.
+        buf.block_until_ready()
     return buf
 
 
@@ -317,7 +320,7 @@ def place_leaf(x: Any, sharding: jax.sharding.Sharding, max_chunk_bytes: int) ->
         if key in built:
             arrays.append(jax.device_put(built[key], device))
         else:
-            built[key] = _shard_on(x, index, device, max_chunk_bytes)
+            built[key] = _shard_on(x, index, device, max_chunk_bytes).block_until_ready()
             arrays.append(built[key])
     return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
 
