@@ -52,7 +52,7 @@ def _value_and_grads(fn, q, k, v, seg, cot, causal):
     "q_len, kv_len, heads, kv_heads, causal, segments",
     [
         (64, 64, 4, 4, True, None),
-        (300, 300, 4, 2, True, "packed"),  # three causal blocks of 128, the last ragged; GQA
+        (300, 300, 4, 2, True, "packed"),  # five causal blocks of 64, the last ragged; GQA
         (40, 64, 4, 4, True, None),  # fewer queries than keys: bottom-right causal
         (200, 256, 8, 2, True, "packed"),
         (64, 64, 4, 1, False, "packed"),  # not causal, one KV head

@@ -91,6 +91,37 @@ def test_adamw_hyperparameters_decay_mask_and_clipping():
     assert optax.global_norm(huge) > 1.0
 
 
+@pytest.mark.parametrize("scale", [0.01, 30.0])  # under the limit: untouched; over it: scaled down
+def test_clipping_matches_torch_clip_grad_norm(scale):
+    """Megatron-LLM's and torch's rule (coefficient max_norm / (norm + 1e-6), applied when below 1), against
+    torch.nn.utils.clip_grad_norm_ on the same gradients; the norm given as the extra argument, as TrainStep
+    passes it, gives the same result as the norm computed from the gradients."""
+    import torch
+
+    from meditron_jax.train.optimizer import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(4, 5)).astype(np.float32) * scale, "b": rng.normal(size=7).astype(np.float32)}
+    tensors = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads.values()]
+    for t, g in zip(tensors, grads.values(), strict=True):
+        t.grad = torch.from_numpy(g.copy())
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(tensors, max_norm=1.0))
+    clip = clip_by_global_norm(1.0)
+    jgrads = jax.tree.map(jnp.asarray, grads)
+    ours, _ = clip.update(jgrads, clip.init(jgrads))
+    given, _ = clip.update(jgrads, clip.init(jgrads), global_norm=optax.global_norm(jgrads))
+    np.testing.assert_allclose(float(optax.global_norm(jgrads)), torch_norm, rtol=1e-6)
+    for name, t in zip(grads, tensors, strict=True):
+        # float32 norms summed in another order: a few ulps
+        np.testing.assert_allclose(ours[name], t.grad.numpy(), rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(given[name], ours[name])
+    if torch_norm < 1.0:  # not clipped: every gradient bit for bit
+        for name in grads:
+            np.testing.assert_array_equal(ours[name], grads[name])
+    else:
+        assert float(optax.global_norm(ours)) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_batch_keys_are_checked():
     with pytest.raises(KeyError, match="missing \\['decoder_target_tokens'\\]"):
         _complete({"decoder_input_tokens": np.zeros((2, 4))})

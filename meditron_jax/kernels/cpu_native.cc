@@ -55,7 +55,9 @@ struct OneBlasThread {
   }
 };
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-constexpr int64_t kBlockQ = 128;  // query rows per block: each block's products see only its visible keys
+// Query rows per block: each block's products see only its visible keys. 64 measured best on packed batches
+// (docs/kernels.md): smaller blocks skip more of other documents' keys, larger ones make fewer sgemm calls.
+constexpr int64_t kBlockQ = 64;
 
 struct Shape {
   int64_t B, H, KVH, Sq, Sk, D;
@@ -196,6 +198,18 @@ Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<f
   return Shape{qd[0], qd[2], kd[2], qd[1], kd[1], qd[3], causal, scale, has_segments ? seg.typed_data() : nullptr};
 }
 
+// A thread's scratch for the block products, kept between units and calls: growing a std::vector zero-fills
+// what sgemm overwrites anyway, which was 7% of a layer's attention in a perf profile (docs/kernels.md).
+float* scratch(int slot, int64_t n) {
+  thread_local std::unique_ptr<float[]> buffers[2];
+  thread_local int64_t sizes[2] = {0, 0};
+  if (sizes[slot] < n) {
+    buffers[slot].reset(new float[n]);  // not value-initialised
+    sizes[slot] = n;
+  }
+  return buffers[slot].get();
+}
+
 // Zeros rows [r0, r1) of a head whose rows are ld apart.
 void zero_rows(float* x, int64_t r0, int64_t r1, int64_t ld, int64_t D) {
   for (int64_t r = r0; r < r1; ++r) std::fill(x + r * ld, x + r * ld + D, 0.f);
@@ -218,7 +232,6 @@ ffi::Error Forward(ffi::ThreadPool pool, bool causal, bool has_segments, float s
     const float* qq = qp + b * sh.Sq * ldq + h * D;
     float* oo = op + b * sh.Sq * ldq + h * D;
     float* ll = lp + unit * sh.Sq;
-    std::vector<float> s;
     for (int64_t r0 = 0; r0 < sh.Sq; r0 += kBlockQ) {
       const int64_t r1 = std::min(sh.Sq, r0 + kBlockQ), M = r1 - r0;
       const Window w = windows[b * blocks + r0 / kBlockQ];
@@ -228,9 +241,9 @@ ffi::Error Forward(ffi::ThreadPool pool, bool causal, bool has_segments, float s
         std::fill(ll + r0, ll + r1, -INFINITY);
         continue;
       }
-      s.resize(M * L);
-      probabilities(sh, b, qq, kk, r0, r1, w, s.data(), ll, /*forward=*/true);
-      sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, 1.f, s.data(), L, vv + w.lo * ldk, ldk, 0.f, oo + r0 * ldq, ldq);
+      float* s = scratch(0, M * L);
+      probabilities(sh, b, qq, kk, r0, r1, w, s, ll, /*forward=*/true);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, 1.f, s, L, vv + w.lo * ldk, ldk, 0.f, oo + r0 * ldq, ldq);
     }
   });
   return ffi::Error::Success();
@@ -257,7 +270,7 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
     float *dkk = dkp + kv_at, *dvv = dvp + kv_at;
     zero_rows(dkk, 0, sh.Sk, ldk, D);
     zero_rows(dvv, 0, sh.Sk, ldk, D);
-    std::vector<float> p, dp, delta(sh.Sq);
+    std::vector<float> delta(sh.Sq);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t h = kvh * groups + g;
       const int64_t q_at = b * sh.Sq * ldq + h * D;
@@ -277,22 +290,21 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
           zero_rows(dqq, r0, r1, ldq, D);
           continue;
         }
-        p.resize(M * L);
-        dp.resize(M * L);
-        probabilities(sh, b, qq, kk, r0, r1, w, p.data(), ll, /*forward=*/false);
+        float *p = scratch(0, M * L), *dp = scratch(1, M * L);
+        probabilities(sh, b, qq, kk, r0, r1, w, p, ll, /*forward=*/false);
         // Over the window's keys: dV += Pᵀ dO; dP = dO Vᵀ; dS = P (dP - delta); dQ = scale dS K;
         // dK += scale dSᵀ Q.
         const int64_t at = w.lo * ldk, qr = r0 * ldq;
-        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, 1.f, p.data(), L, dd + qr, ldq, 1.f, dvv + at, ldk);
-        sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, 1.f, dd + qr, ldq, vv + at, ldk, 0.f, dp.data(), L);
+        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, 1.f, p, L, dd + qr, ldq, 1.f, dvv + at, ldk);
+        sgemm(kRowMajor, kNoTrans, kTrans, M, L, D, 1.f, dd + qr, ldq, vv + at, ldk, 0.f, dp, L);
         for (int64_t i = 0; i < M; ++i) {
-          float* prow = p.data() + i * L;
-          const float* dprow = dp.data() + i * L;
+          float* prow = p + i * L;
+          const float* dprow = dp + i * L;
           const float di = delta[r0 + i];
           for (int64_t j = 0; j < L; ++j) prow[j] *= dprow[j] - di;
         }
-        sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, sh.scale, p.data(), L, kk + at, ldk, 0.f, dqq + qr, ldq);
-        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, sh.scale, p.data(), L, qq + qr, ldq, 1.f, dkk + at, ldk);
+        sgemm(kRowMajor, kNoTrans, kNoTrans, M, D, L, sh.scale, p, L, kk + at, ldk, 0.f, dqq + qr, ldq);
+        sgemm(kRowMajor, kTrans, kNoTrans, L, D, M, sh.scale, p, L, qq + qr, ldq, 1.f, dkk + at, ldk);
       }
     }
   });

@@ -7,6 +7,7 @@ Logical names (mapped to mesh axes in one place, `meditron_jax.parallel.rules`):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,18 +85,44 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * x32).astype(dtype_of(cfg.dtype))
 
 
+class RotaryTables(NamedTuple):
+    """cos and sin of RoPE's angles, each [b, l, 1, head_dim] float32. Built once per forward pass and shared
+    by every layer's q and k: computed inside each, XLA:CPU evaluated them again for every element of every
+    head (a 4.6 ms rotation of one q at the CPU bench shape, 0.9 ms with the tables given; docs/performance.md).
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rotary_tables(positions, head_dim: int, theta: float) -> RotaryTables:
+    """The tables for ``positions`` [b, l] (int)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+
+    def tables(angles):
+        return jnp.cos(angles), jnp.sin(angles)
+
+    if current_target().platform != "cpu":
+        return RotaryTables(*tables(angles))
+    # XLA:CPU fuses cos and sin into every rotation that reads them, and evaluates them there per element
+    # (8 rotations, 8 copies of cos: with or without an optimization_barrier, which it drops before fusing).
+    # A conditional's result is never fused into its users, so with both branches the same and a predicate
+    # only known at run time, the pair is computed once: 8 rotations 34 -> 9 ms (docs/performance.md).
+    return RotaryTables(*jax.lax.cond(positions[0, 0] >= 0, tables, tables, angles))
+
+
 def rotary_embedding(x, positions, theta: float, compute_dtype=jnp.float32):
-    """Rotate-half RoPE (the layout of Hugging Face Llama checkpoints). x: [b, l, h, d]; positions: [b, l].
+    """Rotate-half RoPE (the layout of Hugging Face Llama checkpoints). x: [b, l, h, d]; positions: [b, l]
+    int, or their :class:`RotaryTables` (then ``theta`` is unused).
 
     Angles, cos and sin are float32; the rotation runs in ``compute_dtype`` (float32 by default; x's own dtype
     is what Hugging Face does: cos and sin cast to it).
     """
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    cos, sin = cos.astype(compute_dtype), sin.astype(compute_dtype)
+    tables = positions if isinstance(positions, RotaryTables) else rotary_tables(positions, d, theta)
+    cos, sin = tables.cos.astype(compute_dtype), tables.sin.astype(compute_dtype)
     x32 = x.astype(compute_dtype)
     # rotate_half(x) = [-x2, x1], as a reversal of the two halves times a sign (the same values as slicing
     # and concatenating): its gradient is a reversal too, where slices transpose to padded copies, which

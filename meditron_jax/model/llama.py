@@ -10,7 +10,7 @@ from meditron_jax.config import ModelConfig
 from meditron_jax.kernels.common import current_target
 from meditron_jax.model.families import decoder_layer_class, norm_class
 from meditron_jax.model.layer_scan import accumulating_layer_scan
-from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dense, dtype_of, param
+from meditron_jax.model.layers import MODES, WEIGHT_INIT, constrain, dense, dtype_of, param, rotary_tables
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole layer
@@ -72,6 +72,7 @@ class Llama(nn.Module):
             self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), WEIGHT_INIT, pdt
         )
         x = embed(cfg, embedding, tokens)
+        positions = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)  # once for all layers
 
         stack = layer_stack(cfg, mode)
         if layer_grads is not None:

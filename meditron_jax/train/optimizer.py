@@ -85,11 +85,32 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """Megatron-LLM's clipping, which MEDITRON trained with (``megatron/optimizer/clip_grads.py``; torch's
+    ``clip_grad_norm_`` is the same): when ``max_norm / (norm + 1e-6)`` is below 1, every gradient is
+    multiplied by it, else left as it is.
+
+    One scalar factor, which XLA fuses into the moment updates. optax's ``clip_by_global_norm`` selects
+    between g and (g / norm) · max_norm, and XLA:CPU kept that division as a gradient-sized temporary per
+    parameter, written once and read by both moments (docs/performance.md). ``update`` takes the norm as
+    the extra argument ``global_norm`` when the caller has it (``TrainStep`` does), so that the gradients
+    are not read once more, or materialised, to compute it.
+    """
+
+    def update(updates, state, params=None, *, global_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if global_norm is None else global_norm
+        factor = jnp.minimum(max_norm / (norm + 1e-6), 1.0)  # 1.0 exactly: unchanged
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig | None = None) -> optax.GradientTransformation:
     config = OptimizerConfig() if config is None else config
     chain = []
     if config.clip_norm is not None:
-        chain.append(optax.clip_by_global_norm(config.clip_norm))
+        chain.append(clip_by_global_norm(config.clip_norm))
     chain.append(
         optax.adamw(
             learning_rate_schedule(config),

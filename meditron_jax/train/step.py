@@ -284,7 +284,8 @@ class TrainStep:
         return cross_entropy_sums(logits, mb["decoder_target_tokens"], weights)
 
     def _grads(self, params, batch):
-        """(loss, Σw, grads of the mean loss) over the whole batch, accumulating over microsteps."""
+        """(loss, Σw, grads of the mean loss, their global norm) over the whole batch, accumulating over
+        microsteps."""
         grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         a = self.grad_accum_steps
         if a == 1:
@@ -312,15 +313,25 @@ class TrainStep:
             zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), g_shard)
             (g_sum, loss_sum, w_sum), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
         denom = jnp.maximum(w_sum, 1.0)
-        grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), g_sum)
-        return loss_sum / denom, w_sum, grads
+        # A product with one reciprocal, not a division per element, and the norm taken of the sum: XLA then
+        # fuses the multiply into each of the optimizer's reads. A division, or a norm of the scaled
+        # gradients (XLA:CPU's reduction reads a materialised operand), kept a gradient-sized temporary
+        # per parameter.
+        inverse = 1.0 / denom
+        grads = jax.tree.map(lambda g: (g * inverse).astype(g.dtype), g_sum)
+        return loss_sum / denom, w_sum, grads, optax.global_norm(g_sum) * inverse
 
     def _step(self, state: TrainState, batch):
-        loss, tokens, grads = self._grads(state.params, batch)
+        loss, tokens, grads, grad_norm = self._grads(state.params, batch)
         grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        if isinstance(self.optimizer, optax.GradientTransformationExtraArgs):  # as make_optimizer's chain
+            updates, opt_state = self.optimizer.update(
+                grads, state.opt_state, state.params, global_norm=grad_norm
+            )
+        else:
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
         if self.lr_schedule is not None:
             metrics["learning_rate"] = jnp.asarray(self.lr_schedule(state.step), jnp.float32)
         if self._return_grads:
