@@ -325,9 +325,7 @@ class TrainStep:
         loss, tokens, grads, grad_norm = self._grads(state.params, batch)
         grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
         if isinstance(self.optimizer, optax.GradientTransformationExtraArgs):  # as make_optimizer's chain
-            updates, opt_state = self.optimizer.update(
-                grads, state.opt_state, state.params, global_norm=grad_norm
-            )
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, global_norm=grad_norm)
         else:
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
