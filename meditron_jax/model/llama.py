@@ -72,6 +72,7 @@ class Llama(nn.Module):
             self, "embedding", (cfg.padded_vocab_size, cfg.hidden_size), ("vocab", "embed"), WEIGHT_INIT, pdt
         )
         x = embed(cfg, embedding, tokens)
+        assert cfg.head_dim is not None  # ModelConfig fills it in
         positions = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)  # once for all layers
 
         stack = layer_stack(cfg, mode)
