@@ -1,5 +1,6 @@
 """RoPE: the reversal form against Hugging Face's slice-and-concatenate formula, in float32 and with
-ModelConfig.rope_in_compute_dtype (the rotation in bfloat16, as transformers does for a bfloat16 model)."""
+ModelConfig.rope_in_compute_dtype (the rotation in bfloat16, as transformers does for a bfloat16 model); the
+tables built once per forward pass (model.layers.rotary_tables)."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,26 @@ def test_flag_is_inert_for_a_float32_model():
     params = init_params(cfg, seed=0)
     run = lambda c: jax.jit(lambda p, t: Llama(c).apply({"params": p}, t))(params, tokens)  # noqa: E731
     np.testing.assert_array_equal(np.asarray(run(cfg)), np.asarray(run(cfg.replace(rope_in_compute_dtype=True))))
+
+
+def test_tables_given_equal_positions_and_the_cpu_step_computes_them_once():
+    """The tables Llama builds once give the rotation bit for bit; compiled for CPU, a training step's
+    gradient of a 3-layer model holds cos only in the tables' conditional (2 branches), not one per rotation
+    (there are 12: q and k, 3 layers, forward and backward) as when each layer computed its own."""
+    from meditron_jax.model import Llama, init_params
+    from meditron_jax.model.layers import rotary_tables
+
+    rng = np.random.default_rng(2)
+    positions = jnp.asarray(rng.integers(0, 4096, (2, 16)), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((2, 16, 4, 64)).astype(np.float32))
+    by_tables = jax.jit(lambda x, p: rotary_embedding(x, rotary_tables(p, 64, 1e4), 1e4))(x, positions)
+    np.testing.assert_array_equal(
+        np.asarray(by_tables), np.asarray(jax.jit(rotary_embedding, static_argnums=2)(x, positions, 1e4))
+    )
+
+    cfg = get_config("tiny").replace(num_layers=3)
+    params = init_params(cfg, seed=0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    loss = lambda p: jnp.sum(Llama(cfg).apply({"params": p}, tokens))  # noqa: E731
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count(" cosine(") == 2, hlo.count(" cosine(")
