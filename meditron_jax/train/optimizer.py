@@ -94,7 +94,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     between g and (g / norm) · max_norm, and XLA:CPU kept that division as a gradient-sized temporary per
     parameter, written once and read by both moments (docs/performance.md). ``update`` takes the norm as
     the extra argument ``global_norm`` when the caller has it (``TrainStep`` does), so that the gradients
-    are not read once more, or materialised, to compute it.
+    are not read once more, or materialised, to compute it. It must be the norm of what this transformation
+    receives: ``TrainStep`` passes its gradients' norm, right when the clip comes first in the chain, as in
+    ``make_optimizer``'s.
     """
 
     def update(updates, state, params=None, *, global_norm=None, **extra_args):
