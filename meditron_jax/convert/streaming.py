@@ -281,10 +281,11 @@ _update_jit = jax.jit(_update, donate_argnums=0)
 
 def _shard_on(p: LazyParam, index: Index, device, max_chunk_bytes: int) -> jax.Array:
     """One device's shard of ``p``: read in groups of layers of at most ``max_chunk_bytes`` (at least one
-    layer), each written into a buffer on the device, so the host holds one group at a time."""
+    layer), each written into a buffer on the device, so the host holds one group at a time. Returns once
+    the shard is on the device."""
     shape = tuple(_len(s) for s in index)
     if not p.stacked or math.prod(shape) * p.dtype.itemsize <= max_chunk_bytes or shape[0] <= 1:
-        return jax.device_put(p[index], device)
+        return jax.device_put(p[index], device).block_until_ready()
     per_layer = math.prod(shape[1:]) * p.dtype.itemsize
     group = max(1, max_chunk_bytes // max(per_layer, 1))
     buf = jax.numpy.zeros(shape, p.dtype, device=device)
@@ -320,7 +321,7 @@ def place_leaf(x: Any, sharding: jax.sharding.Sharding, max_chunk_bytes: int) ->
         if key in built:
             arrays.append(jax.device_put(built[key], device))
         else:
-            built[key] = _shard_on(x, index, device, max_chunk_bytes).block_until_ready()
+            built[key] = _shard_on(x, index, device, max_chunk_bytes)
             arrays.append(built[key])
     return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
 

@@ -324,10 +324,9 @@ class TrainStep:
     def _step(self, state: TrainState, batch):
         loss, tokens, grads, grad_norm = self._grads(state.params, batch)
         grads = jax.lax.with_sharding_constraint(grads, self.state_shardings.params)
-        if isinstance(self.optimizer, optax.GradientTransformationExtraArgs):  # as make_optimizer's chain
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, global_norm=grad_norm)
-        else:
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        # make_optimizer's chain takes the norm (optimizer.clip_by_global_norm); a plain optax optimizer cannot
+        extra = {"global_norm": grad_norm} if isinstance(self.optimizer, optax.GradientTransformationExtraArgs) else {}
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
         if self.lr_schedule is not None:
