@@ -222,10 +222,17 @@ def test_decode_runs_the_kernel_on_one_cpu_device_and_xla_otherwise(monkeypatch)
     "m, k, n",
     [
         (300, 200, 170),  # cut by rows into one piece per core, ragged
-        (5, 7, 300),  # more columns than rows: cut by columns
+        (40, 33, 300),  # more columns than rows: cut by columns
         (1000, 33, 1000),
         (40, 64, 16),  # too small to cut: one piece
         (1, 9, 1),
+        # thin products (up to 32 rows): register tiles of 6 rows (12 with AVX-512) and the rows left over,
+        # 64-row blocks of w, 16- or 32-column panels and a ragged last one, chunks split between threads
+        (16, 768, 1000),
+        (32, 130, 2049),
+        (5, 7, 300),
+        (13, 65, 31),
+        (2, 200, 17),
     ],
 )
 def test_matmul_equals_float64_with_gradients(m, k, n):
@@ -245,7 +252,8 @@ def _matmul_program(x, w, impl="auto", **kwargs):
 
 def test_matmul_runs_the_kernel_for_large_float32_products_on_one_cpu_device(monkeypatch):
     """ "auto" takes the kernel from CPU_NATIVE_MATMUL_MIN_ROWS rows and CPU_NATIVE_MATMUL_MIN_WEIGHT weight
-    elements on one CPU device in float32, and XLA's dot otherwise; "xla" never takes it."""
+    elements, or for thin products, on one CPU device in float32, and XLA's dot otherwise; "xla" never takes
+    it."""
     from meditron_jax.kernels import dispatch
 
     rows, weight = dispatch.CPU_NATIVE_MATMUL_MIN_ROWS, dispatch.CPU_NATIVE_MATMUL_MIN_WEIGHT
@@ -254,8 +262,16 @@ def test_matmul_runs_the_kernel_for_large_float32_products_on_one_cpu_device(mon
     native = "meditron_cpu_matmul"
     assert native in _matmul_program(x, w)
     assert native not in _matmul_program(x, w, "xla")
-    assert native not in _matmul_program(jax.ShapeDtypeStruct((rows - 1, 512), jnp.float32), w)  # decode's rows
+    assert native not in _matmul_program(jax.ShapeDtypeStruct((rows - 1, 512), jnp.float32), w)
     assert native not in _matmul_program(x, jax.ShapeDtypeStruct((512, weight // 512 - 1), jnp.float32))
+    # thin products (decode's batch rows): from CPU_NATIVE_THIN_ROWS[0] to [1] rows and a weight of at least
+    # CPU_NATIVE_THIN_MIN_WEIGHT elements; one row stays XLA's matrix-vector product
+    lo, hi = dispatch.CPU_NATIVE_THIN_ROWS
+    thin_w = jax.ShapeDtypeStruct((512, dispatch.CPU_NATIVE_THIN_MIN_WEIGHT // 512), jnp.float32)
+    for m, want in ((lo - 1, False), (lo, True), (hi, True), (hi + 1, False)):
+        assert (native in _matmul_program(jax.ShapeDtypeStruct((m, 512), jnp.float32), thin_w)) == want, m
+    small_w = jax.ShapeDtypeStruct((512, dispatch.CPU_NATIVE_THIN_MIN_WEIGHT // 512 - 1), jnp.float32)
+    assert native not in _matmul_program(jax.ShapeDtypeStruct((hi, 512), jnp.float32), small_w)
     bf16 = [jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in (x, w)]
     assert native not in _matmul_program(*bf16)
     assert native not in _matmul_program(*bf16, preferred_element_type=jnp.float32)

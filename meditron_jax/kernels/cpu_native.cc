@@ -1,5 +1,5 @@
-// Attention forward and backward, decode's attention over the KV cache, and the dense layers' product for
-// XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
+// Attention forward and backward, decode's attention over the KV cache, and the dense layers' products (large
+// and thin) for XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
 //
 // Why: XLA:CPU splits a batched product's matrices between its threads, never its batch, so the small
 // per-head products of causal attention run on one core (docs/performance.md, fifth round). Here the
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -113,7 +114,7 @@ int64_t thread_count(ffi::ThreadPool& pool) {
   return std::max<int64_t>(1, std::min<int64_t>(cores, pool.num_threads()));
 }
 
-template <typename Fn>
+template <bool kUsesSgemm = true, typename Fn>
 void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
@@ -131,7 +132,8 @@ void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
     }
   };
   const int64_t helpers = std::min(thread_count(pool), n) - 1;
-  OneBlasThread one;
+  std::optional<OneBlasThread> one;
+  if (kUsesSgemm) one.emplace();
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
   work();
   std::unique_lock<std::mutex> lock(state->mutex);
@@ -361,10 +363,111 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// Thin products, C [M, N] = A [M, K] · B [K, N] with 2 to 32 rows (decode's batch): XLA:CPU's dots and sgemm
+// run them at a fraction of a large product's rate (docs/performance.md, decode, seventh round). Each unit
+// is a chunk of columns (at most kThinCols, at least one chunk per thread); per block of kThinK rows of B, every
+// panel of kThinNR columns is swept by each group of kThinMR rows of A, accumulators in registers, reading B
+// where it lies: the first group brings a panel's kThinK lines into L1 for the others and prefetches the
+// panel after next. Copying B into packed panels first measured slower: the copy cost a third of the time.
+#if defined(__AVX512F__)
+constexpr int kVec = 16;
+constexpr int kThinMR = 12;  // 12 rows × 2 vectors: 24 accumulators of 32 registers
+#else
+constexpr int kVec = 8;
+constexpr int kThinMR = 6;  // 6 rows × 2 vectors: 12 accumulators of 16 registers (AVX2)
+#endif
+typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+constexpr int64_t kThinNR = 2 * kVec;  // columns per panel
+constexpr int64_t kThinK = 64;         // rows of B per block: a panel's block stays in L1 with A's
+constexpr int64_t kThinCols = 2048;    // measured against 256 and 512: best for the output head
+constexpr int64_t kThinMaxRows = 32;   // up to here `Matmul` takes this path (kernels/dispatch.py agrees)
+
+inline Vec load(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// C[r, :cols] (+)= A[r, :kb] · panel for MR rows; the panel is kb rows of kThinNR floats, ldw apart. PF: also
+// prefetch the panel after next (the first row group's sweep is the one that reads from memory).
+template <int MR, bool PF>
+void thin_tile(const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c, int64_t ldc,
+               int64_t cols, bool add) {
+  Vec acc[MR][2] = {};
+  for (int64_t k = 0; k < kb; ++k) {
+    if (PF) __builtin_prefetch(panel + k * ldw + 2 * kThinNR);
+    const Vec w0 = load(panel + k * ldw), w1 = load(panel + k * ldw + kVec);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const float x = a[r * lda + k];
+      acc[r][0] += x * w0;
+      acc[r][1] += x * w1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* row = c + r * ldc;
+    if (cols == kThinNR) {
+      store(row, add ? load(row) + acc[r][0] : acc[r][0]);
+      store(row + kVec, add ? load(row + kVec) + acc[r][1] : acc[r][1]);
+    } else {
+      float tmp[kThinNR];
+      store(tmp, acc[r][0]);
+      store(tmp + kVec, acc[r][1]);
+      for (int64_t j = 0; j < cols; ++j) row[j] = add ? row[j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+template <int MR>
+void thin_rows(int64_t rows, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c,
+               int64_t ldc, int64_t cols, bool add, bool first = true) {
+  if constexpr (MR > 0) {
+    if (rows >= MR) {
+      int64_t r = 0;
+      for (; r + MR <= rows; r += MR, first = false) {
+        if (first)
+          thin_tile<MR, true>(a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
+        else
+          thin_tile<MR, false>(a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
+      }
+      thin_rows<MR - 1>(rows - r, a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add, first);
+    } else {
+      thin_rows<MR - 1>(rows, a, lda, panel, ldw, kb, c, ldc, cols, add, first);
+    }
+  }
+}
+
+void thin_matmul(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const float* a, const float* b, float* c) {
+  // Chunks of at most kThinCols, at least one per thread, whole panels wide.
+  const int64_t panels_all = (N + kThinNR - 1) / kThinNR;
+  const int64_t chunks = std::max((N + kThinCols - 1) / kThinCols, std::min(thread_count(pool), panels_all));
+  const int64_t cols = (panels_all + chunks - 1) / chunks * kThinNR;
+  const int64_t units = (N + cols - 1) / cols;
+  parallel_units<false>(pool, units, [&](int64_t u) {
+    const int64_t c0 = u * cols, width = std::min(cols, N - c0);
+    const int64_t full = width / kThinNR * kThinNR;
+    for (int64_t k0 = 0; k0 < K; k0 += kThinK) {
+      const int64_t kb = std::min(kThinK, K - k0);
+      for (int64_t p = 0; p < full; p += kThinNR)
+        thin_rows<kThinMR>(M, a + k0, K, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0);
+      if (full < width) {  // the last, partial panel, copied with zeros after it
+        float* packed = scratch(0, kb * kThinNR);
+        for (int64_t k = 0; k < kb; ++k)
+          for (int64_t j = 0; j < kThinNR; ++j)
+            packed[k * kThinNR + j] = full + j < width ? b[(k0 + k) * N + c0 + full + j] : 0.f;
+        thin_rows<kThinMR>(M, a + k0, K, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0);
+      }
+    }
+  });
+}
+
 // C [M, N] = op(A) · op(B), for the model's dense layers (kernels.matmul): A is [M, K], or [K, M] when
 // trans_a; B is [K, N], or [N, K] when trans_b. The longer side of C is cut into one piece per core, each
 // through the single-threaded sgemm: for the MLP's and the output head's shapes that beats XLA:CPU's dots
 // (docs/performance.md, ninth round). One piece per core measured best (four: level with XLA).
+// A product of at most kThinMaxRows rows, neither operand transposed, goes to thin_matmul instead.
 ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<ffi::F32> a,
                   ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c) {
   if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
@@ -373,6 +476,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<
   const float *ap = a.typed_data(), *bp = b.typed_data();
   float* cp = c->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
+  if (!trans_a && !trans_b && M <= kThinMaxRows && K > 0) {
+    thin_matmul(pool, M, K, N, ap, bp, cp);
+    return ffi::Error::Success();
+  }
   const bool by_rows = M >= N;
   const int64_t side = by_rows ? M : N;
   const int64_t pieces = std::max<int64_t>(1, std::min(thread_count(pool), side / 64));

@@ -5,7 +5,8 @@ XLA:CPU splits a batched product's matrices between its threads, not its batch, 
 products of causal attention ran on one core of two (docs/performance.md, fifth round). ``cpu_native.cc``
 splits the (batch, KV head) units between threads instead, each running its causal blocks' products through
 a single-threaded sgemm: numpy's bundled OpenBLAS, so nothing beyond numpy is needed at run time. The same
-sgemm runs the MLP's and the output head's products faster than XLA:CPU's dots (`matmul`; ninth round).
+sgemm runs the MLP's and the output head's products faster than XLA:CPU's dots (`matmul`; ninth round), and
+a register-tiled kernel runs decode's thin ones (2 to 32 rows; decode, seventh round).
 
 The C++ is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``) into
 ``$MEDITRON_JAX_CACHE`` (default ``~/.cache/meditron_jax``), one library per source, flags and CPU, written
@@ -209,8 +210,9 @@ def _product(a, b, trans_a=False, trans_b=False):
 
 @jax.custom_vjp
 def matmul(x, w):
-    """x [m, k] @ w [k, n] in float32, the product cut into one piece per core (single-threaded sgemm).
-    Its gradients are the same kind of call: dx = dy wᵀ, dw = xᵀ dy. Call `available()` first."""
+    """x [m, k] @ w [k, n] in float32: up to 32 rows, a register-tiled kernel with the columns split between
+    the cores; beyond, the product cut into one piece per core (single-threaded sgemm). Its gradients are
+    the same kind of call: dx = dy wᵀ, dw = xᵀ dy. Call `available()` first."""
     return _product(x, w)
 
 

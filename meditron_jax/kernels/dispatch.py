@@ -35,9 +35,15 @@ MIN_KERNEL_Q_LEN = 128
 CPU_REFERENCE_MAX_SCORE_BYTES = 64 * 2**20
 # "auto" runs a dense product through `cpu_native.matmul` from these sizes on: measured faster than XLA:CPU's
 # dots for the MLP's and the output head's weights and training's rows, not for attention's 768 × 768
-# projections, nor for decode's few rows (docs/performance.md, ninth round).
+# projections, nor for decode's few rows (docs/performance.md, ninth round) ...
 CPU_NATIVE_MATMUL_MIN_ROWS = 256
 CPU_NATIVE_MATMUL_MIN_WEIGHT = 2**20  # elements of w
+# ... Thin products, 2 to 32 rows with a weight of CPU_NATIVE_THIN_MIN_WEIGHT elements or more, go to its
+# register-tiled kernel: 1.0–2.4× XLA:CPU's dots with the weights streamed from memory. One row (a
+# matrix-vector product) stays XLA's (docs/performance.md, decode, seventh round). The upper bound is
+# cpu_native.cc's kThinMaxRows.
+CPU_NATIVE_THIN_ROWS = (2, 32)
+CPU_NATIVE_THIN_MIN_WEIGHT = 2**18
 
 _SIZES_TYPES = {
     "pallas_tpu": pallas_tpu.BlockSizes,
@@ -131,16 +137,19 @@ def _on_one_cpu_device() -> bool:
 def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
     """x [m, k] @ w [k, n]: the dense layers' product (`model.layers.dense`).
 
-    impl "auto": `cpu_native.matmul` (the product cut between the cores, each piece through sgemm) on one CPU
-    device for float32 with at least ``CPU_NATIVE_MATMUL_MIN_ROWS`` rows and ``CPU_NATIVE_MATMUL_MIN_WEIGHT``
-    weight elements; otherwise XLA. "xla": always XLA. "cpu_native": the kernel, or a ValueError saying why
+    impl "auto": `cpu_native.matmul` on one CPU device for float32, with at least ``CPU_NATIVE_MATMUL_MIN_ROWS``
+    rows and ``CPU_NATIVE_MATMUL_MIN_WEIGHT`` weight elements (the product cut between the cores, each piece
+    through sgemm), or ``CPU_NATIVE_THIN_ROWS`` rows and ``CPU_NATIVE_THIN_MIN_WEIGHT`` (the thin-product
+    kernel); otherwise XLA. "xla": always XLA. "cpu_native": the kernel, or a ValueError saying why
     it cannot run here.
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul impl {impl!r} is not one of {MATMUL_IMPLS}")
     forced = impl == "cpu_native"
-    large = x.shape[0] >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
-    if forced or (impl == "auto" and large):
+    rows = x.shape[0]
+    large = rows >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
+    thin = CPU_NATIVE_THIN_ROWS[0] <= rows <= CPU_NATIVE_THIN_ROWS[1] and w.size >= CPU_NATIVE_THIN_MIN_WEIGHT
+    if forced or (impl == "auto" and (large or thin)):
         why_not = _native_matmul_refusal(x, w, preferred_element_type)
         if not why_not:
             return cpu_native.matmul(x, w)
