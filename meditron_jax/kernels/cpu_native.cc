@@ -420,22 +420,26 @@ void thin_tile(const float* a, int64_t lda, const float* panel, int64_t ldw, int
   }
 }
 
-template <int MR>
-void thin_rows(int64_t rows, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c,
-               int64_t ldc, int64_t cols, bool add, bool first = true) {
+// One tile of `rows` (1 to kThinMR) rows: the template instance for that count.
+template <int MR = kThinMR>
+void thin_tile_of(int64_t rows, bool first, const float* a, int64_t lda, const float* panel, int64_t ldw,
+                  int64_t kb, float* c, int64_t ldc, int64_t cols, bool add) {
   if constexpr (MR > 0) {
-    if (rows >= MR) {
-      int64_t r = 0;
-      for (; r + MR <= rows; r += MR, first = false) {
-        if (first)
-          thin_tile<MR, true>(a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
-        else
-          thin_tile<MR, false>(a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
-      }
-      thin_rows<MR - 1>(rows - r, a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add, first);
-    } else {
-      thin_rows<MR - 1>(rows, a, lda, panel, ldw, kb, c, ldc, cols, add, first);
-    }
+    if (rows < MR) return thin_tile_of<MR - 1>(rows, first, a, lda, panel, ldw, kb, c, ldc, cols, add);
+    if (first) return thin_tile<MR, true>(a, lda, panel, ldw, kb, c, ldc, cols, add);
+    thin_tile<MR, false>(a, lda, panel, ldw, kb, c, ldc, cols, add);
+  }
+}
+
+// All M rows against one panel, in groups as even as kThinMR allows (16 rows: 6, 5, 5, not 6, 6, 4): a
+// tile of 4 rows has 8 accumulators, too few to hide the FMAs' latency, and measured slower per row.
+void thin_rows(int64_t M, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c,
+               int64_t ldc, int64_t cols, bool add) {
+  const int64_t groups = (M + kThinMR - 1) / kThinMR, base = M / groups, extra = M % groups;
+  for (int64_t g = 0, r = 0; g < groups; ++g) {
+    const int64_t rows = base + (g < extra);
+    thin_tile_of(rows, g == 0, a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
+    r += rows;
   }
 }
 
@@ -451,13 +455,13 @@ void thin_matmul(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const f
     for (int64_t k0 = 0; k0 < K; k0 += kThinK) {
       const int64_t kb = std::min(kThinK, K - k0);
       for (int64_t p = 0; p < full; p += kThinNR)
-        thin_rows<kThinMR>(M, a + k0, K, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0);
+        thin_rows(M, a + k0, K, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0);
       if (full < width) {  // the last, partial panel, copied with zeros after it
         float* packed = scratch(0, kb * kThinNR);
         for (int64_t k = 0; k < kb; ++k)
           for (int64_t j = 0; j < kThinNR; ++j)
             packed[k * kThinNR + j] = full + j < width ? b[(k0 + k) * N + c0 + full + j] : 0.f;
-        thin_rows<kThinMR>(M, a + k0, K, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0);
+        thin_rows(M, a + k0, K, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0);
       }
     }
   });
