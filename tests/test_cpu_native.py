@@ -246,6 +246,32 @@ def test_matmul_equals_float64_with_gradients(m, k, n):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_the_avx512_thin_tile_gives_the_same_products_on_any_machine(tmp_path):
+    """The thin kernel's AVX-512 shape (tiles of 12 rows × 32 columns), built here with MEDITRON_THIN_WIDE
+    whatever this CPU has, in a fresh process with its own cache: product and both gradients against float64
+    numpy, 1e-5 of each result's largest entry (as above)."""
+    script = (
+        "import ctypes, jax, jax.numpy as jnp, numpy as np\n"
+        "from meditron_jax.kernels import cpu_native\n"
+        "cpu_native.FLAGS += ('-DMEDITRON_THIN_WIDE',)\n"
+        "assert cpu_native.available(), cpu_native.why_unavailable()\n"
+        "(lib,) = cpu_native.cache_dir().glob('cpu_native-*.so')\n"
+        "print('tile rows', ctypes.CDLL(str(lib)).mj_thin_tile_rows())\n"
+        "for m, k, n in ((16, 768, 1000), (32, 130, 2049), (13, 65, 31), (25, 64, 40), (2, 200, 17)):\n"
+        "    rng = np.random.default_rng(m + k + n)\n"
+        "    x, w, dy = (rng.standard_normal(s) for s in ((m, k), (k, n), (m, n)))\n"
+        "    out, vjp = jax.vjp(cpu_native.matmul, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))\n"
+        "    dx, dw = vjp(jnp.asarray(dy, jnp.float32))\n"
+        "    for got, want in ((out, x @ w), (dx, dy @ w.T), (dw, x.T @ dy)):\n"
+        "        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "MEDITRON_JAX_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-3:] == ["tile rows 12", "ok", ""]
+
+
 def _matmul_program(x, w, impl="auto", **kwargs):
     return str(jax.make_jaxpr(lambda x, w: kernels.matmul(x, w, impl=impl, **kwargs))(x, w))
 

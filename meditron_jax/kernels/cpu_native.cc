@@ -369,7 +369,9 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
 // panel of kThinNR columns is swept by each group of kThinMR rows of A, accumulators in registers, reading B
 // where it lies: the first group brings a panel's kThinK lines into L1 for the others and prefetches the
 // panel after next. Copying B into packed panels first measured slower: the copy cost a third of the time.
-#if defined(__AVX512F__)
+// MEDITRON_THIN_WIDE builds the AVX-512 shape anywhere (the compiler splits its vectors), so that its tiling
+// is tested on machines without AVX-512 too (tests/test_cpu_native.py).
+#if defined(__AVX512F__) || defined(MEDITRON_THIN_WIDE)
 constexpr int kVec = 16;
 constexpr int kThinMR = 12;  // 12 rows × 2 vectors: 24 accumulators of 32 registers
 #else
@@ -503,6 +505,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<
 }  // namespace
 
 // Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
+extern "C" int mj_thin_tile_rows() { return kThinMR; }
+
 extern "C" int mj_init(const char* path) {
   void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) return 1;
