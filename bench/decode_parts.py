@@ -8,9 +8,11 @@ What `bench/decode_throughput.py`'s profile found a batch-16 step made of, and t
 * the greedy argmax over [batch, 32000] logits: ``jnp.argmax`` against ``sampling.greedy_tokens``;
 * attention over the cache, [batch, 12 heads, 192 slots, 64]: the engine's ``head_major_attention`` (two
   batched dots), the same as multiply + reduce, and the dots in two independent batch halves;
-* the thin matmuls, x [batch, in] against weights [in, out] (as stored), weights [out, in] contracted on
-  their last axis, and weights as compile-time constants (which XLA:CPU lets YNNPACK pack once). The output
-  head's weights are 98 MB, so consecutive calls find them in memory, not in cache, as a decode step does.
+* the thin matmuls, x [batch, in] against weights [in, out] (as stored), through ``kernels.matmul`` as the
+  model calls it (the thin kernel for 2 to 32 rows on one CPU device), and torch's ``x @ W`` on the same
+  cores (the decode bench's peer); for the wide outputs also weights [out, in] contracted on their last
+  axis, and weights as compile-time constants (which XLA:CPU lets YNNPACK pack once). The output head's
+  weights are 98 MB, so consecutive calls find them in memory, not in cache, as a decode step does.
 
     python bench/decode_parts.py                 # one core, batch 16 and 1
     python bench/decode_parts.py --threads 2
@@ -36,9 +38,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from meditron_jax import kernels  # noqa: E402
 from meditron_jax.config import get_config  # noqa: E402
 from meditron_jax.infer.sampling import greedy_tokens  # noqa: E402
 from meditron_jax.kernels.xla import head_major_attention  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # the peer's form is skipped
+    torch = None
 
 CONFIG = get_config("bench-134m")
 
@@ -78,12 +86,24 @@ def cases_for(batch: int, cache_len: int, rng) -> dict[str, tuple]:
     if batch > 1:
         cases[f"{where} | dots in two batch halves"] = (jax.jit(halves), (q, k, v, mask))
 
-    for n_in, n_out in ((c.hidden_size, c.intermediate_size), (c.hidden_size, c.vocab_size)):
+    shapes = (
+        (c.hidden_size, c.hidden_size),
+        (c.hidden_size, c.intermediate_size),
+        (c.intermediate_size, c.hidden_size),
+        (c.hidden_size, c.vocab_size),
+    )
+    for n_in, n_out in shapes:
         x = rand(batch, n_in)
         w = rand(n_in, n_out)
         constant = np.asarray(w)
         where = f"x [{batch}, {n_in}] · W → {n_out}"
         cases[f"{where} | W [in, out] (stored)"] = (jax.jit(lambda x, w: x @ w), (x, w))
+        cases[f"{where} | kernels.matmul (auto: the model's)"] = (jax.jit(lambda x, w: kernels.matmul(x, w)), (x, w))
+        if torch is not None:
+            tx, tw = torch.from_numpy(np.array(x)), torch.from_numpy(constant.copy())
+            cases[f"{where} | torch x @ W (the peer)"] = (lambda tx=tx, tw=tw: (tx @ tw).numpy(), ())
+        if n_out == c.hidden_size:  # the other forms were measured in the fourth round, on the wide outputs
+            continue
         cases[f"{where} | W [out, in], contracted last"] = (
             jax.jit(lambda x, wt: jnp.einsum("mk,nk->mn", x, wt)),
             (x, jnp.asarray(constant.T.copy())),
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache_len", type=int, default=192, help="cache slots (the decode bench: 128 + 64)")
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args(argv)
+    if torch is not None:
+        torch.set_num_threads(len(CORES))
     rng = np.random.default_rng(0)
     cases = {}
     for batch in args.batches:

@@ -318,6 +318,44 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
 // sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
 // head) units are split between the cores, which XLA:CPU's batched dots do not do. Vectors of D, not sgemm:
 // each product is one row against at most T slots.
+// One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
+// fixes D at compile time (64, the Llama shapes): the sum's D floats then stay in registers across slots,
+// not loaded and stored per slot, and the scores' expf runs vectorized (decode, seventh round).
+template <int DD>
+void decode_query(const float* qq, const float* kk, const float* vv, const bool* seen, int64_t end, int64_t D,
+                  float scale, float* s, float* oo) {
+  if constexpr (DD > 0) D = DD;
+  float m = kMasked;
+  for (int64_t j = 0; j < end; ++j) {
+    float dot = 0.f;
+    for (int64_t c = 0; c < D; ++c) dot += qq[c] * kk[j * D + c];
+    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vv + j * D + c);  // V's stream beside K's
+    s[j] = seen[j] ? dot * scale : kMasked;
+    m = std::max(m, s[j]);
+  }
+  if (m == kMasked) {  // sees no slot: zeros, as head_major_attention gives
+    std::fill(oo, oo + D, 0.f);
+    return;
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < end; ++j) {
+    const float e = expf(std::max(s[j] - m, kExpFloor));
+    s[j] = seen[j] ? e : 0.f;
+    total += s[j];
+  }
+  if constexpr (DD > 0) {
+    float acc[DD] = {};
+    for (int64_t j = 0; j < end; ++j)
+      for (int c = 0; c < DD; ++c) acc[c] += s[j] * vv[j * DD + c];
+    for (int c = 0; c < DD; ++c) oo[c] = acc[c] / total;
+  } else {
+    std::fill(oo, oo + D, 0.f);
+    for (int64_t j = 0; j < end; ++j)
+      for (int64_t c = 0; c < D; ++c) oo[c] += s[j] * vv[j * D + c];
+    for (int64_t c = 0; c < D; ++c) oo[c] /= total;
+  }
+}
+
 ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> first,
                   ffi::ResultBuffer<ffi::F32> out) {
@@ -334,29 +372,16 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
     const float* kk = kp + unit * T * D;
     const float* vv = vp + unit * T * D;
     const bool* seen = ok + b * T;
-    std::vector<float> s(std::max<int64_t>(end_all, 1));
+    float* s = scratch(0, std::max<int64_t>(end_all, 1));
     for (int64_t g = 0; g < groups; ++g) {
       for (int64_t t = 0; t < Q; ++t) {
         const int64_t h = kvh * groups + g, end = std::max<int64_t>(0, from + t + 1);
         const float* qq = qp + ((b * Q + t) * H + h) * D;
         float* oo = op + ((b * Q + t) * H + h) * D;
-        float m = kMasked;
-        for (int64_t j = 0; j < end; ++j) {
-          float dot = 0.f;
-          for (int64_t c = 0; c < D; ++c) dot += qq[c] * kk[j * D + c];
-          s[j] = seen[j] ? dot * scale : kMasked;
-          m = std::max(m, s[j]);
-        }
-        std::fill(oo, oo + D, 0.f);
-        if (m == kMasked) continue;  // sees no slot: zeros, as head_major_attention gives
-        float total = 0.f;
-        for (int64_t j = 0; j < end; ++j) {
-          const float p = seen[j] ? expf(std::max(s[j] - m, kExpFloor)) : 0.f;
-          total += p;
-          for (int64_t c = 0; c < D; ++c) oo[c] += p * vv[j * D + c];
-        }
-        const float inv = 1.f / total;
-        for (int64_t c = 0; c < D; ++c) oo[c] *= inv;
+        if (D == 64)
+          decode_query<64>(qq, kk, vv, seen, end, D, scale, s, oo);
+        else
+          decode_query<0>(qq, kk, vv, seen, end, D, scale, s, oo);
       }
     }
   });
@@ -367,8 +392,8 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
 // run them at a fraction of a large product's rate (docs/performance.md, decode, seventh round). Each unit
 // is a chunk of columns (at most kThinCols, at least one chunk per thread); per block of kThinK rows of B, every
 // panel of kThinNR columns is swept by each group of kThinMR rows of A, accumulators in registers, reading B
-// where it lies: the first group brings a panel's kThinK lines into L1 for the others and prefetches the
-// panel after next. Copying B into packed panels first measured slower: the copy cost a third of the time.
+// where it lies (packing it first measured slower: one more pass over data read once). Every group prefetches
+// its share of the panel kThinAhead panels on, so that memory stays busy while the others compute.
 // MEDITRON_THIN_WIDE builds the AVX-512 shape anywhere (the compiler splits its vectors), so that its tiling
 // is tested on machines without AVX-512 too (tests/test_cpu_native.py).
 #if defined(__AVX512F__) || defined(MEDITRON_THIN_WIDE)
@@ -380,9 +405,10 @@ constexpr int kThinMR = 6;  // 6 rows × 2 vectors: 12 accumulators of 16 regist
 #endif
 typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
 constexpr int64_t kThinNR = 2 * kVec;  // columns per panel
-constexpr int64_t kThinK = 64;         // rows of B per block: a panel's block stays in L1 with A's
+constexpr int64_t kThinK = 64;         // rows of B per block (128 level, 16, 32 and 256 slower)
 constexpr int64_t kThinCols = 2048;    // measured against 256 and 512: best for the output head
 constexpr int64_t kThinMaxRows = 32;   // up to here `Matmul` takes this path (kernels/dispatch.py agrees)
+constexpr int64_t kThinAhead = 2;      // prefetch distance in panels (1, 3, 4 and 8 measured slower)
 
 inline Vec load(const float* p) {
   Vec v;
@@ -392,14 +418,15 @@ inline Vec load(const float* p) {
 
 inline void store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// C[r, :cols] (+)= A[r, :kb] · panel for MR rows; the panel is kb rows of kThinNR floats, ldw apart. PF: also
-// prefetch the panel after next (the first row group's sweep is the one that reads from memory).
-template <int MR, bool PF>
-void thin_tile(const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c, int64_t ldc,
-               int64_t cols, bool add) {
+// C[r, :cols] (+)= A[r, :kb] · panel for MR rows; the panel is kb rows of kThinNR floats, ldw apart. Also
+// prefetches rows [0, pf_rows) of pf, ldw apart, non-temporally: the panel's rows share a few L1 sets at the
+// model's widths, and a prefetch that stays in L1 evicts the lines in use (measured 4% slower).
+template <int MR>
+void thin_tile(const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, const float* pf,
+               int64_t pf_rows, float* c, int64_t ldc, int64_t cols, bool add) {
   Vec acc[MR][2] = {};
   for (int64_t k = 0; k < kb; ++k) {
-    if (PF) __builtin_prefetch(panel + k * ldw + 2 * kThinNR);
+    if (k < pf_rows) __builtin_prefetch(pf + k * ldw, 0, 0);
     const Vec w0 = load(panel + k * ldw), w1 = load(panel + k * ldw + kVec);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
@@ -424,23 +451,27 @@ void thin_tile(const float* a, int64_t lda, const float* panel, int64_t ldw, int
 
 // One tile of `rows` (1 to kThinMR) rows: the template instance for that count.
 template <int MR = kThinMR>
-void thin_tile_of(int64_t rows, bool first, const float* a, int64_t lda, const float* panel, int64_t ldw,
-                  int64_t kb, float* c, int64_t ldc, int64_t cols, bool add) {
+void thin_tile_of(int64_t rows, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb,
+                  const float* pf, int64_t pf_rows, float* c, int64_t ldc, int64_t cols, bool add) {
   if constexpr (MR > 0) {
-    if (rows < MR) return thin_tile_of<MR - 1>(rows, first, a, lda, panel, ldw, kb, c, ldc, cols, add);
-    if (first) return thin_tile<MR, true>(a, lda, panel, ldw, kb, c, ldc, cols, add);
-    thin_tile<MR, false>(a, lda, panel, ldw, kb, c, ldc, cols, add);
+    if (rows < MR) return thin_tile_of<MR - 1>(rows, a, lda, panel, ldw, kb, pf, pf_rows, c, ldc, cols, add);
+    thin_tile<MR>(a, lda, panel, ldw, kb, pf, pf_rows, c, ldc, cols, add);
   }
 }
 
 // All M rows against one panel, in groups as even as kThinMR allows (16 rows: 6, 5, 5, not 6, 6, 4): a
-// tile of 4 rows has 8 accumulators, too few to hide the FMAs' latency, and measured slower per row.
+// tile of 4 rows has 8 accumulators, too few to hide the FMAs' latency, and measured slower per row. With
+// `prefetch`, each group prefetches its share of the panel's rows kThinAhead panels on (all in the first
+// group: 4% slower).
 void thin_rows(int64_t M, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c,
-               int64_t ldc, int64_t cols, bool add) {
+               int64_t ldc, int64_t cols, bool add, bool prefetch) {
   const int64_t groups = (M + kThinMR - 1) / kThinMR, base = M / groups, extra = M % groups;
+  const int64_t share = (kb + groups - 1) / groups;
   for (int64_t g = 0, r = 0; g < groups; ++g) {
-    const int64_t rows = base + (g < extra);
-    thin_tile_of(rows, g == 0, a + r * lda, lda, panel, ldw, kb, c + r * ldc, ldc, cols, add);
+    const int64_t rows = base + (g < extra), lo = std::min(g * share, kb);
+    const float* pf = panel + kThinAhead * kThinNR + lo * ldw;
+    const int64_t pf_rows = prefetch ? std::min(share, kb - lo) : 0;
+    thin_tile_of(rows, a + r * lda, lda, panel, ldw, kb, pf, pf_rows, c + r * ldc, ldc, cols, add);
     r += rows;
   }
 }
@@ -456,14 +487,17 @@ void thin_matmul(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const f
     const int64_t full = width / kThinNR * kThinNR;
     for (int64_t k0 = 0; k0 < K; k0 += kThinK) {
       const int64_t kb = std::min(kThinK, K - k0);
+      // A's block, copied kThinK apart: K apart, its rows can share one L1 set (K = 2048: all of them).
+      float* ab = scratch(1, M * kThinK);
+      for (int64_t r = 0; r < M; ++r) std::copy(a + r * K + k0, a + r * K + k0 + kb, ab + r * kThinK);
       for (int64_t p = 0; p < full; p += kThinNR)
-        thin_rows(M, a + k0, K, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0);
+        thin_rows(M, ab, kThinK, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0, true);
       if (full < width) {  // the last, partial panel, copied with zeros after it
         float* packed = scratch(0, kb * kThinNR);
         for (int64_t k = 0; k < kb; ++k)
           for (int64_t j = 0; j < kThinNR; ++j)
             packed[k * kThinNR + j] = full + j < width ? b[(k0 + k) * N + c0 + full + j] : 0.f;
-        thin_rows(M, a + k0, K, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0);
+        thin_rows(M, ab, kThinK, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0, false);
       }
     }
   });
