@@ -313,11 +313,6 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
   return ffi::Error::Success();
 }
 
-// Decode's attention over the head-major KV cache (model/layers.py): q, out [B, Q, H, D] for Q new tokens;
-// k, v [B, KVH, T, D], or [KVH, T, D] for one row; valid [B, T]; first = the first new token's slot. Query t
-// sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
-// head) units are split between the cores, which XLA:CPU's batched dots do not do. Vectors of D, not sgemm:
-// each product is one row against at most T slots.
 // One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
 // fixes D at compile time (64, the Llama shapes): the sum's D floats then stay in registers across slots,
 // not loaded and stored per slot, and the scores' expf runs vectorized (decode, seventh round).
@@ -356,6 +351,11 @@ void decode_query(const float* qq, const float* kk, const float* vv, const bool*
   }
 }
 
+// Decode's attention over the head-major KV cache (model/layers.py): q, out [B, Q, H, D] for Q new tokens;
+// k, v [B, KVH, T, D], or [KVH, T, D] for one row; valid [B, T]; first = the first new token's slot. Query t
+// sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
+// head) units are split between the cores, which XLA:CPU's batched dots do not do. Vectors of D, not sgemm:
+// each product is one row against at most T slots.
 ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> first,
                   ffi::ResultBuffer<ffi::F32> out) {
@@ -538,9 +538,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<
 
 }  // namespace
 
-// Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
+// The thin kernel's tile height as built (12: the AVX-512 shape; tests/test_cpu_native.py).
 extern "C" int mj_thin_tile_rows() { return kThinMR; }
 
+// Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
 extern "C" int mj_init(const char* path) {
   void* handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (handle == nullptr) return 1;
