@@ -17,6 +17,7 @@ bandwidth allows at the floor. Load average at start and end.
 
     nice python bench/decode_throughput.py                 # the table in docs/performance.md (decode)
     python bench/decode_throughput.py --batches 1 --repeats 1
+    python bench/decode_throughput.py --weight-layout rows   # the dense weights as stored (before panels)
 
 Both sides run on one core by default (``--threads 1``: the process is pinned to one core, and torch gets one
 thread): on a shared machine, torch's spinning OpenMP threads lose several-fold to other processes, which
@@ -133,6 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
+        "--weight-layout",
+        default="auto",
+        choices=("auto", "rows", "panels"),
+        help="the engine's dense weights: panel-major for the thin kernel (auto, here) or as stored (rows)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -157,7 +164,9 @@ def main(argv=None) -> int:
         hf_dir = os.path.join(tmp, "model")
         hf.save_hf(params, CONFIG, hf_dir)
         ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    engine = Engine(CONFIG, params, max_batch=max(args.batches))
+    engine = Engine(CONFIG, params, max_batch=max(args.batches), weight_layout=args.weight_layout)
+    panels = engine.programs.config.weight_panels
+    print(f"engine weight layout: {f'panels of {panels} columns' if panels else 'as stored (rows)'}")
     rng = np.random.default_rng(0)
     load_start = os.getloadavg()
     bandwidth = [read_bandwidth()]

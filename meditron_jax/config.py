@@ -26,6 +26,7 @@ EXECUTION_FIELDS = (
     "matmul_impl",
     "loss_chunk_size",
     "rope_in_compute_dtype",
+    "weight_panels",
 )
 
 
@@ -73,6 +74,10 @@ class ModelConfig:
     # RoPE's rotation in the compute dtype (Hugging Face's way: cos/sin cast to it) instead of float32: no float32
     # [tokens, heads, head_dim] temporaries in a bfloat16 model. Changes bfloat16 numerics, so off by default.
     rope_in_compute_dtype: bool = False
+    # The inference engine's own layout of the dense weights (never set it by hand; training refuses it): 0,
+    # as stored ([in, out]); otherwise panel-major in panels of this many columns, which the thin CPU kernel
+    # streams without cache conflicts (kernels.pack_panels; Engine's weight_layout).
+    weight_panels: int = 0
 
     def __post_init__(self):
         _check_types(self)
@@ -205,6 +210,9 @@ def _check_types(cfg: ModelConfig) -> None:
     if not _is_int(cfg.loss_chunk_size) or cfg.loss_chunk_size < 0:
         raise ConfigError("loss_chunk_size", cfg.loss_chunk_size, "must be a non-negative integer (0: no chunking)")
     object.__setattr__(cfg, "loss_chunk_size", int(cfg.loss_chunk_size))
+    if not _is_int(cfg.weight_panels) or cfg.weight_panels < 0:
+        raise ConfigError("weight_panels", cfg.weight_panels, "must be a non-negative integer (0: as stored)")
+    object.__setattr__(cfg, "weight_panels", int(cfg.weight_panels))
     for name in _TOKEN_IDS:
         v = getattr(cfg, name)
         if not _is_int(v) or v < 0:

@@ -384,3 +384,65 @@ def test_auto_keeps_xlas_dots_in_layers_whose_remat_policy_saves_dots(remat, lay
     params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
     program = str(jax.make_jaxpr(lambda p, t: model.apply(p, t))(params, tokens))
     assert program.count("target_name=meditron_cpu_matmul") == layer_calls + 1  # MLP's three, the head
+
+
+@pytest.mark.parametrize(
+    "m, k, n",
+    [
+        (1, 768, 16 * 7),  # one row: four panels side by side, then three alone
+        (2, 64, 32),
+        (16, 130, 160),  # ragged 64-row blocks of w
+        (32, 65, 96),
+        (40, 33, 64),  # thin, in blocks of 32 rows (16 + 8 left)
+        (128, 20, 48),
+        (129, 50, 80),  # beyond 128 rows: unpacked piece by piece for sgemm
+        (300, 7, 32),
+    ],
+)
+def test_panel_major_weights_give_the_row_major_products(m, k, n):
+    """`kernels.pack_panels` weights through the kernel (`matmul(..., panels=)`) against float64 numpy (1e-5
+    of the largest entry, as above), and bit for bit against the row-major thin kernel for 2 to 32 rows: the
+    same tiles and blocks, only where they are read from. Round trip through `unpack_panels` exact."""
+    width = cpu_native.panel_width()
+    rng = np.random.default_rng(m + k + n)
+    n = n * width // 16  # whole panels with AVX-512's 32 columns too
+    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    packed = kernels.pack_panels(jnp.asarray(w), width)
+    assert packed.shape == w.shape and not np.array_equal(np.asarray(packed), w)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_panels(packed, width)), w)
+    program = jax.jit(lambda x, w: kernels.matmul(x, w, panels=width))
+    assert "meditron_cpu_matmul" in str(jax.make_jaxpr(program)(x, packed))
+    got = np.asarray(program(x, packed))
+    want = x.astype(np.float64) @ w
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if 2 <= m <= 32:
+        row_major = jax.jit(lambda x, w: kernels.matmul(x, w, impl="cpu_native"))(x, w)
+        np.testing.assert_array_equal(got, np.asarray(row_major))
+
+
+def test_panel_major_weights_elsewhere_are_unpacked_by_xla(monkeypatch):
+    """impl "xla", or no kernel: XLA unpacks the weight and its dot gives XLA's product exactly. A weight of a
+    contraction over two axes (the attention output's [heads, head_dim, embed]) packs over its 2-D view."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 96), np.float32), rng.standard_normal((2, 48, 64), np.float32)
+    packed = kernels.pack_panels(jnp.asarray(w), 16, contract=2)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_panels(packed, 16, contract=2)), w)
+    want = np.asarray(jnp.matmul(x, w.reshape(96, 64)))
+    for impl in ("xla", "auto"):
+        if impl == "auto":
+            monkeypatch.setattr(cpu_native, "_load", lambda: (False, "off for the test"))
+        program = jax.jit(lambda x, w, impl=impl: kernels.matmul(x, w.reshape(96, 64), impl=impl, panels=16))
+        assert "meditron_cpu_matmul" not in str(jax.make_jaxpr(program)(x, packed))
+        np.testing.assert_array_equal(np.asarray(program(x, packed)), want)
+    with pytest.raises(ValueError, match="100 output columns of a weight \\(3, 100\\) do not split into panels of 16"):
+        kernels.pack_panels(jnp.zeros((3, 100)), 16)
+
+
+def test_panels_of_another_width_are_refused():
+    """Weights packed for another build of the kernel (16 columns with AVX2, 32 with AVX-512) are an error,
+    not a wrong product."""
+    other = 48
+    with pytest.raises(
+        ValueError, match=f"packed in panels of {other} columns; this build takes {cpu_native.panel_width()}"
+    ):
+        kernels.matmul(jnp.ones((2, 8)), jnp.ones((8, 96)), panels=other)

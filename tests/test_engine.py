@@ -13,6 +13,9 @@ import transformers
 import meditron_jax
 from meditron_jax.infer import Engine, SamplingParams
 from meditron_jax.infer import sampling as sampling_lib
+from meditron_jax.kernels import cpu_native
+
+from .hf_utils import random_hf_llama
 
 # LLVM's codegen level does not change the arithmetic; level 0 cuts CPU compile time.
 FAST = {"compiler_options": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}}
@@ -284,3 +287,51 @@ def test_bad_prompts(stories, engine):
         no_tok.generate(["Once"], SamplingParams())
     with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
         no_tok.generate([[1]], SamplingParams(stop_strings=("###",)))
+
+
+def test_panel_major_weights_give_transformers_tokens(tmp_path):
+    """The engine's default layout on one CPU device, the dense weights packed in panels for the thin kernel
+    (decode's rows of 1 and 3; prefill's 3 × 16 rows), against transformers' greedy decoding of a random
+    Llama whose widths divide into panels (AVX2's 16 columns and AVX-512's 32), token for token; and the
+    same tokens with the weights as stored."""
+    path, hf = random_hf_llama(tmp_path, hidden=64, inter=128, vocab=256, heads=4, kv_heads=2)
+    model = meditron_jax.load(path)
+    packed = Engine(model.config, model.params, max_batch=4, **FAST)
+    assert packed.programs.config.weight_panels == cpu_native.panel_width()
+    wq = packed.params["layers_0"]["attention"]["query"]
+    assert not np.array_equal(np.asarray(wq), np.asarray(model.params["layers"]["attention"]["query"][0]))
+    rng = np.random.default_rng(0)
+    ids = [[1, *rng.integers(3, 256, n).tolist()] for n in (15, 4, 9)]
+    sp = SamplingParams(max_new_tokens=24)
+    got = packed.generate_ids(ids, sp)
+    assert [packed.generate_ids([p], sp)[0] for p in ids] == got
+    for prompt, (ours,) in zip(ids, got, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert ours == ref[0, len(prompt) :].tolist()
+    rows = Engine(model.config, model.params, max_batch=4, weight_layout="rows", **FAST)
+    assert rows.programs.config.weight_panels == 0
+    assert rows.generate_ids(ids, sp) == got
+
+
+def test_weight_layout_panels_says_why_it_cannot(stories):
+    """ "panels" insists and names what stands in the way; "auto" then keeps the weights as stored."""
+    with pytest.raises(ValueError, match="intermediate_size = 172 is not a multiple of the panel width"):
+        Engine(stories.config, stories.params, weight_layout="panels", **FAST)
+    with pytest.raises(ValueError, match="the thin kernel computes in float32, the model in bfloat16"):
+        Engine(stories.config.replace(dtype="bfloat16"), stories.params, weight_layout="panels", **FAST)
+    with pytest.raises(ValueError, match="weight_layout 'columns' is not one of"):
+        Engine(stories.config, stories.params, weight_layout="columns", **FAST)
+    assert Engine(stories.config, stories.params, **FAST).programs.config.weight_panels == 0
+
+
+def test_training_refuses_the_engines_weight_layout():
+    from meditron_jax.config import get_config
+    from meditron_jax.model import Llama, init_params
+
+    cfg = get_config("tiny-mha", weight_panels=16)
+    params = init_params(cfg.replace(weight_panels=0))
+    with pytest.raises(ValueError, match="weight_panels is the inference engine's weight layout"):
+        Llama(cfg).apply({"params": params}, jnp.ones((1, 4), jnp.int32))

@@ -25,13 +25,16 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
+from meditron_jax import kernels
 from meditron_jax.config import ModelConfig
 from meditron_jax.infer import sampling
-from meditron_jax.model import Llama, init_cache, logical_axes
+from meditron_jax.kernels import cpu_native
+from meditron_jax.model import DENSE_WEIGHTS, Llama, init_cache, logical_axes
 from meditron_jax.parallel.mesh import MeshError
 from meditron_jax.parallel.rules import logical_axis_rules, logical_to_spec, mesh_axis_size, resolve_rules
 
 MAX_STOP_IDS = 8  # stop-id slots in a program; more ids round up to a multiple (a new program)
+WEIGHT_LAYOUTS = ("auto", "rows", "panels")
 
 
 @flax.struct.dataclass
@@ -71,6 +74,7 @@ class Programs:
         rules: Sequence | None = None,
         compiler_options: dict | None = None,
         stacked_params: str = "split",
+        weight_layout: str = "auto",
     ):
         # Layers unrolled: each layer's KV cache is its own buffer, written in place one slot per step. With
         # scanned layers the layer scan re-stacks every layer's cache as a new output each step (a full
@@ -81,7 +85,7 @@ class Programs:
         if stacked_params not in ("split", "slice"):
             raise ValueError(f"stacked_params must be 'split' or 'slice', got {stacked_params!r}")
         self.input_config = config
-        self.config = config.replace(scan_layers=False)
+        self.config = config.replace(scan_layers=False, weight_panels=weight_panels(weight_layout, config, mesh))
         self.split_layers = config.scan_layers and stacked_params == "split"
         self.slice_layers = config.scan_layers and stacked_params == "slice"
         self.mesh = mesh
@@ -111,6 +115,8 @@ class Programs:
         """Parameters in the unrolled layout on the device(s); host arrays are copied shard by shard."""
         if self.split_layers:
             params = unstack_layers(params, self.config.num_layers)
+        if self.config.weight_panels:
+            params = pack_dense_weights(params, self.config.weight_panels)
         if self.mesh is None:
             return jax.device_put(params)
 
@@ -332,6 +338,60 @@ class Programs:
         if shardings is None:
             return shapes
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def weight_panels(layout: str, config: ModelConfig, mesh: Mesh | None) -> int:
+    """The engine's ModelConfig.weight_panels for ``layout``: "rows" keeps the dense weights as stored (0);
+    "panels" packs them for the thin CPU kernel (its panel width), or raises ValueError saying why it cannot;
+    "auto" packs them wherever "panels" can. Packed, decode's products stream each weight panel by panel
+    (docs/performance.md, decode, eighth round); prefill's unpack a copy of each piece first (2–7% slower)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout {layout!r} is not one of {WEIGHT_LAYOUTS}")
+    if layout == "rows":
+        return 0
+    why = _why_not_panels(config, mesh)
+    if why and layout == "panels":
+        raise ValueError(f"weight_layout 'panels' cannot be used: {why}")
+    return 0 if why else cpu_native.panel_width()
+
+
+def _why_not_panels(config: ModelConfig, mesh: Mesh | None) -> str:
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    if len(devices) != 1 or devices[0].platform != "cpu":
+        return f"the thin kernel runs on one CPU device, not {len(devices)} {devices[0].platform} device(s)"
+    if config.dtype != "float32":
+        return f"the thin kernel computes in float32, the model in {config.dtype}"
+    if "xla" in (config.matmul_impl, config.layer_matmul_impl):
+        return "matmul_impl 'xla' (or a remat policy that saves dots) keeps XLA's dots"
+    if not cpu_native.available():
+        return cpu_native.why_unavailable()
+    width = cpu_native.panel_width()
+    assert config.head_dim is not None  # ModelConfig fills it in
+    columns = {
+        "num_heads * head_dim": config.num_heads * config.head_dim,
+        "num_kv_heads * head_dim": config.num_kv_heads * config.head_dim,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "the padded vocabulary": config.padded_vocab_size,
+    }
+    for name, n in columns.items():
+        if n % width:
+            return f"{name} = {n} is not a multiple of the panel width {width}"
+    return ""
+
+
+_pack = jax.jit(kernels.pack_panels, static_argnums=(1, 2))
+
+
+def pack_dense_weights(params, panels: int) -> dict:
+    """``params`` with every dense weight (model.DENSE_WEIGHTS) in panel-major order (`kernels.pack_panels`),
+    leaf by leaf: new arrays, so a caller's own arrays are never changed."""
+
+    def leaf(path, x):
+        contract = DENSE_WEIGHTS.get(jax.tree_util.keystr(path[-1:], simple=True))
+        return x if contract is None else _pack(x, panels, contract)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def unstack_layers(params, num_layers: int) -> dict:

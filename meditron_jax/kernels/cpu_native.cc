@@ -20,7 +20,9 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -202,11 +204,15 @@ Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<f
 
 // A thread's scratch for the block products, kept between units and calls: growing a std::vector zero-fills
 // what sgemm overwrites anyway, which was 7% of a layer's attention in a perf profile (docs/kernels.md).
+// Cache-line aligned, so that the thin kernel's 16-float tile rows are one line each.
+struct AlignedDelete {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
 float* scratch(int slot, int64_t n) {
-  thread_local std::unique_ptr<float[]> buffers[2];
-  thread_local int64_t sizes[2] = {0, 0};
+  thread_local std::unique_ptr<float[], AlignedDelete> buffers[3];
+  thread_local int64_t sizes[3] = {0, 0, 0};
   if (sizes[slot] < n) {
-    buffers[slot].reset(new float[n]);  // not value-initialised
+    buffers[slot].reset(new (std::align_val_t(64)) float[n]);  // not value-initialised
     sizes[slot] = n;
   }
   return buffers[slot].get();
@@ -461,65 +467,119 @@ void thin_tile_of(int64_t rows, const float* a, int64_t lda, const float* panel,
 
 // All M rows against one panel, in groups as even as kThinMR allows (16 rows: 6, 5, 5, not 6, 6, 4): a
 // tile of 4 rows has 8 accumulators, too few to hide the FMAs' latency, and measured slower per row. With
-// `prefetch`, each group prefetches its share of the panel's rows kThinAhead panels on (all in the first
-// group: 4% slower).
+// `prefetch`, each group prefetches its share of the panel's rows kThinAhead panels on, `next` floats apart
+// (all in the first group: 4% slower).
 void thin_rows(int64_t M, const float* a, int64_t lda, const float* panel, int64_t ldw, int64_t kb, float* c,
-               int64_t ldc, int64_t cols, bool add, bool prefetch) {
+               int64_t ldc, int64_t cols, bool add, bool prefetch, int64_t next = kThinNR) {
   const int64_t groups = (M + kThinMR - 1) / kThinMR, base = M / groups, extra = M % groups;
   const int64_t share = (kb + groups - 1) / groups;
   for (int64_t g = 0, r = 0; g < groups; ++g) {
     const int64_t rows = base + (g < extra), lo = std::min(g * share, kb);
-    const float* pf = panel + kThinAhead * kThinNR + lo * ldw;
+    const float* pf = panel + kThinAhead * next + lo * ldw;
     const int64_t pf_rows = prefetch ? std::min(share, kb - lo) : 0;
     thin_tile_of(rows, a + r * lda, lda, panel, ldw, kb, pf, pf_rows, c + r * ldc, ldc, cols, add);
     r += rows;
   }
 }
 
-void thin_matmul(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const float* a, const float* b, float* c) {
-  // Chunks of at most kThinCols, at least one per thread, whole panels wide.
+// One row against P panels side by side, panel-major B (each panel K rows of kThinNR, `stride` apart): a row
+// has too few products to hide the FMA latency panel by panel, and P sequential streams kept the memory busier
+// than one (P = 4: level with XLA's dot at batch 1; one panel with four partial sums was 10-15% slower).
+template <int P>
+void row_panels(int64_t K, const float* a, const float* b, int64_t stride, float* c) {
+  Vec acc[P][2] = {};
+  for (int64_t k = 0; k < K; ++k, b += kThinNR) {
+#pragma GCC unroll 4
+    for (int j = 0; j < P; ++j) {
+      acc[j][0] += a[k] * load(b + j * stride);
+      acc[j][1] += a[k] * load(b + j * stride + kVec);
+    }
+  }
+  for (int j = 0; j < P; ++j) {
+    store(c + j * kThinNR, acc[j][0]);
+    store(c + j * kThinNR + kVec, acc[j][1]);
+  }
+}
+
+// Columns [c0, c0 + width) of C (width a multiple of kThinNR) from panel-major B: panel q holds columns
+// [q kThinNR, (q + 1) kThinNR) as K contiguous rows. Each panel is one sequential stream, swept block by block
+// by every group of rows; no row of B shares an L1 set with another, as the rows of row-major B do when N is a
+// multiple of 1024 (the MLP's [768, 2048] products: 20.0 -> 14.5 ms a step, docs/performance.md).
+void thin_panels(int64_t M, int64_t K, const float* a, const float* b, float* c, int64_t N, int64_t c0,
+                 int64_t width) {
+  const int64_t stride = K * kThinNR;  // between panels
+  if (M == 1) {
+    int64_t p = 0;
+    for (; p + 4 * kThinNR <= width; p += 4 * kThinNR) row_panels<4>(K, a, b + (c0 + p) * K, stride, c + c0 + p);
+    for (; p < width; p += kThinNR) row_panels<1>(K, a, b + (c0 + p) * K, stride, c + c0 + p);
+    return;
+  }
+  const int64_t blocks = (K + kThinK - 1) / kThinK;
+  float* ab = scratch(1, blocks * M * kThinK);  // A as [block][M][kThinK]
+  for (int64_t k0 = 0; k0 < K; k0 += kThinK)
+    for (int64_t r = 0; r < M; ++r)
+      std::copy(a + r * K + k0, a + r * K + std::min(K, k0 + kThinK), ab + k0 * M + r * kThinK);
+  float* ct = scratch(2, M * kThinNR);
+  for (int64_t p = 0; p < width; p += kThinNR) {
+    const float* panel = b + (c0 + p) * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kThinK)  // prefetching kThinAhead blocks on, within the stream
+      thin_rows(M, ab + k0 * M, kThinK, panel + k0 * kThinNR, kThinNR, std::min(kThinK, K - k0), ct, kThinNR,
+                kThinNR, k0 > 0, true, kThinK * kThinNR);
+    for (int64_t r = 0; r < M; ++r) std::copy(ct + r * kThinNR, ct + (r + 1) * kThinNR, c + r * N + c0 + p);
+  }
+}
+
+// Columns [c0, c0 + width) of C from row-major B, K-block by K-block, C's tile rows accumulated kThinNR
+// apart in scratch: C's own rows, N apart, share L1 sets with B's (measured 1.7% faster).
+void thin_rows_major(int64_t M, int64_t K, const float* a, const float* b, float* c, int64_t N, int64_t c0,
+                     int64_t width) {
+  const int64_t full = width / kThinNR * kThinNR;
+  float* ct = scratch(2, M * full);
+  for (int64_t k0 = 0; k0 < K; k0 += kThinK) {
+    const int64_t kb = std::min(kThinK, K - k0);
+    // A's block, copied kThinK apart: K apart, its rows can share one L1 set (K = 2048: all of them).
+    float* ab = scratch(1, M * kThinK);
+    for (int64_t r = 0; r < M; ++r) std::copy(a + r * K + k0, a + r * K + k0 + kb, ab + r * kThinK);
+    for (int64_t p = 0; p < full; p += kThinNR)
+      thin_rows(M, ab, kThinK, b + k0 * N + c0 + p, N, kb, ct + p * M, kThinNR, kThinNR, k0 > 0, true);
+    if (full < width) {  // the last, partial panel, copied with zeros after it
+      float* packed = scratch(0, kb * kThinNR);
+      for (int64_t k = 0; k < kb; ++k)
+        for (int64_t j = 0; j < kThinNR; ++j)
+          packed[k * kThinNR + j] = full + j < width ? b[(k0 + k) * N + c0 + full + j] : 0.f;
+      thin_rows(M, ab, kThinK, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0, false);
+    }
+  }
+  for (int64_t p = 0; p < full; p += kThinNR)
+    for (int64_t r = 0; r < M; ++r)
+      std::copy(ct + p * M + r * kThinNR, ct + p * M + (r + 1) * kThinNR, c + r * N + c0 + p);
+}
+
+// Thin products: chunks of at most kThinCols columns, at least one per thread, whole panels wide; with
+// `panels`, B is panel-major and M may exceed kThinMaxRows (blocks of kThinMaxRows rows, each streaming B).
+void thin_matmul(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const float* a, const float* b, float* c,
+                 bool panels) {
   const int64_t panels_all = (N + kThinNR - 1) / kThinNR;
   const int64_t chunks = std::max((N + kThinCols - 1) / kThinCols, std::min(thread_count(pool), panels_all));
   const int64_t cols = (panels_all + chunks - 1) / chunks * kThinNR;
   const int64_t units = (N + cols - 1) / cols;
   parallel_units<false>(pool, units, [&](int64_t u) {
     const int64_t c0 = u * cols, width = std::min(cols, N - c0);
-    const int64_t full = width / kThinNR * kThinNR;
-    for (int64_t k0 = 0; k0 < K; k0 += kThinK) {
-      const int64_t kb = std::min(kThinK, K - k0);
-      // A's block, copied kThinK apart: K apart, its rows can share one L1 set (K = 2048: all of them).
-      float* ab = scratch(1, M * kThinK);
-      for (int64_t r = 0; r < M; ++r) std::copy(a + r * K + k0, a + r * K + k0 + kb, ab + r * kThinK);
-      for (int64_t p = 0; p < full; p += kThinNR)
-        thin_rows(M, ab, kThinK, b + k0 * N + c0 + p, N, kb, c + c0 + p, N, kThinNR, k0 > 0, true);
-      if (full < width) {  // the last, partial panel, copied with zeros after it
-        float* packed = scratch(0, kb * kThinNR);
-        for (int64_t k = 0; k < kb; ++k)
-          for (int64_t j = 0; j < kThinNR; ++j)
-            packed[k * kThinNR + j] = full + j < width ? b[(k0 + k) * N + c0 + full + j] : 0.f;
-        thin_rows(M, ab, kThinK, packed, kThinNR, kb, c + c0 + full, N, width - full, k0 > 0, false);
-      }
+    for (int64_t m0 = 0; m0 < M; m0 += kThinMaxRows) {
+      const int64_t rows = std::min(kThinMaxRows, M - m0);
+      if (panels)
+        thin_panels(rows, K, a + m0 * K, b, c + m0 * N, N, c0, width);
+      else
+        thin_rows_major(rows, K, a + m0 * K, b, c + m0 * N, N, c0, width);
     }
   });
 }
 
-// C [M, N] = op(A) · op(B), for the model's dense layers (kernels.matmul): A is [M, K], or [K, M] when
-// trans_a; B is [K, N], or [N, K] when trans_b. The longer side of C is cut into one piece per core, each
-// through the single-threaded sgemm: for the MLP's and the output head's shapes that beats XLA:CPU's dots
+// C [M, N] = op(A) · op(B) for larger products: the longer side of C cut into one piece per core, each
+// through the single-threaded sgemm. For the MLP's and the output head's shapes that beats XLA:CPU's dots
 // (docs/performance.md, ninth round). One piece per core measured best (four: level with XLA).
-// A product of at most kThinMaxRows rows, neither operand transposed, goes to thin_matmul instead.
-ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<ffi::F32> a,
-                  ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c) {
-  if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
-  auto ad = a.dimensions(), bd = b.dimensions();
-  const int64_t M = trans_a ? ad[1] : ad[0], K = trans_a ? ad[0] : ad[1], N = trans_b ? bd[0] : bd[1];
-  const float *ap = a.typed_data(), *bp = b.typed_data();
-  float* cp = c->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (!trans_a && !trans_b && M <= kThinMaxRows && K > 0) {
-    thin_matmul(pool, M, K, N, ap, bp, cp);
-    return ffi::Error::Success();
-  }
+void sgemm_pieces(ffi::ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t K, int64_t N,
+                  const float* ap, const float* bp, float* cp) {
   const bool by_rows = M >= N;
   const int64_t side = by_rows ? M : N;
   const int64_t pieces = std::max<int64_t>(1, std::min(thread_count(pool), side / 64));
@@ -533,6 +593,51 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<
     sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, rows, cols, K, 1.f, a0,
           trans_a ? M : K, b0, trans_b ? K : N, 0.f, cp + r0 * N + c0, N);
   });
+}
+
+// Up to this many rows a product with panel-major B runs the thin kernel (in blocks of kThinMaxRows rows,
+// each streaming B again: faster than the sgemm pieces up to here); beyond (prefill), unpanel_sgemm.
+constexpr int64_t kPanelThinMaxRows = 128;
+constexpr int64_t kUnpanelFloats = int64_t{1} << 22;  // a thread's row-major copy: at most 16 MB
+
+// C = A · B for panel-major B, by pieces of columns: each copies its columns of B row-major into the
+// thread's scratch, then one sgemm. A piece per thread at least, each copy at most kUnpanelFloats.
+void unpanel_sgemm(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, const float* ap, const float* bp,
+                   float* cp) {
+  const int64_t panels_all = N / kThinNR;
+  const int64_t most = std::max<int64_t>(1, kUnpanelFloats / (K * kThinNR));  // panels per piece
+  const int64_t per = std::min(most, (panels_all + thread_count(pool) - 1) / thread_count(pool));
+  parallel_units(pool, (panels_all + per - 1) / per, [&](int64_t u) {
+    const int64_t q0 = u * per, q1 = std::min(panels_all, q0 + per), cols = (q1 - q0) * kThinNR;
+    float* rows = scratch(0, K * cols);
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t k = 0; k < K; ++k)
+        std::copy(bp + (q * K + k) * kThinNR, bp + (q * K + k + 1) * kThinNR, rows + k * cols + (q - q0) * kThinNR);
+    sgemm(kRowMajor, kNoTrans, kNoTrans, M, cols, K, 1.f, ap, K, rows, cols, 0.f, cp + q0 * kThinNR, N);
+  });
+}
+
+// The dense layers' product (kernels.matmul): A is [M, K], or [K, M] when trans_a; B is [K, N], or [N, K]
+// when trans_b. At most kThinMaxRows rows, neither operand transposed: thin_matmul; otherwise sgemm_pieces.
+// `panels` non-zero: B is panel-major with panels that wide (kernels.pack_panels), neither transposed.
+ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, int64_t panels, ffi::Buffer<ffi::F32> a,
+                  ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c) {
+  if (sgemm == nullptr) return ffi::Error::Internal("meditron_jax cpu_native: sgemm not loaded (mj_init)");
+  auto ad = a.dimensions(), bd = b.dimensions();
+  const int64_t M = trans_a ? ad[1] : ad[0], K = trans_a ? ad[0] : ad[1], N = trans_b ? bd[0] : bd[1];
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  float* cp = c->typed_data();
+  if (panels != 0 && (panels != kThinNR || trans_a || trans_b || N % kThinNR != 0))
+    return ffi::Error::InvalidArgument("meditron_jax cpu_native: panel-major B needs panels of " +
+                                       std::to_string(kThinNR) + " columns dividing N = " + std::to_string(N) +
+                                       ", untransposed; got panels of " + std::to_string(panels));
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K > 0 && !trans_a && !trans_b && M <= (panels ? kPanelThinMaxRows : kThinMaxRows))
+    thin_matmul(pool, M, K, N, ap, bp, cp, panels != 0);
+  else if (panels != 0 && K > 0)
+    unpanel_sgemm(pool, M, K, N, ap, bp, cp);
+  else
+    sgemm_pieces(pool, trans_a, trans_b, M, K, N, ap, bp, cp);
   return ffi::Error::Success();
 }
 
@@ -540,6 +645,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, ffi::Buffer<
 
 // The thin kernel's tile height as built (12: the AVX-512 shape; tests/test_cpu_native.py).
 extern "C" int mj_thin_tile_rows() { return kThinMR; }
+
+// The width of the thin kernel's panels (kernels.pack_panels): 16 floats with AVX2, 32 with AVX-512.
+extern "C" int mj_thin_panel_cols() { return kThinNR; }
 
 // Loads sgemm and the thread-count functions from the OpenBLAS at `path`.
 extern "C" int mj_init(const char* path) {
@@ -599,6 +707,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MjMatmul, Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b")
+                                  .Attr<int64_t>("panels")
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -97,6 +97,9 @@ def prune_unused(current: Path, now: float | None = None) -> list[Path]:
     return deleted
 
 
+_LIBRARY: list[ctypes.CDLL] = []  # the loaded library, once `_load` succeeded
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
     """(loaded, why not). Compiles and registers the handlers once per process."""
@@ -128,6 +131,7 @@ def _load() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.MjAttentionBackward), platform="cpu")
     jax.ffi.register_ffi_target(_DECODE, jax.ffi.pycapsule(lib.MjDecodeAttention), platform="cpu")
     jax.ffi.register_ffi_target(_MATMUL, jax.ffi.pycapsule(lib.MjMatmul), platform="cpu")
+    _LIBRARY.append(lib)
     return True, ""
 
 
@@ -201,11 +205,28 @@ def decode_attention(q, k_cache, v_cache, valid, first_slot, *, softmax_scale):
     return call(q, k_cache, v_cache, valid, jnp.asarray(first_slot, jnp.int32), scale=np.float32(softmax_scale))
 
 
-def _product(a, b, trans_a=False, trans_b=False):
+def _product(a, b, trans_a=False, trans_b=False, panels=0):
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
     call = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
-    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+    return call(a, b, trans_a=trans_a, trans_b=trans_b, panels=np.int64(panels))
+
+
+def panel_width() -> int:
+    """Columns per panel of the thin kernel as built here (16 with AVX2, 32 with AVX-512): the width that
+    `matmul_panels` takes (`kernels.pack_panels`). Call `available()` first."""
+    _load()
+    return int(_LIBRARY[0].mj_thin_panel_cols())
+
+
+def matmul_panels(x, w, panels: int):
+    """x [m, k] @ W [k, n] in float32, with ``w`` holding W panel-major (`kernels.pack_panels` with width
+    ``panels``, which must be `panel_width()`): up to 128 rows the thin kernel, in blocks of 32 rows each
+    streaming the panels once; beyond, the kernel unpacks w into a row-major copy for the sgemm pieces.
+    No gradient (the layout is the inference engine's)."""
+    if panels != panel_width():
+        raise ValueError(f"cpu_native: weights packed in panels of {panels} columns; this build takes {panel_width()}")
+    return _product(x, w, panels=panels)
 
 
 @jax.custom_vjp

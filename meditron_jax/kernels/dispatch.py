@@ -40,8 +40,8 @@ CPU_NATIVE_MATMUL_MIN_ROWS = 256
 CPU_NATIVE_MATMUL_MIN_WEIGHT = 2**20  # elements of w
 # ... Thin products, 2 to 32 rows with a weight of CPU_NATIVE_THIN_MIN_WEIGHT elements or more, go to its
 # register-tiled kernel: 1.0–2.4× XLA:CPU's dots with the weights streamed from memory. One row (a
-# matrix-vector product) stays XLA's (docs/performance.md, decode, seventh round). The upper bound is
-# cpu_native.cc's kThinMaxRows.
+# matrix-vector product) stays XLA's (docs/performance.md, decode, seventh round); the engine's panel-major
+# weights (`panels`) take the kernel for any number of rows. The upper bound is cpu_native.cc's kThinMaxRows.
 CPU_NATIVE_THIN_ROWS = (2, 32)
 CPU_NATIVE_THIN_MIN_WEIGHT = 2**18
 
@@ -134,7 +134,7 @@ def _on_one_cpu_device() -> bool:
     return (mesh.empty or math.prod(mesh.axis_sizes) == 1) and current_target().platform == "cpu"
 
 
-def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
+def matmul(x, w, *, impl: str = "auto", preferred_element_type=None, panels: int = 0):
     """x [m, k] @ w [k, n]: the dense layers' product (`model.layers.dense`).
 
     impl "auto": `cpu_native.matmul` on one CPU device for float32, with at least ``CPU_NATIVE_MATMUL_MIN_ROWS``
@@ -142,11 +142,19 @@ def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
     through sgemm), or ``CPU_NATIVE_THIN_ROWS`` rows and ``CPU_NATIVE_THIN_MIN_WEIGHT`` (the thin-product
     kernel); otherwise XLA. "xla": always XLA. "cpu_native": the kernel, or a ValueError saying why
     it cannot run here.
+
+    ``panels``: ``w`` holds the weight packed by `pack_panels` with that width; the kernel takes it whatever
+    its size (`cpu_native.matmul_panels`) unless impl is "xla" or the kernel cannot run here, and then XLA
+    unpacks it first (a copy of the weight per call).
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul impl {impl!r} is not one of {MATMUL_IMPLS}")
-    forced = impl == "cpu_native"
     rows = x.shape[0]
+    if panels:
+        if impl != "xla" and not _native_matmul_refusal(x, w, preferred_element_type):
+            return cpu_native.matmul_panels(x, w, panels)
+        w = unpack_panels(w, panels)
+    forced = impl == "cpu_native"
     large = rows >= CPU_NATIVE_MATMUL_MIN_ROWS and w.size >= CPU_NATIVE_MATMUL_MIN_WEIGHT
     thin = CPU_NATIVE_THIN_ROWS[0] <= rows <= CPU_NATIVE_THIN_ROWS[1] and w.size >= CPU_NATIVE_THIN_MIN_WEIGHT
     if forced or (impl == "auto" and (large or thin)):
@@ -156,6 +164,26 @@ def matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
         if forced:
             raise ValueError(f"matmul impl 'cpu_native' cannot run here: {why_not}")
     return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+
+def pack_panels(w, panels: int, contract: int = 1):
+    """A dense weight in the thin kernel's panel-major layout, same shape: its 2-D view W [k, n] (k the first
+    ``contract`` axes) stored as n / ``panels`` panels, each the k rows of ``panels`` consecutive columns.
+    Streamed panel by panel, no two rows of W share an L1 set (docs/performance.md, decode, eighth round)."""
+    k = math.prod(w.shape[:contract])
+    n = w.size // k if k else 0
+    if panels < 1 or n % panels:
+        raise ValueError(
+            f"pack_panels: {n} output columns of a weight {tuple(w.shape)} do not split into panels of {panels}"
+        )
+    return jnp.reshape(jnp.reshape(w, (k, n // panels, panels)).transpose(1, 0, 2), w.shape)
+
+
+def unpack_panels(w, panels: int, contract: int = 1):
+    """The inverse of `pack_panels`: the weight as stored."""
+    k = math.prod(w.shape[:contract])
+    n = w.size // k if k else 0
+    return jnp.reshape(jnp.reshape(w, (n // panels, k, panels)).transpose(1, 0, 2), w.shape)
 
 
 def _native_matmul_refusal(x, w, preferred_element_type) -> str:
@@ -297,5 +325,7 @@ __all__ = [
     "check_runnable",
     "current_target",
     "matmul",
+    "pack_panels",
+    "unpack_panels",
     "select_impl",
 ]

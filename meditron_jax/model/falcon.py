@@ -47,9 +47,10 @@ class GeluMLP(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         up = param(self, "up", (d, f), ("embed", "mlp"), WEIGHT_INIT, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), WEIGHT_INIT, pdt)
-        h = nn.gelu(dense(x, up.astype(dt), impl=cfg.layer_matmul_impl), approximate=False)
+        kw = {"impl": cfg.layer_matmul_impl, "panels": cfg.weight_panels}
+        h = nn.gelu(dense(x, up.astype(dt), **kw), approximate=False)
         h = constrain(h, ("batch", "length", "mlp"))
-        return dense(h, down.astype(dt), impl=cfg.layer_matmul_impl)
+        return dense(h, down.astype(dt), **kw)
 
 
 class FalconDecoderLayer(nn.Module):

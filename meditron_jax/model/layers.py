@@ -43,7 +43,7 @@ def _flatten_for_cpu() -> bool:
     return all(mesh.shape.get(name, 1) == 1 for name in names)
 
 
-def dense(x, w, contract: int = 1, impl: str = "auto", preferred_element_type=None):
+def dense(x, w, contract: int = 1, impl: str = "auto", preferred_element_type=None, panels: int = 0):
     """``x``'s last ``contract`` dims times ``w``'s first ``contract`` dims, as one 2-D matmul.
 
     x [batch, length, K...], w [K..., N...] → [batch, length, N...]. Flattening batch and length (free
@@ -53,16 +53,25 @@ def dense(x, w, contract: int = 1, impl: str = "auto", preferred_element_type=No
     of the merged form used 1.4% more memory), and where ``length`` is sharded (sequence parallelism)
     merging it with the batch would reshuffle shards: there the plain contraction stays. The 2-D product is
     ``kernels.matmul``'s, with ``impl`` (ModelConfig.matmul_impl) choosing XLA's dot or the CPU kernel.
+    ``panels``: ``w`` is in the engine's panel-major layout (ModelConfig.weight_panels, `kernels.pack_panels`).
     """
     if x.ndim - contract != 2 or not _flatten_for_cpu():
         if impl == "cpu_native":
             raise ValueError("matmul_impl 'cpu_native' needs XLA:CPU with the length axis unsharded")
+        if panels:
+            w = kernels.unpack_panels(w, panels, contract)
         return jnp.tensordot(x, w, contract, preferred_element_type=preferred_element_type)
     lead, n_dims = x.shape[:-contract], w.shape[contract:]
     k, n = math.prod(w.shape[:contract]), math.prod(n_dims)
-    out = kernels.matmul(x.reshape(-1, k), w.reshape(k, n), impl=impl, preferred_element_type=preferred_element_type)
+    out = kernels.matmul(
+        x.reshape(-1, k), w.reshape(k, n), impl=impl, preferred_element_type=preferred_element_type, panels=panels
+    )
     return out.reshape(*lead, *n_dims)
 
+
+# The dense weights by parameter name (Llama's and Falcon's), with the leading axes each contracts (`dense`'s
+# ``contract``): what the inference engine packs into panels (ModelConfig.weight_panels).
+DENSE_WEIGHTS = {"query": 1, "key": 1, "value": 1, "out": 2, "gate": 1, "up": 1, "down": 1, "lm_head": 1}
 
 # Llama's (and HF's) initialisation: normal(0, 0.02) for every matrix, ones for norm scales.
 WEIGHT_INIT = nn.initializers.normal(stddev=0.02)
@@ -146,10 +155,10 @@ class MLP(nn.Module):
         gate = param(self, "gate", (d, f), ("embed", "mlp"), init, pdt)
         up = param(self, "up", (d, f), ("embed", "mlp"), init, pdt)
         down = param(self, "down", (f, d), ("mlp", "embed"), init, pdt)
-        impl = cfg.layer_matmul_impl
-        h = nn.silu(dense(x, gate.astype(dt), impl=impl)) * dense(x, up.astype(dt), impl=impl)
+        kw = {"impl": cfg.layer_matmul_impl, "panels": cfg.weight_panels}
+        h = nn.silu(dense(x, gate.astype(dt), **kw)) * dense(x, up.astype(dt), **kw)
         h = constrain(h, ("batch", "length", "mlp"))
-        return dense(h, down.astype(dt), impl=impl)
+        return dense(h, down.astype(dt), **kw)
 
 
 class Attention(nn.Module):
@@ -167,7 +176,8 @@ class Attention(nn.Module):
         wv = param(self, "value", (d, kvh, hd), ("embed", "kv_heads", "head_dim"), init, pdt)
         wo = param(self, "out", (h, hd, d), ("heads", "head_dim", "embed"), init, pdt)
 
-        q, k, v = (dense(x, w.astype(dt), impl=cfg.layer_matmul_impl) for w in (wq, wk, wv))
+        kw = {"impl": cfg.layer_matmul_impl, "panels": cfg.weight_panels}
+        q, k, v = (dense(x, w.astype(dt), **kw) for w in (wq, wk, wv))
         rdt = dt if cfg.rope_in_compute_dtype else jnp.float32
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta, rdt), ("batch", "length", "heads", "head_dim"))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta, rdt), ("batch", "length", "kv_heads", "head_dim"))
@@ -181,7 +191,7 @@ class Attention(nn.Module):
         else:
             out = self._cached_attention(q, k, v, segment_ids, scale)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return dense(out, wo.astype(dt), contract=2, impl=cfg.layer_matmul_impl)
+        return dense(out, wo.astype(dt), contract=2, **kw)
 
     def _cached_attention(self, q, k, v, segment_ids, scale):
         """Prefill writes the prompt's K/V into the cache; decode appends one step and attends to the cache.

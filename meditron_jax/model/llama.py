@@ -65,6 +65,8 @@ class Llama(nn.Module):
         cfg = self.config
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if cfg.weight_panels and mode == "train":
+            raise ValueError("ModelConfig.weight_panels is the inference engine's weight layout; training keeps 0")
         pdt = dtype_of(cfg.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -135,7 +137,14 @@ def embed(config: ModelConfig, embedding, tokens, constrain_fn=constrain):
 
 def vocab_logits(config: ModelConfig, x, head, constrain_fn=constrain):
     """Output projection of the normed hidden state → float32 logits over the real (unpadded) vocabulary."""
-    logits = dense(x, head.astype(dtype_of(config.dtype)), impl=config.matmul_impl, preferred_element_type=jnp.float32)
+    panels = 0 if config.tie_word_embeddings else config.weight_panels  # a tied head is the embedding's transpose
+    logits = dense(
+        x,
+        head.astype(dtype_of(config.dtype)),
+        impl=config.matmul_impl,
+        preferred_element_type=jnp.float32,
+        panels=panels,
+    )
     logits = constrain_fn(logits, ("batch", "length", "vocab"))
     return logits[..., : config.vocab_size]
 
