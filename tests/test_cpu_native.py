@@ -253,7 +253,8 @@ def test_matmul_equals_float64_with_gradients(m, k, n):
 def test_the_avx512_thin_tile_gives_the_same_products_on_any_machine(tmp_path):
     """The thin kernel's AVX-512 shape (tiles of 12 rows × 32 columns), built here with MEDITRON_THIN_WIDE
     whatever this CPU has, in a fresh process with its own cache: product and both gradients against float64
-    numpy, 1e-5 of each result's largest entry (as above)."""
+    numpy, 1e-5 of each result's largest entry (as above); and its panel-major products (panels of 32
+    columns: one row, thin rows, blocks of 32 rows, unpacked beyond 128) against the same."""
     script = (
         "import ctypes, jax, jax.numpy as jnp, numpy as np\n"
         "from meditron_jax.kernels import cpu_native\n"
@@ -268,12 +269,20 @@ def test_the_avx512_thin_tile_gives_the_same_products_on_any_machine(tmp_path):
         "    dx, dw = vjp(jnp.asarray(dy, jnp.float32))\n"
         "    for got, want in ((out, x @ w), (dx, dy @ w.T), (dw, x.T @ dy)):\n"
         "        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())\n"
+        "from meditron_jax import kernels\n"
+        "print('panel width', cpu_native.panel_width())\n"
+        "for m, k, n in ((1, 130, 160), (16, 768, 1024), (40, 65, 96), (129, 33, 64)):\n"
+        "    rng = np.random.default_rng(m + k + n)\n"
+        "    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)\n"
+        "    got = kernels.matmul(x, kernels.pack_panels(jnp.asarray(w), 32), panels=32)\n"
+        "    want = x.astype(np.float64) @ w\n"
+        "    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())\n"
         "print('ok')\n"
     )
     env = {**os.environ, "MEDITRON_JAX_CACHE": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[-3:] == ["tile rows 12", "ok", ""]
+    assert done.stdout.split("\n")[-4:] == ["tile rows 12", "panel width 32", "ok", ""]
 
 
 def _matmul_program(x, w, impl="auto", **kwargs):
