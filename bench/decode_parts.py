@@ -10,7 +10,8 @@ What `bench/decode_throughput.py`'s profile found a batch-16 step made of, and t
   batched dots), the same as multiply + reduce, and the dots in two independent batch halves;
 * the thin matmuls, x [batch, in] against weights [in, out] (as stored), through ``kernels.matmul`` as the
   model calls it (the thin kernel for 2 to 32 rows on one CPU device), and torch's ``x @ W`` on the same
-  cores (the decode bench's peer); for the wide outputs also weights [out, in] contracted on their last
+  cores (the decode bench's peer), and packed in panels as the engine holds them (`kernels.pack_panels`);
+  for the wide outputs also weights [out, in] contracted on their last
   axis, and weights as compile-time constants (which XLA:CPU lets YNNPACK pack once). The output head's
   weights are 98 MB, so consecutive calls find them in memory, not in cache, as a decode step does.
 
@@ -21,6 +22,7 @@ What `bench/decode_throughput.py`'s profile found a batch-16 step made of, and t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 from meditron_jax import kernels  # noqa: E402
 from meditron_jax.config import get_config  # noqa: E402
 from meditron_jax.infer.sampling import greedy_tokens  # noqa: E402
+from meditron_jax.kernels import cpu_native  # noqa: E402
 from meditron_jax.kernels.xla import head_major_attention  # noqa: E402
 
 try:
@@ -98,7 +101,13 @@ def cases_for(batch: int, cache_len: int, rng) -> dict[str, tuple]:
         constant = np.asarray(w)
         where = f"x [{batch}, {n_in}] · W → {n_out}"
         cases[f"{where} | W [in, out] (stored)"] = (jax.jit(lambda x, w: x @ w), (x, w))
-        cases[f"{where} | kernels.matmul (auto: the model's)"] = (jax.jit(kernels.matmul), (x, w))
+        cases[f"{where} | kernels.matmul (auto, W as stored)"] = (jax.jit(kernels.matmul), (x, w))
+        if cpu_native.available() and n_out % cpu_native.panel_width() == 0:
+            width = cpu_native.panel_width()
+            cases[f"{where} | kernels.matmul, W in panels (the engine's)"] = (
+                jax.jit(functools.partial(kernels.matmul, panels=width)),
+                (x, kernels.pack_panels(w, width)),
+            )
         if torch is not None:
             tx, tw = torch.from_numpy(np.array(x)), torch.from_numpy(constant.copy())
             cases[f"{where} | torch x @ W (the peer)"] = (lambda tx=tx, tw=tw: (tx @ tw).numpy(), ())

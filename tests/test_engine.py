@@ -335,3 +335,29 @@ def test_training_refuses_the_engines_weight_layout():
     params = init_params(cfg.replace(weight_panels=0))
     with pytest.raises(ValueError, match="weight_panels is the inference engine's weight layout"):
         Llama(cfg).apply({"params": params}, jnp.ones((1, 4), jnp.int32))
+
+
+def test_packing_a_tree_it_owns_drops_each_weight_once_packed():
+    """`pack_dense_weights` leaves the caller's tree alone, or with ``owned`` (the tree `unstack_layers` just
+    made) empties it as it goes, so that the unpacked copies can be freed one by one; same result either way:
+    the dense weights packed (unpacking gives the stored layer back), the rest untouched."""
+    from meditron_jax.config import get_config
+    from meditron_jax.infer.programs import pack_dense_weights, unstack_layers
+    from meditron_jax.kernels import unpack_panels
+    from meditron_jax.model import init_params
+
+    cfg = get_config("tiny-mha")
+    stacked = init_params(cfg)
+    split = unstack_layers(stacked, cfg.num_layers)
+    kept = pack_dense_weights(split, 16)
+    assert "layers_0" in split
+    owned = pack_dense_weights(split, 16, owned=True)
+    assert split == {}
+    assert "scale" in stacked["final_norm"] and "query" in stacked["layers"]["attention"]  # the caller's tree
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), kept, owned))
+    out = kept["layers_1"]["attention"]["out"]  # [heads, head_dim, embed], two contracted axes
+    np.testing.assert_array_equal(
+        np.asarray(unpack_panels(out, 16, contract=2)), stacked["layers"]["attention"]["out"][1]
+    )
+    assert not np.array_equal(np.asarray(out), stacked["layers"]["attention"]["out"][1])
+    assert kept["embedding"] is stacked["embedding"]

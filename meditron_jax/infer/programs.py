@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
@@ -116,7 +116,7 @@ class Programs:
         if self.split_layers:
             params = unstack_layers(params, self.config.num_layers)
         if self.config.weight_panels:
-            params = pack_dense_weights(params, self.config.weight_panels)
+            params = pack_dense_weights(params, self.config.weight_panels, owned=self.split_layers)
         if self.mesh is None:
             return jax.device_put(params)
 
@@ -383,24 +383,31 @@ def _why_not_panels(config: ModelConfig, mesh: Mesh | None) -> str:
 _pack = jax.jit(kernels.pack_panels, static_argnums=(1, 2))
 
 
-def pack_dense_weights(params, panels: int) -> dict:
+def pack_dense_weights(params, panels: int, owned: bool = False) -> dict:
     """``params`` with every dense weight (model.DENSE_WEIGHTS) in panel-major order (`kernels.pack_panels`),
-    leaf by leaf: new arrays, so a caller's own arrays are never changed."""
-
-    def leaf(path, x):
-        contract = DENSE_WEIGHTS.get(jax.tree_util.keystr(path[-1:], simple=True))
-        return x if contract is None else _pack(x, panels, contract)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    leaf by leaf into new arrays: a caller's own are never changed. ``owned``: the nested dicts are the
+    caller's to empty (a tree `unstack_layers` just made), and each leaf is dropped as soon as its packed
+    copy exists, so that the split copies and the packed ones never all exist at once."""
+    out = {}
+    for key in list(params):
+        value = params.pop(key) if owned and isinstance(params, dict) else params[key]
+        if isinstance(value, Mapping):
+            out[key] = pack_dense_weights(value, panels, owned)
+        else:
+            contract = DENSE_WEIGHTS.get(key)
+            out[key] = value if contract is None else _pack(value, panels, contract)
+        del value
+    return out
 
 
 def unstack_layers(params, num_layers: int) -> dict:
     """Scanned-layout parameters (``layers`` stacked on axis 0) → ``layers_0 .. layers_{n-1}``.
 
-    Host arrays are sliced as views; device arrays one leaf at a time (peak: the model plus one leaf)."""
+    Host arrays are sliced as views; device arrays one leaf at a time (peak: the model plus one leaf). Every
+    container is new (`pack_dense_weights` may empty them); the leaves outside ``layers`` are the caller's."""
     if "layers" not in params:
         raise ValueError(f"expected scanned parameters with a 'layers' entry, got keys {sorted(params)}")
-    out = {k: v for k, v in params.items() if k != "layers"}
+    out = {k: jax.tree.map(lambda x: x, v) for k, v in params.items() if k != "layers"}  # new containers
     leaves, treedef = jax.tree.flatten(params["layers"])
     per_layer: list[list] = [[] for _ in range(num_layers)]
     for leaf in leaves:
