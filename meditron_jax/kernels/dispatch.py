@@ -166,12 +166,17 @@ def matmul(x, w, *, impl: str = "auto", preferred_element_type=None, panels: int
     return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
 
 
+def _matrix_shape(w, contract: int) -> tuple[int, int]:
+    """(k, n) of a weight's 2-D view: k the product of its first ``contract`` axes."""
+    k = math.prod(w.shape[:contract])
+    return k, (w.size // k if k else 0)
+
+
 def pack_panels(w, panels: int, contract: int = 1):
     """A dense weight in the thin kernel's panel-major layout, same shape: its 2-D view W [k, n] (k the first
     ``contract`` axes) stored as n / ``panels`` panels, each the k rows of ``panels`` consecutive columns.
     Streamed panel by panel, no two rows of W share an L1 set (docs/performance.md, decode, eighth round)."""
-    k = math.prod(w.shape[:contract])
-    n = w.size // k if k else 0
+    k, n = _matrix_shape(w, contract)
     if panels < 1 or n % panels:
         raise ValueError(
             f"pack_panels: {n} output columns of a weight {tuple(w.shape)} do not split into panels of {panels}"
@@ -181,8 +186,7 @@ def pack_panels(w, panels: int, contract: int = 1):
 
 def unpack_panels(w, panels: int, contract: int = 1):
     """The inverse of `pack_panels`: the weight as stored."""
-    k = math.prod(w.shape[:contract])
-    n = w.size // k if k else 0
+    k, n = _matrix_shape(w, contract)
     return jnp.reshape(jnp.reshape(w, (n // panels, k, panels)).transpose(1, 0, 2), w.shape)
 
 
