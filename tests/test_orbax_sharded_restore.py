@@ -112,6 +112,23 @@ def test_run_restores_into_shards_bit_for_bit(runs, kind, mesh):
     _lazy_equals_eager(runs[kind], _shardings(CFG, MESHES[mesh]))
 
 
+def test_reading_a_run_prints_no_orbax_notices(runs, caplog, recwarn):
+    """A run's item (``<step>/default``) read eagerly, lazily and placed: orbax's "Metadata file does not exist"
+    (the step's metadata is one level up, where the trainer wrote it) and its advice to pass shardings were
+    printed on every read of the main job; neither applies. Other warnings still get through."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    load_model_dir(runs["plain"])
+    lazy, _ = load_model_dir(runs["plain"], lazy=True)
+    streaming.place(lazy)
+    orbax_lines = [r.getMessage() for r in caplog.records if r.name == "absl" and r.levelno >= logging.WARNING]
+    assert not [m for m in orbax_lines if "Metadata file does not exist" in m], orbax_lines
+    assert not [w for w in recwarn if "Sharding info not provided" in str(w.message)]
+    logging.getLogger("absl").warning("Metadata file does not exist: outside a read")  # the filter is scoped
+    assert any(r.getMessage().endswith("outside a read") for r in caplog.records)
+
+
 def test_pipelined_run_cast_and_layer_sharded_targets(runs):
     """A pipelined run read into bfloat16, and into shardings that split the layer axis: over 2 devices (the
     repeats axis of the stored [2, 2, 1, ...] layout takes the split) and over 4 (it does not divide the

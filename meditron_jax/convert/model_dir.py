@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import jax
 import numpy as np
@@ -82,10 +81,7 @@ def _load_run(path: str, config: ModelConfig, step: int | None) -> dict:
     from meditron_jax.model import abstract_params
 
     item = _run_item(path, step)
-    with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
-        # Restored to host arrays, then reshaped to the model's layout: no device topology is involved, so
-        # orbax's advice to pass shardings (printed on every load) does not apply.
-        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+    with ocp.PyTreeCheckpointer() as ckptr, orbax.quiet_item_reads():  # host arrays, reshaped below
         tree = ckptr.restore(item)
     params = tree["params"]
     want = nn.meta.unbox(abstract_params(config))
@@ -111,7 +107,7 @@ def _lazy_run(path: str, config: ModelConfig, step: int | None) -> dict:
     from meditron_jax.model import abstract_params
 
     item = _run_item(path, step)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, orbax.quiet_item_reads():
         stored = ckptr.metadata(item).item_metadata.tree["params"]
     want = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nn.meta.unbox(abstract_params(config)))
 

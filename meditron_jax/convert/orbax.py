@@ -5,6 +5,7 @@ Layout: ``<dir>/meditron_config.json``, ``<dir>/params/`` (orbax), tokenizer fil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,37 @@ def _looks_like_orbax_export(folder: str, names: set[str]) -> bool:
 ORBAX_OUTPUT = OutputKind("orbax_model", "meditron_jax orbax model folder", _looks_like_orbax_export)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _absl_dropping(prefix: str):
+    """orbax's log lines (absl's logger) that start with ``prefix`` are dropped inside the block."""
+    absl_logger, drop = logging.getLogger("absl"), _DropMessage(prefix)
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def quiet_item_reads():
+    """Around direct reads of a checkpoint item (a run's ``<step>/default``, an export's ``params``), drop two
+    orbax notices printed on every read that do not apply: "Metadata file does not exist" (a run's step
+    metadata is one level up, where the trainer wrote it) and the advice to pass shardings (these readers
+    read to host arrays, or give each array its target sharding)."""
+    with _absl_dropping("Metadata file does not exist"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+        yield
+
+
 def save_orbax(
     params,
     config: ModelConfig,
@@ -58,24 +90,11 @@ def save_orbax(
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(os.path.join(tmp, "params"), params)
         else:
-            quiet = _DropMessage("No prioritized params found for saving")  # what InBatches asks for
-            logging.getLogger("absl").addFilter(quiet)
-            try:
-                with ocp.Checkpointer(handler) as ckptr:
-                    ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
-            finally:
-                logging.getLogger("absl").removeFilter(quiet)
+            # InBatches asks for that on purpose
+            with _absl_dropping("No prioritized params found for saving"), ocp.Checkpointer(handler) as ckptr:
+                ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
         config.to_json(os.path.join(tmp, CONFIG_FILE))
         copy_tokenizer_files(tokenizer_dir, tmp)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
 
 
 def _save_handler(params, transfer_bytes: int):
@@ -258,8 +277,7 @@ class StoredParams:
 
         limit = max(self.max_inflight_bytes or 0, max_read) + 1  # orbax refuses a read >= its limit
         handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit / 1e9)
-        with ocp.Checkpointer(handler) as ckptr, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sharding info not provided when restoring")
+        with ocp.Checkpointer(handler) as ckptr, quiet_item_reads():
             args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
             return ckptr.restore(self.directory, args=args)
 
