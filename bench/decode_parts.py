@@ -6,8 +6,10 @@ What `bench/decode_throughput.py`'s profile found a batch-16 step made of, and t
 ``--threads`` cores (default 1, as the decode bench):
 
 * the greedy argmax over [batch, 32000] logits: ``jnp.argmax`` against ``sampling.greedy_tokens``;
-* attention over the cache, [batch, 12 heads, 192 slots, 64]: the engine's ``head_major_attention`` (two
-  batched dots), the same as multiply + reduce, and the dots in two independent batch halves;
+* attention over the cache, [batch, 12 heads, 192 slots, 64]: the engine's ``kernels.decode_attention``
+  (the `cpu_native` kernel), XLA's ``head_major_attention`` (two batched dots, the fallback), the same as
+  multiply + reduce, and the dots in two independent batch halves (`bench/decode_attention.py`: the kernel
+  at the 7B, 70B and Falcon head layouts);
 * the thin matmuls, x [batch, in] against weights [in, out] (as stored), through ``kernels.matmul`` as the
   model calls it (the thin kernel for 2 to 32 rows on one CPU device), and torch's ``x @ W`` on the same
   cores (the decode bench's peer), and packed in panels as the engine holds them (`kernels.pack_panels`);
@@ -81,7 +83,13 @@ def cases_for(batch: int, cache_len: int, rng) -> dict[str, tuple]:
         return jnp.concatenate([head_major_attention(q[s], k[s], v[s], mask[s], scale) for s in parts])
 
     where = f"cache attention [{batch}, {heads}, {cache_len}, {d}]"
-    cases[f"{where} | two batched dots (the engine)"] = (
+    if cpu_native.available():
+        valid, first = mask[:, 0], jnp.int32(cache_len - 1)
+        cases[f"{where} | kernels.decode_attention (the engine's)"] = (
+            jax.jit(lambda q, k, v: kernels.decode_attention(q, k, v, valid, first, softmax_scale=scale)),
+            (q, k, v),
+        )
+    cases[f"{where} | two batched dots (XLA, the fallback)"] = (
         jax.jit(lambda q, k, v, m: head_major_attention(q, k, v, m, scale)),
         (q, k, v, mask),
     )

@@ -1,5 +1,5 @@
-// Attention forward and backward, decode's attention over the KV cache, and the dense layers' products (large
-// and thin) for XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
+// Attention forward and backward, the dense layers' products (large and thin), and decode's attention over the
+// KV cache (after the thin products, whose tiles it uses) for XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
 //
 // Why: XLA:CPU splits a batched product's matrices between its threads, never its batch, so the small
 // per-head products of causal attention run on one core (docs/performance.md, fifth round). Here the
@@ -319,81 +319,6 @@ ffi::Error Backward(ffi::ThreadPool pool, bool causal, bool has_segments, float 
   return ffi::Error::Success();
 }
 
-// One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
-// fixes D at compile time (64, the Llama shapes): the sum's D floats then stay in registers across slots,
-// not loaded and stored per slot, and the scores' expf runs vectorized (decode, seventh round).
-template <int DD>
-void decode_query(const float* qq, const float* kk, const float* vv, const bool* seen, int64_t end, int64_t D,
-                  float scale, float* s, float* oo) {
-  if constexpr (DD > 0) D = DD;
-  float m = kMasked;
-  for (int64_t j = 0; j < end; ++j) {
-    float dot = 0.f;
-    for (int64_t c = 0; c < D; ++c) dot += qq[c] * kk[j * D + c];
-    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vv + j * D + c);  // V's stream beside K's
-    s[j] = seen[j] ? dot * scale : kMasked;
-    m = std::max(m, s[j]);
-  }
-  if (m == kMasked) {  // sees no slot: zeros, as head_major_attention gives
-    std::fill(oo, oo + D, 0.f);
-    return;
-  }
-  float total = 0.f;
-  for (int64_t j = 0; j < end; ++j) {
-    const float e = expf(std::max(s[j] - m, kExpFloor));
-    s[j] = seen[j] ? e : 0.f;
-    total += s[j];
-  }
-  if constexpr (DD > 0) {
-    float acc[DD] = {};
-    for (int64_t j = 0; j < end; ++j)
-      for (int c = 0; c < DD; ++c) acc[c] += s[j] * vv[j * DD + c];
-    for (int c = 0; c < DD; ++c) oo[c] = acc[c] / total;
-  } else {
-    std::fill(oo, oo + D, 0.f);
-    for (int64_t j = 0; j < end; ++j)
-      for (int64_t c = 0; c < D; ++c) oo[c] += s[j] * vv[j * D + c];
-    for (int64_t c = 0; c < D; ++c) oo[c] /= total;
-  }
-}
-
-// Decode's attention over the head-major KV cache (model/layers.py): q, out [B, Q, H, D] for Q new tokens;
-// k, v [B, KVH, T, D], or [KVH, T, D] for one row; valid [B, T]; first = the first new token's slot. Query t
-// sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
-// head) units are split between the cores, which XLA:CPU's batched dots do not do. Vectors of D, not sgemm:
-// each product is one row against at most T slots.
-ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> first,
-                  ffi::ResultBuffer<ffi::F32> out) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  const int64_t B = qd[0], Q = qd[1], H = qd[2], D = qd[3];
-  const int64_t KVH = kd[kd.size() - 3], T = kd[kd.size() - 2], groups = H / KVH;
-  const int64_t end_all = std::min<int64_t>(T, std::max<int64_t>(0, first.typed_data()[0] + Q));
-  const int64_t from = end_all - Q;  // slot of query 0, as the caller wrote it (first, clamped)
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
-  const bool* ok = valid.typed_data();
-  float* op = out->typed_data();
-  parallel_units(pool, B * KVH, [&](int64_t unit) {
-    const int64_t b = unit / KVH, kvh = unit % KVH;
-    const float* kk = kp + unit * T * D;
-    const float* vv = vp + unit * T * D;
-    const bool* seen = ok + b * T;
-    float* s = scratch(0, std::max<int64_t>(end_all, 1));
-    for (int64_t g = 0; g < groups; ++g) {
-      for (int64_t t = 0; t < Q; ++t) {
-        const int64_t h = kvh * groups + g, end = std::max<int64_t>(0, from + t + 1);
-        const float* qq = qp + ((b * Q + t) * H + h) * D;
-        float* oo = op + ((b * Q + t) * H + h) * D;
-        if (D == 64)
-          decode_query<64>(qq, kk, vv, seen, end, D, scale, s, oo);
-        else
-          decode_query<0>(qq, kk, vv, seen, end, D, scale, s, oo);
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
 // Thin products, C [M, N] = A [M, K] · B [K, N] with 2 to 32 rows (decode's batch): XLA:CPU's dots and sgemm
 // run them at a fraction of a large product's rate (docs/performance.md, decode, seventh round). Each unit
 // is a chunk of columns (at most kThinCols, at least one chunk per thread); per block of kThinK rows of B, every
@@ -638,6 +563,161 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, int64_t pane
     unpanel_sgemm(pool, M, K, N, ap, bp, cp);
   else
     sgemm_pieces(pool, trans_a, trans_b, M, K, N, ap, bp, cp);
+  return ffi::Error::Success();
+}
+
+// s[j] = exp(s[j] - m) for the slots of [0, end) not masked (kMasked), 0 for those; returns their sum. Masked
+// slots are found by their score, not by `seen`: a load of bools kept GCC from vectorizing the loop (scalar
+// expf, 18% of the grouped kernel's time in a perf profile of Falcon-7B's shape).
+float exp_scores(float* s, int64_t end, float m) {
+  float total = 0.f;
+  for (int64_t j = 0; j < end; ++j) {
+    const float e = expf(std::max(s[j] - m, kExpFloor));
+    s[j] = s[j] > kMasked * 0.5f ? e : 0.f;
+    total += s[j];
+  }
+  return total;
+}
+
+// One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
+// fixes D at compile time (64, the Llama shapes): the sum's D floats then stay in registers across slots,
+// not loaded and stored per slot, and the scores' expf runs vectorized (decode, seventh round).
+template <int DD>
+void decode_query(const float* qq, const float* kk, const float* vv, const bool* seen, int64_t end, int64_t D,
+                  float scale, float* s, float* oo) {
+  if constexpr (DD > 0) D = DD;
+  float m = kMasked;
+  for (int64_t j = 0; j < end; ++j) {
+    float dot = 0.f;
+    for (int64_t c = 0; c < D; ++c) dot += qq[c] * kk[j * D + c];
+    for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(vv + j * D + c);  // V's stream beside K's
+    s[j] = seen[j] ? dot * scale : kMasked;
+    m = std::max(m, s[j]);
+  }
+  if (m == kMasked) {  // sees no slot: zeros, as head_major_attention gives
+    std::fill(oo, oo + D, 0.f);
+    return;
+  }
+  const float total = exp_scores(s, end, m);
+  if constexpr (DD > 0) {
+    float acc[DD] = {};
+    for (int64_t j = 0; j < end; ++j)
+      for (int c = 0; c < DD; ++c) acc[c] += s[j] * vv[j * DD + c];
+    for (int c = 0; c < DD; ++c) oo[c] = acc[c] / total;
+  } else {
+    std::fill(oo, oo + D, 0.f);
+    for (int64_t j = 0; j < end; ++j)
+      for (int64_t c = 0; c < D; ++c) oo[c] += s[j] * vv[j * D + c];
+    for (int64_t c = 0; c < D; ++c) oo[c] /= total;
+  }
+}
+
+// S[i, j] = q_i · k_j for NQ queries × NS slots (rows of D, a multiple of kVec): vector
+// accumulators over D, summed across lanes at the end.
+template <int NQ, int NS>
+void score_tile(const float* q, const float* k, int64_t D, float* s, int64_t lds) {
+  Vec acc[NQ][NS] = {};
+  for (int64_t c = 0; c < D; c += kVec) {
+    Vec kv[NS];
+    for (int j = 0; j < NS; ++j) kv[j] = load(k + j * D + c);
+    for (int i = 0; i < NQ; ++i) {
+      const Vec qv = load(q + i * D + c);
+      for (int j = 0; j < NS; ++j) acc[i][j] += qv * kv[j];
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int j = 0; j < NS; ++j) {
+      float t = 0.f;
+      for (int l = 0; l < kVec; ++l) t += acc[i][j][l];
+      s[i * lds + j] = t;
+    }
+}
+
+// The n query heads of one KV head's group (rows of D, contiguous: head h uses KV head h / n) against slots
+// [0, end), D a multiple of kThinNR. Scores in tiles of 4 queries × 2 slots, slots outer, so each K row is
+// read from memory once for the group; then P · V through the thin kernel (thin_rows), each V row read once.
+// One query at a time (decode_query) re-read the unit's cache per head and ran its dots one after another:
+// 1.5× torch's time at 70B's groups of 8, 2.6× at Falcon-7B's 71 (bench/decode_attention.py); sgemm for
+// the two products, 1.2× and 1.7× (its packing costs more than products this thin gain).
+void decode_group(int64_t n, const float* qq, const float* kk, const float* vv, const bool* seen, int64_t end,
+                  int64_t D, float scale, float* s, float* oo) {
+  for (int64_t j = 0; j < end; j += 2) {
+    const bool two = j + 1 < end;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      two ? score_tile<4, 2>(qq + i * D, kk + j * D, D, s + i * end + j, end)
+          : score_tile<4, 1>(qq + i * D, kk + j * D, D, s + i * end + j, end);
+    for (; i < n; ++i)
+      two ? score_tile<1, 2>(qq + i * D, kk + j * D, D, s + i * end + j, end)
+          : score_tile<1, 1>(qq + i * D, kk + j * D, D, s + i * end + j, end);
+  }
+  float *visible = scratch(1, end + n), *inv = visible + end;  // floats, so that the loops below vectorize
+  for (int64_t j = 0; j < end; ++j) visible[j] = seen[j] ? 1.f : 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float* si = s + i * end;
+    float m = kMasked;
+    for (int64_t j = 0; j < end; ++j) {
+      si[j] = visible[j] > 0.f ? si[j] * scale : kMasked;
+      m = std::max(m, si[j]);
+    }
+    const float total = m == kMasked ? 0.f : exp_scores(si, end, m);
+    inv[i] = total > 0.f ? 1.f / total : 0.f;  // sees no slot: zeros, as head_major_attention gives
+  }
+  if (end == 0) std::fill(oo, oo + n * D, 0.f);
+  for (int64_t k0 = 0; k0 < end; k0 += kThinK) {
+    const int64_t kb = std::min(kThinK, end - k0);
+    for (int64_t p = 0; p < D; p += kThinNR)
+      thin_rows(n, s + k0, end, vv + k0 * D + p, D, kb, oo + p, D, kThinNR, k0 > 0, false);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < D; ++c) oo[i * D + c] *= inv[i];
+}
+
+// Groups of at least this many query heads per KV head take decode_group (when D is a multiple of kThinNR).
+constexpr int64_t kDecodeGroupRows = 2;
+
+// Decode's attention over the head-major KV cache (model/layers.py): q, out [B, Q, H, D] for Q new tokens;
+// k, v [B, KVH, T, D], or [KVH, T, D] for one row; valid [B, T]; first = the first new token's slot. Query t
+// sees slot j when valid[b, j] and j <= first + t, so only slots [0, first + Q) are read. The (batch, KV
+// head) units are split between the cores, which XLA:CPU's batched dots do not do. One query head per KV
+// head (Llama-2 7B, the bench shape): vectors of D per query, one row against at most T slots each. Groups
+// (GQA, MQA): decode_group.
+ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> first,
+                  ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const int64_t B = qd[0], Q = qd[1], H = qd[2], D = qd[3];
+  const int64_t KVH = kd[kd.size() - 3], T = kd[kd.size() - 2], groups = H / KVH;
+  const int64_t end_all = std::min<int64_t>(T, std::max<int64_t>(0, first.typed_data()[0] + Q));
+  const int64_t from = end_all - Q;  // slot of query 0, as the caller wrote it (first, clamped)
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* ok = valid.typed_data();
+  float* op = out->typed_data();
+  parallel_units(pool, B * KVH, [&](int64_t unit) {
+    const int64_t b = unit / KVH, kvh = unit % KVH;
+    const float* kk = kp + unit * T * D;
+    const float* vv = vp + unit * T * D;
+    const bool* seen = ok + b * T;
+    float* s = scratch(0, std::max<int64_t>(groups * end_all, 1));
+    if (groups >= kDecodeGroupRows && D % kThinNR == 0) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const int64_t at = ((b * Q + t) * H + kvh * groups) * D;
+        decode_group(groups, qp + at, kk, vv, seen, std::max<int64_t>(0, from + t + 1), D, scale, s, op + at);
+      }
+      return;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t t = 0; t < Q; ++t) {
+        const int64_t h = kvh * groups + g, end = std::max<int64_t>(0, from + t + 1);
+        const float* qq = qp + ((b * Q + t) * H + h) * D;
+        float* oo = op + ((b * Q + t) * H + h) * D;
+        if (D == 64)
+          decode_query<64>(qq, kk, vv, seen, end, D, scale, s, oo);
+        else
+          decode_query<0>(qq, kk, vv, seen, end, D, scale, s, oo);
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
