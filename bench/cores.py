@@ -8,6 +8,8 @@ cores with it, 1.00 pinned; docs/performance.md, Decode, fourth round).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 
 def threads_from_argv(argv: list[str], default: int = 1) -> int:
@@ -27,3 +29,12 @@ def bind_cores(n: int) -> list[int]:
         cores = cores[:n]
         os.sched_setaffinity(0, cores)
     return cores
+
+
+def cpu_bench_process(default_threads: int = 1) -> list[int]:
+    """A CPU bench's first step, before it imports jax: the project importable from a checkout, jax on the CPU
+    and quiet, the process pinned to ``--threads`` cores. Returns the cores it may use."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return bind_cores(threads_from_argv(sys.argv[1:], default_threads))

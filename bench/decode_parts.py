@@ -27,16 +27,11 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from cores import bind_cores, threads_from_argv  # noqa: E402
+from cores import cpu_bench_process
 
-CORES = bind_cores(threads_from_argv(sys.argv[1:]))  # before jax starts: XLA sizes its pool from it
+CORES = cpu_bench_process()  # before jax starts: XLA sizes its pool from it
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -29,18 +29,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from cores import bind_cores, threads_from_argv  # noqa: E402
+from cores import cpu_bench_process
 
-CORES = bind_cores(threads_from_argv(sys.argv[1:]))  # before jax starts: XLA sizes its pool from it
+CORES = cpu_bench_process()  # before jax starts: XLA sizes its pool from it
 
 # Every row runs with freed memory reused (meditron_jax/host_memory.py; MEDITRON_HOST_MALLOC=default: off).
 from meditron_jax.host_memory import reuse_freed_memory  # noqa: E402
