@@ -90,7 +90,7 @@ def save_orbax(
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(os.path.join(tmp, "params"), params)
         else:
-            # InBatches asks for that on purpose
+            # orbax notes that no array was prioritized: InBatches deprioritizes them all, on purpose
             with _absl_dropping("No prioritized params found for saving"), ocp.Checkpointer(handler) as ckptr:
                 ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
         config.to_json(os.path.join(tmp, CONFIG_FILE))
