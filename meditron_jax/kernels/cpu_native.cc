@@ -1,5 +1,6 @@
 // Attention forward and backward, the dense layers' products (large and thin), and decode's attention over the
-// KV cache (after the thin products, whose tiles it uses) for XLA:CPU, as XLA FFI handlers (meditron_jax/kernels/cpu_native.py).
+// KV cache (after the thin products, whose tiles it uses) for XLA:CPU, as XLA FFI handlers
+// (meditron_jax/kernels/cpu_native.py).
 //
 // Why: XLA:CPU splits a batched product's matrices between its threads, never its batch, so the small
 // per-head products of causal attention run on one core (docs/performance.md, fifth round). Here the
@@ -580,8 +581,8 @@ float exp_scores(float* s, int64_t end, float m) {
 }
 
 // One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
-// fixes D at compile time (64, the Llama shapes): the sum's D floats then stay in registers across slots,
-// not loaded and stored per slot, and the scores' expf runs vectorized (decode, seventh round).
+// fixes D at compile time (64: the bench shape's head_dim): the sum's D floats then stay in registers across
+// slots, not loaded and stored per slot (decode, seventh round). At 128 (Llama-2 7B) that measured level.
 template <int DD>
 void decode_query(const float* qq, const float* kk, const float* vv, const bool* seen, int64_t end, int64_t D,
                   float scale, float* s, float* oo) {
