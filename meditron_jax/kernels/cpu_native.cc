@@ -143,12 +143,28 @@ void parallel_units(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   state->all_done.wait(lock, [&] { return state->done.load() == n; });
 }
 
+constexpr float kMasked = -1e30f;  // a masked score: no infinities are compared under -ffast-math
+constexpr float kExpFloor = -87.f;  // expf(-87) = 1.6e-38, the smallest normal float's order
+
+// s[j] = exp(s[j] - m) for the entries of [0, n) not masked (kMasked), 0 for those; returns their sum.
+// expf's argument is kept above kExpFloor: libm's vector expf leaves its fast path for any lane that would
+// underflow (every masked entry would), so masked entries are zeroed by the select instead. Masks are read
+// from the scores, never from bools: a load of bools kept GCC from vectorizing the loop (decode's scalar
+// expf was 18% of its grouped kernel's time at Falcon-7B's shape).
+float exp_scores(float* s, int64_t n, float m) {
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = expf(std::max(s[j] - m, kExpFloor));
+    s[j] = s[j] > kMasked * 0.5f ? e : 0.f;
+    total += s[j];
+  }
+  return total;
+}
+
 // Scores of rows [r0, r1) against keys w = [lo, hi) into s (rows of hi - lo), then probabilities in place:
 // softmax (forward, lse written) or exp(score - lse) (backward, lse read). Invisible keys get 0.
 // Branch-free over keys so that the loops vectorise; no infinities are compared, since the library is built
 // with -ffast-math (a masked score is kMasked, and never reaches expf).
-constexpr float kMasked = -1e30f;
-constexpr float kExpFloor = -87.f;  // expf(-87) = 1.6e-38, the smallest normal float's order
 void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, int64_t r0, int64_t r1, Window w,
                    float* s, float* lse, bool forward) {
   const int64_t M = r1 - r0, D = sh.D, L = w.hi - w.lo;
@@ -180,14 +196,7 @@ void probabilities(const Shape& sh, int64_t b, const float* q, const float* k, i
     } else {
       m = lse[qi];
     }
-    // expf's argument is kept above kExpFloor: libm's vector expf leaves its fast path for any lane that
-    // would underflow (every masked key would), so masked keys are zeroed by the select instead.
-    float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = expf(std::max(row[j] - m, kExpFloor));
-      row[j] = row[j] > kMasked * 0.5f ? e : 0.f;
-      total += row[j];
-    }
+    const float total = exp_scores(row, n, m);
     std::fill(row + n, row + L, 0.f);
     if (forward) {
       const float inv = 1.f / total;
@@ -565,19 +574,6 @@ ffi::Error Matmul(ffi::ThreadPool pool, bool trans_a, bool trans_b, int64_t pane
   else
     sgemm_pieces(pool, trans_a, trans_b, M, K, N, ap, bp, cp);
   return ffi::Error::Success();
-}
-
-// s[j] = exp(s[j] - m) for the slots of [0, end) not masked (kMasked), 0 for those; returns their sum. Masked
-// slots are found by their score, not by `seen`: a load of bools kept GCC from vectorizing the loop (scalar
-// expf, 18% of the grouped kernel's time in a perf profile of Falcon-7B's shape).
-float exp_scores(float* s, int64_t end, float m) {
-  float total = 0.f;
-  for (int64_t j = 0; j < end; ++j) {
-    const float e = expf(std::max(s[j] - m, kExpFloor));
-    s[j] = s[j] > kMasked * 0.5f ? e : 0.f;
-    total += s[j];
-  }
-  return total;
 }
 
 // One query against slots [0, end) of one head: scores, softmax and the weighted sum of V into oo. DD > 0
