@@ -21,25 +21,28 @@ import pytest  # noqa: E402
 
 from meditron_jax.data.paths import ENV_VAR, shared_data_dir  # noqa: E402
 
-# The files that take longest (pytest --durations, 2026-12-02), started first: `--dist loadfile` hands files
+# The files that take longest (pytest --durations, 2026-12-03), started first: `--dist loadfile` hands files
 # to the two workers in collection order, so a long file collected last would run alone at the end.
 # This changes only the order; every test still runs.
 LONGEST_FIRST = (
     "test_doc_commands.py",
     "test_checkpoints.py",
-    "test_notebook.py",
     "test_quickstart.py",
-    "test_curation_runners.py",
-    "test_falcon_parallel.py",
-    "test_metrics.py",
+    "test_notebook.py",
     "test_sft.py",
-    "test_model_card.py",
-    "test_layer_scan.py",
     "test_data_pipeline.py",
-    "test_trainer.py",
+    "test_cpu_native.py",
+    "test_falcon_parallel.py",
+    "test_layer_scan.py",
+    "test_kernels.py",
+    "test_engine.py",
+    "test_parallel_equivalence.py",
+    "test_model_card.py",
     "test_orbax_sharded_restore.py",
+    "test_eval_oracle.py",
     "test_reliability_cli.py",
-    "test_real_models.py",
+    "test_eval_lm_eval.py",
+    "test_metrics.py",
 )
 
 

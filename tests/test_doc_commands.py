@@ -542,7 +542,7 @@ RUNS: dict[str, tuple[bool, tuple[Run, ...]]] = {
                 "docs/troubleshooting.md",
                 r"meditron-train .*--gin.ModelConfig.vocab_size=32000$",
                 replace=(("/tmp/hdocs/run32k", "{tmp}/run32k"), ("/tmp/hdocs/gap", "{tmp}/gap_replay")),
-                expect_output="but the model's vocabulary has 32000 tokens; set model_overrides vocab_size",
+                expect_output="is tokenized with 32017 tokens, but the model's vocabulary has 32000 tokens",
                 expect_exit=1,
             ),
         ),

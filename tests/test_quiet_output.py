@@ -33,7 +33,7 @@ def _noise_in(text):
     return [n for n in NOISE if n in text]
 
 
-@pytest.mark.slow  # two cold starts of TF + jax: ~15 s of CPU each
+@pytest.mark.slow  # two cold starts of jax: ~8 s each
 def test_generate_is_quiet_and_verbose_brings_the_library_logs_back(shared_data):
     cmd = [sys.executable, "-m", "meditron_jax.cli.generate", "--model_dir", str(shared_data / "stories260K_hf")]
     cmd += ["--max_new_tokens", "4"]
@@ -44,7 +44,9 @@ def test_generate_is_quiet_and_verbose_brings_the_library_logs_back(shared_data)
     assert quiet.stderr.strip() == "", quiet.stderr  # nothing else either: generate has nothing to warn about
     loud = subprocess.run([*cmd, "--verbose"], env=_env(), capture_output=True, text=True, timeout=600)
     assert loud.returncode == 0, loud.stderr[-3000:]
-    assert "T5 library uses PAD_ID=0" in loud.stderr and "All log messages before absl" in loud.stderr
+    assert "DEBUG Initializing backend 'cpu'" in loud.stderr  # jax's own log, hidden without --verbose
+    # TensorFlow prints this when imported with its default log level: generation never imports it.
+    assert "Could not find cuda drivers on your machine" not in loud.stderr
     assert loud.stdout == quiet.stdout
 
 

@@ -2,6 +2,8 @@
 transformers' PyTorch Llama, llama2.c's golden output, and sentencepiece ids recorded by llama2.c."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,6 +87,21 @@ def test_llama2_tokenizer_goldens(shared_data):
         assert tok.encode(case["prompt"], bos=True) == case["expected_ids"], case["prompt"]
         assert tok.decode(case["expected_ids"]) == case["prompt"]
     assert tok.seqio_vocabulary.vocab_size == 32000
+    for case in cases:  # SeqIO's own loading of the same model file encodes alike (without BOS)
+        assert tok.seqio_vocabulary.encode(case["prompt"]) == case["expected_ids"][1:], case["prompt"]
+
+
+def test_the_tokenizer_does_not_import_tensorflow(shared_data):
+    """Generation and evaluation tokenize without SeqIO, whose import costs TensorFlow's (~9 s a process)."""
+    code = (
+        "import sys; from meditron_jax.data.vocabulary import Tokenizer; "
+        f"t = Tokenizer.from_dir({str(shared_data / 'stories260K_hf')!r}); "
+        "assert t.decode(t.encode('Once upon a time')) == 'Once upon a time'; "
+        "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_meditron_added_tokens(shared_data):

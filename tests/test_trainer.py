@@ -120,3 +120,13 @@ def test_out_of_range_token_ids_are_refused():
     ):
         check_token_ids(batch, 32000, "gap_replay")
     check_token_ids(batch, 32017, "gap_replay")
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_training():
+    from meditron_jax.train.trainer import check_vocabulary
+
+    with pytest.raises(ValueError, match="'gap_replay' is tokenized with 32017 tokens, but the model's vocabulary has"):
+        check_vocabulary("gap_replay", 32000)
+    check_vocabulary("gap_replay", 32017)
+    with pytest.raises(ValueError, match="'pubmedqa_pqal_sft' is tokenized with 32019 tokens"):  # ChatML's two
+        check_vocabulary("pubmedqa_pqal_sft", 32017)

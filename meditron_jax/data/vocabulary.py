@@ -1,4 +1,4 @@
-"""The Llama-2 SentencePiece tokenizer, through a SeqIO vocabulary, plus added tokens.
+"""The Llama-2 SentencePiece tokenizer plus added tokens, with a SeqIO view for the data pipelines.
 
 MEDITRON checkpoints extend the 32,000 SentencePiece pieces with tokens that SentencePiece does not
 know (Megatron specials, ``[bib_ref]``-style markers, ChatML ``<|im_start|>``): they get the ids after
@@ -7,6 +7,7 @@ the base vocabulary and are matched as whole strings before the rest of the text
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -36,14 +37,15 @@ class Tokenizer:
     """Encode/decode text for a Llama model; ``seqio_vocabulary`` is the SeqIO view of the base pieces."""
 
     def __init__(self, model_path: str | os.PathLike, extra_tokens: Sequence[str] = ()):
-        import seqio  # heavy (TensorFlow); only paid by users of the tokenizer
+        import sentencepiece
 
         model_path = os.fspath(model_path)
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"SentencePiece model {model_path} does not exist")
         self.model_path = model_path
-        self.seqio_vocabulary = seqio.SentencePieceVocabulary(model_path)
-        self._sp = self.seqio_vocabulary.tokenizer
+        # SentencePiece itself, not through SeqIO: importing SeqIO imports TensorFlow (~9 s per process),
+        # which generation and evaluation never use.
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         self.base_vocab_size = self._sp.get_piece_size()
         self.extra_tokens = tuple(extra_tokens)
         if len(set(self.extra_tokens)) != len(self.extra_tokens):
@@ -54,6 +56,13 @@ class Tokenizer:
             if self.extra_tokens
             else None
         )
+
+    @functools.cached_property
+    def seqio_vocabulary(self):
+        """SeqIO's vocabulary over the same pieces (without the added tokens), for tf.data pipelines."""
+        import seqio
+
+        return seqio.SentencePieceVocabulary(self.model_path)
 
     @property
     def vocab_size(self) -> int:

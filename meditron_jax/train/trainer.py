@@ -162,12 +162,29 @@ def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, mixture: s
             )
 
 
+def _mixture_vocabulary(mixture: str):
+    import seqio
+
+    import meditron_jax.data.tasks  # noqa: F401  (registers the tasks)
+
+    return seqio.get_mixture_or_task(mixture).output_features["targets"].vocabulary
+
+
+def check_vocabulary(mixture: str, vocab_size: int) -> None:
+    """Before anything is built: a tokenizer with ids past the model's rows is refused at once, not when the first
+    document holding such a token arrives (the curated corpus's markers, possibly hours into a run)."""
+    tokens = _mixture_vocabulary(mixture).vocab_size
+    if tokens > vocab_size:
+        raise ValueError(
+            f"mixture {mixture!r} is tokenized with {tokens} tokens, but the model's vocabulary has {vocab_size} "
+            "tokens; set model_overrides vocab_size (MEDITRON: 32017)"
+        )
+
+
 def _write_tokenizer(mixture: str, model_dir: str) -> None:
     """The mixture's vocabulary as HF tokenizer files, so MODEL_DIR is a model directory that load(), the
     evaluation and the converter read without being told where the tokenizer is."""
-    import seqio
-
-    vocab = seqio.get_mixture_or_task(mixture).output_features["targets"].vocabulary
+    vocab = _mixture_vocabulary(mixture)
     if hasattr(vocab, "write_tokenizer_files"):
         vocab.write_tokenizer_files(model_dir)
 
@@ -203,6 +220,7 @@ def train(
 def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run, notice) -> dict:
 
     model_cfg = model_config(config)
+    check_vocabulary(config.mixture, model_cfg.vocab_size)
     mesh = create_mesh(mesh_config or MeshConfig())
     opt_cfg = dataclasses.replace(optimizer_config or OptimizerConfig(), train_steps=config.train_steps)
     step_fn = TrainStep(
