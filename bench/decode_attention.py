@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         f"jax {jax.__version__}, {len(CORES)} core(s); cpu_native: {cpu_native.available()}; "
         f"torch {torch.__version__ if torch else 'absent'}; batch {args.batch}, one new token"
     )
-    header = ("layout", "heads / KV heads × head_dim", "filled / slots", "form", "ms (best)", "GB/s of filled K, V")
-    header += ("÷ kernel",)
+    header = ("layout", "heads / KV heads × head_dim", "filled / slots", "form", "ms (best)", "GB/s of filled K, V",
+              "÷ kernel")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
     rng = np.random.default_rng(0)

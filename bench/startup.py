@@ -74,11 +74,12 @@ def commands(work: Path) -> dict[str, tuple[list[str], int]]:
     }
 
 
-def timed(argv: list[str], expect: int, env: dict, work: Path) -> float:
+def timed(argv: list[str], expect: int, env: dict, work: Path, out: str | None = None) -> float:
     """Seconds to run ``argv`` in the tree named by ``env["PYTHONPATH"]`` (its folder is the working directory,
-    which ``python -m`` puts first on the path)."""
-    out = tempfile.mkdtemp(dir=work)
-    os.rmdir(out)  # the writers refuse folders they did not create
+    which ``python -m`` puts first on the path); ``{out}`` in it becomes ``out``, or a new path under ``work``."""
+    if out is None:
+        out = tempfile.mkdtemp(dir=work)
+        os.rmdir(out)  # the writers refuse folders they did not create
     argv = [a.replace("{out}", out) for a in argv]
     start = time.perf_counter()
     cwd = env.get("PYTHONPATH", ROOT)
@@ -101,19 +102,10 @@ def main() -> None:
         trees["before"] = dict(base, PYTHONPATH=str(args.before.resolve()))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sample = str(EMBEDDED / "gap_replay_sample")
-        subprocess.run(
-            [sys.executable, "-m", "meditron_jax.cli.prepare_data", "--input_dir", sample, "--output_dir",
-             str(work / "curated")],
-            cwd=ROOT, env=trees["ours"], check=True, capture_output=True,
-        )  # fmt: skip
         rows = commands(work)
+        timed(*rows["prepare-data"], trees["ours"], work, out=str(work / "curated"))  # the training row's data
         times: dict[tuple[str, str], list[float]] = {}
-        peer = [
-            "-c",
-            PEER_GENERATE,
-            str(shared_data_dir() / "stories260K_hf"),
-        ]
+        peer = ["-c", PEER_GENERATE, str(shared_data_dir() / "stories260K_hf")]
         for r in range(args.rounds):
             for name, (argv, expect) in rows.items():
                 for tree, env in trees.items():
