@@ -151,6 +151,7 @@ def _parse_json_line(path, line_no, line):
     return out
 
 
+@tf.autograph.experimental.do_not_convert  # plain TF ops: AutoGraph's conversion is start-up time for nothing
 def _read_jsonl(path: tf.Tensor, compression: str) -> tf.data.Dataset:
     lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate()
 
@@ -164,6 +165,7 @@ def _read_jsonl(path: tf.Tensor, compression: str) -> tf.data.Dataset:
     return lines.filter(lambda i, line: tf.strings.length(tf.strings.strip(line)) > 0).map(parse)
 
 
+@tf.autograph.experimental.do_not_convert
 def _read_tfrecord(path: tf.Tensor) -> tf.data.Dataset:
     spec = {f: tf.io.FixedLenFeature([], tf.string, default_value="") for f in _FIELDS}
 
@@ -258,6 +260,7 @@ def split_to_sequence_length(dataset: tf.data.Dataset, sequence_length: Mapping[
     if not length:
         return dataset
 
+    @tf.autograph.experimental.do_not_convert
     def pieces(ex):
         tokens = ex["targets"]
         n = tf.size(tokens)
