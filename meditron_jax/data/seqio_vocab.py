@@ -79,8 +79,8 @@ class AddedTokensVocabulary(seqio.Vocabulary):
         pattern = "(" + "|".join(re.escape(t) for t in sorted(self._extra_tokens, key=len, reverse=True)) + ")"
         return self.tokenizer.seqio_vocabulary.sp_model, pattern
 
-    # Explicit TF control flow only: AutoGraph would convert this and tf_text's tokenizers again for nothing
-    # (about 1 s of every training process's start-up).
+    # Explicit TF control flow only: AutoGraph would convert it, and tf_text's tokenizer and regex split through
+    # it, for nothing (about 1 s of a training process's start-up under load; docs/performance.md).
     @tf.autograph.experimental.do_not_convert
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor | tf.RaggedTensor:
         model, pattern = self._tf_state
