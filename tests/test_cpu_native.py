@@ -173,6 +173,9 @@ def test_numpys_openblas_keeps_its_thread_count():
         (2, 3, 8, 2, 150, 100, 128),
         (1, 1, 6, 1, 200, 170, 64),
         (2, 2, 4, 4, 130, 127, 32),
+        # one row of MQA with Falcon-7B's 71 query heads: with more threads than (row, KV head) units the
+        # group is split between them, 36 + 35 heads on two (the case above: 4 + 2)
+        (1, 1, 71, 1, 130, 100, 64),
     ],
 )
 def test_decode_attention_equals_xlas_over_the_cache(b, new, heads, kv_heads, slots, first, d):

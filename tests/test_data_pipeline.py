@@ -4,12 +4,16 @@ determinism, resumption from a saved iterator, host sharding and mixture proport
 import json
 
 import gin
+import jax
 import numpy as np
 import pytest
 import seqio
 
+from meditron_jax.config import get_config
 from meditron_jax.data import pipeline, tasks
 from meditron_jax.data.pipeline import LLAMA_BOS_ID, MODEL_FEATURES
+from meditron_jax.parallel.mesh import MeshConfig, create_mesh
+from meditron_jax.train import OptimizerConfig, TrainStep, make_optimizer
 
 pytestmark = pytest.mark.slow  # multi-second runs: excluded from the quick `-m "not slow"` loop
 
@@ -259,6 +263,13 @@ def test_batches_are_int32_and_the_seed_matters(corpus):
     batches = first_batches(0)
     assert set(batches[0]) == set(MODEL_FEATURES)
     assert all(v.dtype == np.int32 and v.shape == (2, L) for v in batches[0].values())
+    # An ahead-of-time compile (meditron-aot, bench/aot_memory.py) lowers the step for these very inputs.
+    mesh = create_mesh(MeshConfig(), devices=jax.devices()[:1])
+    step = TrainStep(get_config("tiny"), mesh, make_optimizer(OptimizerConfig()))
+    abstract = step.abstract_batch(2, L)
+    assert {k: (v.dtype, v.shape) for k, v in abstract.items()} == {
+        k: (v.dtype, v.shape) for k, v in batches[0].items()
+    }
     other = first_batches(1)
     assert not all(
         np.array_equal(a["decoder_target_tokens"], b["decoder_target_tokens"])

@@ -3,6 +3,7 @@ setting (the command itself runs the same entry point with larger defaults)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_quickstart_runs_every_stage_without_shared_data(tmp_path):
     summary = proc.stdout[proc.stdout.index("=== meditron-quickstart summary ===") :]
     assert "PubMedQA top_token accuracy" in summary and "PubMedQA loglik" in summary
     assert f"Hugging Face export {out / 'hf'}" in summary
+    stage_times = r"\(\d+ s: curated \d+ s, pretrain \d+ s, sft \d+ s, eval \d+ s, hf \d+ s, reload \d+ s\)"
+    assert re.search(stage_times, summary), summary
     # Every stage left its artefact under the one folder.
     assert (out / "curated" / "manifest.json").is_file()
     assert (out / "pretrain" / "metrics.jsonl").is_file() and (out / "sft" / "metrics.jsonl").is_file()

@@ -65,9 +65,23 @@ def prepare_output(path: str, overwrite: bool) -> pathlib.Path:
     return out
 
 
-def _stage(i: int, title: str) -> float:
-    print(f"\n[{i}/6] {title}", flush=True)
-    return time.perf_counter()
+class _Stages:
+    """Prints each stage's heading and keeps the seconds each one took, for the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._start = 0.0
+
+    def begin(self, name: str, title: str) -> None:
+        self.end()
+        print(f"\n[{len(self.seconds) + 1}/6] {title}", flush=True)
+        self._name, self._start = name, time.perf_counter()
+
+    def end(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = time.perf_counter() - self._start
+            self._name = None
 
 
 def _losses(model_dir: pathlib.Path) -> list[float]:
@@ -136,9 +150,10 @@ def main(argv=None) -> int:
     os.environ["MEDITRON_SHARED_DATA"] = str(data_dir)
     out = prepare_output(args.output, args.overwrite)
     start = time.perf_counter()
+    stages = _Stages()
     seq = f"--gin.SEQUENCE_LENGTH={args.sequence_length}"
 
-    _stage(1, f"curating the GAP-REPLAY sample in {data_dir / 'gap_replay_sample'}")
+    stages.begin("curated", f"curating the GAP-REPLAY sample in {data_dir / 'gap_replay_sample'}")
     from meditron_jax.cli import prepare_data
 
     pubmedqa_sets = "pubmedqa/test,pubmedqa/train,pubmedqa/validation"  # what this run fine-tunes and scores on
@@ -160,7 +175,7 @@ def main(argv=None) -> int:
         )
     print(_curation_summary(stats.getvalue(), out / "curated"))
 
-    _stage(2, f"continued pretraining of a tiny Llama-2 for {args.pretrain_steps} steps")
+    stages.begin("pretrain", f"continued pretraining of a tiny Llama-2 for {args.pretrain_steps} steps")
     _train(
         [
             "--gin_file=runs/tiny_cpu.gin",
@@ -174,7 +189,7 @@ def main(argv=None) -> int:
         ]
     )
 
-    _stage(3, f"fine-tuning on PubMedQA's training fold for {args.sft_steps} steps")
+    stages.begin("sft", f"fine-tuning on PubMedQA's training fold for {args.sft_steps} steps")
     _train(
         [
             "--gin_file=models/tiny.gin",
@@ -191,7 +206,9 @@ def main(argv=None) -> int:
         ]
     )
 
-    _stage(4, f"evaluating on {args.eval_limit} PubMedQA test items: top-token (MEDITRON's) and log-likelihood")
+    stages.begin(
+        "eval", f"evaluating on {args.eval_limit} PubMedQA test items: top-token (MEDITRON's) and log-likelihood"
+    )
     from meditron_jax.eval import cli as eval_cli
     from meditron_jax.eval.output import RESULTS_JSON, RESULTS_MD
 
@@ -216,15 +233,16 @@ def main(argv=None) -> int:
         )
         rows[strategy] = json.loads((out / f"eval_{strategy}" / RESULTS_JSON).read_text())["results"][0]
 
-    _stage(5, "exporting to Hugging Face format, with a model card (README.md) holding the evaluation")
+    stages.begin("hf", "exporting to Hugging Face format, with a model card (README.md) holding the evaluation")
     from meditron_jax.cli import convert
 
     evals = [arg for strategy in rows for arg in ("--eval_results", str(out / f"eval_{strategy}"))]
     convert.main(["--to", "hf", "--input", str(out / "sft"), "--output", str(out / "hf"), *evals])
 
-    _stage(6, "reloading the export in transformers")
+    stages.begin("reload", "reloading the export in transformers")
     reload_note = _reload_in_transformers(out / "hf")
     print(reload_note)
+    stages.end()
 
     pre, sft = _losses(out / "pretrain"), _losses(out / "sft")
     print("\n=== meditron-quickstart summary ===")
@@ -238,7 +256,8 @@ def main(argv=None) -> int:
             f"(parse rate {100 * row['parse_rate']:.0f}%); {out / f'eval_{strategy}' / RESULTS_MD}"
         )
     print(f"Hugging Face export {out / 'hf'}; {reload_note}")
-    print(f"every artefact under {out} ({time.perf_counter() - start:.0f} s)")
+    per_stage = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.seconds.items())
+    print(f"every artefact under {out} ({time.perf_counter() - start:.0f} s: {per_stage})")
     return 0
 
 

@@ -690,16 +690,28 @@ ffi::Error Decode(ffi::ThreadPool pool, float scale, ffi::Buffer<ffi::F32> q, ff
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const bool* ok = valid.typed_data();
   float* op = out->typed_data();
-  parallel_units(pool, B * KVH, [&](int64_t unit) {
-    const int64_t b = unit / KVH, kvh = unit % KVH;
+  const bool grouped = groups >= kDecodeGroupRows && D % kThinNR == 0;
+  // Fewer (row, KV head) units than threads, as at batch 1 with MQA (Falcon-7B's one KV head): a group's
+  // query heads are split into parts of a multiple of 4 (the score tile's height) too, one per thread.
+  // Each part reads the unit's K and V again; with that many queries per KV head the scores cost more.
+  const int64_t units = B * KVH, threads = thread_count(pool);
+  int64_t per = groups;
+  if (grouped && units < threads) {
+    const int64_t want = (threads + units - 1) / units;
+    per = ((groups + want - 1) / want + 3) / 4 * 4;
+  }
+  const int64_t parts = (groups + per - 1) / per;
+  parallel_units(pool, units * parts, [&](int64_t task) {
+    const int64_t unit = task / parts, b = unit / KVH, kvh = unit % KVH;
     const float* kk = kp + unit * T * D;
     const float* vv = vp + unit * T * D;
     const bool* seen = ok + b * T;
     float* s = scratch(0, std::max<int64_t>(groups * end_all, 1));
-    if (groups >= kDecodeGroupRows && D % kThinNR == 0) {
+    if (grouped) {
+      const int64_t g0 = task % parts * per, n = std::min(groups, g0 + per) - g0;
       for (int64_t t = 0; t < Q; ++t) {
-        const int64_t at = ((b * Q + t) * H + kvh * groups) * D;
-        decode_group(groups, qp + at, kk, vv, seen, std::max<int64_t>(0, from + t + 1), D, scale, s, op + at);
+        const int64_t at = ((b * Q + t) * H + kvh * groups + g0) * D;
+        decode_group(n, qp + at, kk, vv, seen, std::max<int64_t>(0, from + t + 1), D, scale, s, op + at);
       }
       return;
     }

@@ -180,12 +180,10 @@ class TrainStep:
             raise MeshError(f"sequence length {length} is not divisible by the {seq_ways}-way sequence axis")
 
     def abstract_batch(self, batch_size: int, length: int, keys: Sequence[str] = BATCH_KEYS) -> dict:
+        """The batch the input pipeline yields (every feature int32, loss weights too), so that an AOT compile
+        is the program training runs."""
         self.check_batch(batch_size, length)
-        dtypes = {"decoder_loss_weights": jnp.float32}
-        return {
-            k: jax.ShapeDtypeStruct((batch_size, length), dtypes.get(k, jnp.int32), sharding=self.batch_sharding)
-            for k in keys
-        }
+        return {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=self.batch_sharding) for k in keys}
 
     # -- state ----------------------------------------------------------------------------------------
 
