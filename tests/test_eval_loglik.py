@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import meditron_jax
+from meditron_jax.eval import loglik
 from meditron_jax.eval.loglik import LoglikScorer, length_buckets
 
 
@@ -82,6 +83,25 @@ def test_loglik_left_truncates_and_counts(models):
     assert res.truncated == len(full) - 17 > 0
     want, _ = _reference(ref, kept[: -len(cont)], cont)
     assert abs(res.logprob - want) < 1e-4
+
+
+def test_logits_in_chunks_of_positions_match_transformers(models, monkeypatch):
+    """The head runs on chunks of positions, skipping chunks without continuation tokens. Chunks of 8 here:
+    a continuation across a chunk boundary, chunks before every continuation (skipped), a bucket of 60 (not
+    a multiple of 8: padded) and an unused row of the batch."""
+    monkeypatch.setattr(loglik, "POSITION_CHUNK", 8)
+    ours, ref = models
+    tok = ours.tokenizer
+    long_ctx = tok.encode("Once upon a time there was a little girl named Lily who liked to play outside", bos=True)
+    pairs = [
+        (long_ctx, tok.encode(" with her friends in the big green park", bos=False)),
+        (tok.encode("Lily wanted to play", bos=True), tok.encode(" with her ball.", bos=False)),
+    ]
+    assert len(long_ctx) > 8 and len(pairs[0][0]) % 8 + len(pairs[0][1]) > 8  # crosses a boundary
+    scorer = LoglikScorer(ours.config, ours.params, batch_size=3, max_length=60, buckets=(60,))
+    for (ctx, cont), got in zip(pairs, scorer.score(pairs), strict=True):
+        want, greedy = _reference(ref, ctx, cont)
+        assert abs(got.logprob - want) < 1e-4 and got.is_greedy == greedy
 
 
 def test_length_buckets():

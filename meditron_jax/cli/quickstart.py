@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import sys
 import time
 
 from meditron_jax.cli.common import add_verbose, quiet_startup, run
+from meditron_jax.host_memory import release_freed_memory
 
 EMBEDDED = pathlib.Path(__file__).resolve().parents[1] / "embedded_data"
 MARKER = ".meditron_quickstart"
@@ -82,6 +84,9 @@ class _Stages:
         if self._name is not None:
             self.seconds[self._name] = time.perf_counter() - self._start
             self._name = None
+            # The stages share one process: hand a finished stage's freed buffers back (host_memory.py).
+            gc.collect()
+            release_freed_memory()
 
 
 def _losses(model_dir: pathlib.Path) -> list[float]:
@@ -153,6 +158,9 @@ def main(argv=None) -> int:
     stages = _Stages()
     seq = f"--gin.SEQUENCE_LENGTH={args.sequence_length}"
 
+    def loss_chunks(length: int) -> str:  # the vocabulary's logits 64 positions at a time (runs/tiny_cpu.gin)
+        return f"--gin.ModelConfig.loss_chunk_size={64 if length % 64 == 0 else 0}"
+
     stages.begin("curated", f"curating the GAP-REPLAY sample in {data_dir / 'gap_replay_sample'}")
     from meditron_jax.cli import prepare_data
 
@@ -184,6 +192,7 @@ def main(argv=None) -> int:
             f"--gin.TRAIN_STEPS={args.pretrain_steps}",
             f"--gin.OptimizerConfig.warmup_steps={max(1, min(20, args.pretrain_steps // 4))}",
             seq,
+            loss_chunks(args.sequence_length),
             f"--gin.TrainConfig.checkpoint_every={args.pretrain_steps}",
             "--gin.TrainConfig.log_every=10",
         ]
@@ -199,6 +208,7 @@ def main(argv=None) -> int:
             f"--gin.TRAIN_STEPS={args.sft_steps}",
             f"--gin.WARMUP_STEPS={max(1, args.sft_steps // 10)}",
             f"--gin.SEQUENCE_LENGTH={args.sft_sequence_length}",
+            loss_chunks(args.sft_sequence_length),
             f"--gin.GLOBAL_BATCH={args.sft_batch}",
             "--gin.OptimizerConfig.peak_lr=5e-3",  # a tiny model from minutes of pretraining, not 7B weights
             f"--gin.TrainConfig.checkpoint_every={args.sft_steps}",

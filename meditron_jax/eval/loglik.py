@@ -19,6 +19,7 @@ import numpy as np
 
 from meditron_jax.config import ModelConfig
 from meditron_jax.model import Llama
+from meditron_jax.model.llama import vocab_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,40 @@ def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
         n *= 2
     out.append(max_length)
     return tuple(out)
+
+
+# Positions whose logits exist at once. The whole row's float32 logits were [batch, length, vocab]: 1 GB at
+# batch 8 × 1,024 positions × 32,017 tokens, several times over with log_softmax and argmax (8.6 GB resident
+# for the quickstart's PubMedQA scoring; docs/performance.md).
+POSITION_CHUNK = 128
+
+
+def _continuation_sums(config: ModelConfig, x, head, targets, mask):
+    """(Σ mask · log p(target), every masked target the argmax) per row, from the final hidden state ``x``
+    [b, l, embed]: the head runs on chunks of positions, and not at all on chunks without a masked position
+    (a continuation is the end of its row, so most chunks of a long context have none)."""
+    b, length = targets.shape
+    chunk = min(POSITION_CHUNK, length)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def chunks(a):  # [b, l, ...] -> [n, b, chunk, ...], padded positions masked out
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.swapaxes(a.reshape(b, n, chunk, *a.shape[2:]), 0, 1)
+
+    def scored(xc, tc, mc):
+        logits = vocab_logits(config, xc, head).astype(jnp.float32)
+        tok_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tc[..., None], axis=-1)[..., 0]
+        greedy = (jnp.argmax(logits, axis=-1) == tc) | (mc == 0)
+        return jnp.sum(tok_logp * mc, axis=-1), jnp.all(greedy, axis=-1)
+
+    def one(args):
+        xc, tc, mc = args
+        skipped = (jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool))
+        return jax.lax.cond(jnp.any(mc != 0), scored, lambda *_: skipped, xc, tc, mc)
+
+    sums, greedy = jax.lax.map(one, (chunks(x), chunks(targets), chunks(mask)))
+    return jnp.sum(sums, axis=0), jnp.all(greedy, axis=0)
 
 
 class LoglikScorer:
@@ -59,11 +94,8 @@ class LoglikScorer:
         model = Llama(config)
 
         def score(params, tokens, targets, mask):
-            logits = model.apply({"params": params}, tokens)  # float32 [b, l, vocab]
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            tok_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            greedy = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
-            return jnp.sum(tok_logp * mask, axis=-1), jnp.all(greedy, axis=-1)
+            x, head = model.apply({"params": params}, tokens, return_hidden=True)
+            return _continuation_sums(config, x, head, targets, mask)
 
         self._score = jax.jit(score)
 
