@@ -90,6 +90,7 @@ def test_logits_in_chunks_of_positions_match_transformers(models, monkeypatch):
     a continuation across a chunk boundary, chunks before every continuation (skipped), a bucket of 60 (not
     a multiple of 8: padded) and an unused row of the batch."""
     monkeypatch.setattr(loglik, "POSITION_CHUNK", 8)
+    monkeypatch.setattr(loglik, "WHOLE_BATCH_BYTES", 0)
     ours, ref = models
     tok = ours.tokenizer
     long_ctx = tok.encode("Once upon a time there was a little girl named Lily who liked to play outside", bos=True)

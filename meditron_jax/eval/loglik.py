@@ -11,6 +11,7 @@ number of dropped tokens is returned, never hidden.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -43,6 +44,17 @@ def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
 # batch 8 × 1,024 positions × 32,017 tokens, several times over with log_softmax and argmax (8.6 GB resident
 # for the quickstart's PubMedQA scoring; docs/performance.md).
 POSITION_CHUNK = 128
+# Batches whose logits take at most this many bytes are scored in one piece: small vocabularies and short
+# buckets gain nothing from chunks and would compile a loop per bucket.
+WHOLE_BATCH_BYTES = 64 << 20
+
+
+def _scored(config: ModelConfig, head, x, targets, mask):
+    """(Σ mask · log p(target), every masked target the argmax) per row of hidden states ``x``."""
+    logits = vocab_logits(config, x, head).astype(jnp.float32)
+    tok_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    greedy = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
+    return jnp.sum(tok_logp * mask, axis=-1), jnp.all(greedy, axis=-1)
 
 
 def _continuation_sums(config: ModelConfig, x, head, targets, mask):
@@ -50,7 +62,9 @@ def _continuation_sums(config: ModelConfig, x, head, targets, mask):
     [b, l, embed]: the head runs on chunks of positions, and not at all on chunks without a masked position
     (a continuation is the end of its row, so most chunks of a long context have none)."""
     b, length = targets.shape
-    chunk = min(POSITION_CHUNK, length)
+    if b * length * config.vocab_size * 4 <= WHOLE_BATCH_BYTES or length <= POSITION_CHUNK:
+        return _scored(config, head, x, targets, mask)
+    chunk = POSITION_CHUNK
     n = -(-length // chunk)
     pad = n * chunk - length
 
@@ -58,16 +72,10 @@ def _continuation_sums(config: ModelConfig, x, head, targets, mask):
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return jnp.swapaxes(a.reshape(b, n, chunk, *a.shape[2:]), 0, 1)
 
-    def scored(xc, tc, mc):
-        logits = vocab_logits(config, xc, head).astype(jnp.float32)
-        tok_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tc[..., None], axis=-1)[..., 0]
-        greedy = (jnp.argmax(logits, axis=-1) == tc) | (mc == 0)
-        return jnp.sum(tok_logp * mc, axis=-1), jnp.all(greedy, axis=-1)
-
     def one(args):
         xc, tc, mc = args
         skipped = (jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool))
-        return jax.lax.cond(jnp.any(mc != 0), scored, lambda *_: skipped, xc, tc, mc)
+        return jax.lax.cond(jnp.any(mc != 0), functools.partial(_scored, config, head), lambda *_: skipped, xc, tc, mc)
 
     sums, greedy = jax.lax.map(one, (chunks(x), chunks(targets), chunks(mask)))
     return jnp.sum(sums, axis=0), jnp.all(greedy, axis=0)
