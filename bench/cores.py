@@ -31,10 +31,18 @@ def bind_cores(n: int) -> list[int]:
     return cores
 
 
-def cpu_bench_process(default_threads: int = 1) -> list[int]:
+def cpu_bench_process(default_threads: int = 1, turns_of_milliseconds: bool = False) -> list[int]:
     """A CPU bench's first step, before it imports jax: the project importable from a checkout, jax on the CPU
-    and quiet, the process pinned to ``--threads`` cores. Returns the cores it may use."""
+    and quiet, the process pinned to ``--threads`` cores. Returns the cores it may use.
+
+    ``turns_of_milliseconds``: the bench times calls of a few ms, taking turns with torch's. torch's OpenMP
+    workers then keep spinning about 10 ms after each call, on the cores the next form is timed on (two
+    cores, bench-134m's decode attention at batch 16: ours 1.47-1.94 ms taking turns against 1.18-1.36 alone).
+    ``OMP_WAIT_POLICY=PASSIVE`` puts them to sleep instead; torch's own times were level or better with it
+    (docs/performance.md, Decode, eleventh round). Not for benches whose forms run for seconds."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if turns_of_milliseconds:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch's OpenMP starts
     return bind_cores(threads_from_argv(sys.argv[1:], default_threads))

@@ -21,10 +21,13 @@ Forms, taking turns call by call in one process pinned to ``--threads`` cores:
 Each form reads the filled part of the cache (or all of it, for XLA) from memory, not from cache: every
 call gets another of enough distinct caches to exceed the last-level cache. Reported: the median time over
 ``--rounds`` rounds, GB/s of the filled K and V (the bytes any form must read), and each form's time over the
-kernel's. Outputs are checked against the kernel's (5e-5: float32 in different orders).
+first form's (the kernel's, unless ``--forms`` leaves it out). Outputs are checked against the first form's
+(5e-5: float32 in different orders). torch's idle OpenMP workers sleep (``OMP_WAIT_POLICY=PASSIVE``, see
+bench/cores.py): spinning, they took one of two cores from the next form's calls.
 
     python bench/decode_attention.py                 # one core
     python bench/decode_attention.py --threads 2 --batch 16
+    python bench/decode_attention.py --threads 2 --batch 16 --layouts bench-134m --forms kernel   # alone
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 
 from cores import cpu_bench_process
 
-CORES = cpu_bench_process()  # before jax starts: XLA sizes its pool from it
+CORES = cpu_bench_process(turns_of_milliseconds=True)  # before jax starts: XLA sizes its pool from it
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,6 +59,8 @@ LAYOUTS = {
     "llama2-70b": (64, 8, 128, 4096, 2048),
     "falcon-7b": (71, 1, 64, 2048, 1024),
 }
+# --forms name → the form's row label
+FORMS = {"kernel": "decode_attention, auto", "xla": "decode_attention, xla", "torch": "torch sdpa (the peer)"}
 LAST_LEVEL_CACHE = 64 << 20  # distinct caches until the calls' bytes exceed this
 
 
@@ -98,6 +103,14 @@ def main(argv=None) -> int:
     ap.add_argument("--filled", type=int, default=None, help="filled slots (default: per layout, half or more)")
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--forms",
+        nargs="+",
+        default=list(FORMS),
+        choices=list(FORMS),
+        help="forms to time (default: all, taking turns); one alone is timed without the others' idle threads "
+        "spinning on the same cores",
+    )
     args = ap.parse_args(argv)
     if torch is not None:
         torch.set_num_threads(len(CORES))
@@ -106,12 +119,13 @@ def main(argv=None) -> int:
         f"torch {torch.__version__ if torch else 'absent'}; batch {args.batch}, one new token"
     )
     header = ("layout", "heads / KV heads × head_dim", "filled / slots", "form", "ms (best)", "GB/s of filled K, V",
-              "÷ kernel")  # fmt: skip
+              "÷ first form")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
     rng = np.random.default_rng(0)
     for layout in args.layouts:
         cases, filled, filled_bytes = forms(args.batch, layout, args.filled, rng)
+        cases = {label: case for label, case in cases.items() if label in {FORMS[f] for f in args.forms}}
         reference = None
         for name, (fn, inputs) in cases.items():
             got = np.asarray(fn(*inputs[0]))

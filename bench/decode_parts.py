@@ -31,7 +31,7 @@ import time
 
 from cores import cpu_bench_process
 
-CORES = cpu_bench_process()  # before jax starts: XLA sizes its pool from it
+CORES = cpu_bench_process(turns_of_milliseconds=True)  # before jax starts: XLA sizes its pool from it
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -167,6 +167,25 @@ def test_sft_packing_equals_prefix_lm_without_bidirectional_prompt(shared_data):
     assert all(a.startswith("<|im_start|>answer\n") and a.endswith("<|im_end|>\n") for a in answers)
 
 
+def test_every_source_and_pipeline_reuses_one_traced_tokenizer(corpus, monkeypatch):
+    # Tracing the tokenizer per source was most of a pipeline's build time (docs/performance.md, Start-up).
+    from meditron_jax.data.seqio_vocab import AddedTokensVocabulary
+
+    traced = []
+    original = AddedTokensVocabulary._encode_flat
+
+    def counted(self, batch):
+        traced.append(self)
+        return original(self, batch)
+
+    monkeypatch.setattr(AddedTokensVocabulary, "_encode_flat", counted)
+    mixture = seqio.get_mixture_or_task("gap_replay")
+    assert len({id(t.output_features["targets"].vocabulary) for t in mixture.tasks}) == 1
+    for split in ("train", "validation"):  # 4 + 3 sources
+        pipeline.make_dataset("gap_replay", split=split, sequence_length=L, batch_size=4, num_epochs=1)
+    assert len(traced) <= 1  # 0 when an earlier test of this process traced it
+
+
 def test_same_seed_same_batches_and_resumption(corpus, tmp_path):
     kwargs = dict(sequence_length=L, batch_size=4, seed=5, shuffle_buffer_size=16)
     first = pipeline.make_iterator("gap_replay", **kwargs)

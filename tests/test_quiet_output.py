@@ -129,3 +129,25 @@ def test_beam_import_noise_is_dropped_before_flags_are_parsed():
     )
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "apitools not found" not in quiet.stderr and "apitools not found" in loud.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_gin_search_misses_are_not_logged_as_errors_even_verbose(tmp_path, verbose):
+    # gin's resource reader logs "ERROR Path not found" for each search-path entry that lacks a file a later entry
+    # has; a file missing everywhere must still fail loudly.
+    (tmp_path / "found").mkdir()
+    (tmp_path / "found" / "x.gin").write_text("A = 1\n")
+    code = (
+        "import sys, gin\n"
+        "from meditron_jax.cli.common import quiet_startup\n"
+        f"quiet_startup({verbose})\n"
+        f"gin.add_config_file_search_path({str(tmp_path / 'empty')!r})\n"
+        f"gin.add_config_file_search_path({str(tmp_path / 'found')!r})\n"
+        "gin.parse_config_file('x.gin')\n"
+        "print('parsed', flush=True)\n"
+        "gin.parse_config_file('missing.gin')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert "parsed" in proc.stdout, proc.stderr
+    assert "Path not found" not in proc.stderr
+    assert proc.returncode != 0 and "Unable to open file: missing.gin" in proc.stderr

@@ -43,12 +43,12 @@ def quiet_startup(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     # Configure the root logger before gin or absl can, so their first message does not set a bare format.
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger().addFilter(_gin_search_misses)
     if verbose:
         logging.getLogger().removeFilter(_library_noise)
     else:
         for name in ("absl", "tensorflow", "jax._src", "orbax", "seqio", "apache_beam"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger().addFilter(_gin_search_misses)
         for handler in logging.getLogger().handlers:  # handler filters see records of every logger
             handler.addFilter(_library_noise)
         for pattern in NOISE_WARNINGS:

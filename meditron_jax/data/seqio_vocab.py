@@ -79,26 +79,31 @@ class AddedTokensVocabulary(seqio.Vocabulary):
         pattern = "(" + "|".join(re.escape(t) for t in sorted(self._extra_tokens, key=len, reverse=True)) + ")"
         return self.tokenizer.seqio_vocabulary.sp_model, pattern
 
-    # Explicit TF control flow only: AutoGraph would convert it, and tf_text's tokenizer and regex split through
-    # it, for nothing (about 1 s of a training process's start-up under load; docs/performance.md).
-    @tf.autograph.experimental.do_not_convert
+    @tf.autograph.experimental.do_not_convert  # SeqIO's converted tokenize calls it: nothing here to convert
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor | tf.RaggedTensor:
+        s = tf.convert_to_tensor(s, dtype=tf.string)
+        ids = self._encode_strings(tf.reshape(s, [-1]))
+        return ids[0] if s.shape.rank == 0 else ids
+
+    @functools.cached_property
+    def _encode_strings(self):
+        # One traced function per vocabulary and process, called from every tf.data map that tokenizes: each
+        # SeqIO task traced its ~800 ops again, 0.5-1 s per source per pipeline (docs/performance.md).
+        # Explicit TF control flow only, so no AutoGraph (it would convert tf_text's tokenizer for nothing).
+        return tf.function(self._encode_flat, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+
+    def _encode_flat(self, batch: tf.Tensor) -> tf.RaggedTensor:
         model, pattern = self._tf_state
         sp = tf_text.SentencepieceTokenizer(model=model, out_type=tf.int32)
-        s = tf.convert_to_tensor(s, dtype=tf.string)
-        scalar = s.shape.rank == 0
-        batch = tf.reshape(s, [-1])
         if not self._extra_tokens:
-            ids = sp.tokenize(batch)
-        else:
-            # Most text holds no added token: skip the splitting machinery (3x slower) for it.
-            found = tf.reduce_any(tf.strings.regex_full_match(batch, f"(?s).*{pattern}.*"))
-            ids = tf.cond(
-                found,
-                lambda: self._encode_batch(batch, sp, pattern),
-                lambda: sp.tokenize(batch).with_row_splits_dtype(tf.int64),
-            )
-        return ids[0] if scalar else ids
+            return sp.tokenize(batch).with_row_splits_dtype(tf.int64)
+        # Most text holds no added token: skip the splitting machinery (3x slower) for it.
+        found = tf.reduce_any(tf.strings.regex_full_match(batch, f"(?s).*{pattern}.*"))
+        return tf.cond(
+            found,
+            lambda: self._encode_batch(batch, sp, pattern),
+            lambda: sp.tokenize(batch).with_row_splits_dtype(tf.int64),
+        )
 
     def _encode_batch(self, batch, sp, pattern) -> tf.RaggedTensor:
         # Split on the added tokens, keeping them as pieces of their own.

@@ -30,6 +30,7 @@ from meditron_jax.model import logical_axes
 from meditron_jax.parallel import distributed
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh
 from meditron_jax.parallel.pipeline import PipelineConfig
+from meditron_jax.train import compilation_cache
 from meditron_jax.train.checkpoints import Checkpoints, PreemptionNotice
 from meditron_jax.train.metrics import (
     MetricsWriter,
@@ -70,6 +71,9 @@ class TrainConfig:
     eval_steps: int = 10  # validation batches per task
     tensorboard: bool = True  # event files in MODEL_DIR/tensorboard
     peak_flops_per_device: float | None = None  # for MFU; default: meditron_jax.hardware (CPU: measured)
+    # JAX's persistent compilation cache (train/compilation_cache.py): a restarted run skips compiling.
+    # None: off. JAX_COMPILATION_CACHE_DIR, when set, wins.
+    compilation_cache_dir: str | None = compilation_cache.DEFAULT_DIR
     seed: int = 0
     use_pipeline: bool = False  # PipelineConfig (gin) applies; the mesh's stage axis must be > 1
 
@@ -218,7 +222,7 @@ def train(
 
 
 def _train(config, mesh_config, optimizer_config, pipeline_config, max_steps_this_run, notice) -> dict:
-
+    compilation_cache.use_compilation_cache(config.compilation_cache_dir)
     model_cfg = model_config(config)
     check_vocabulary(config.mixture, model_cfg.vocab_size)
     mesh = create_mesh(mesh_config or MeshConfig())

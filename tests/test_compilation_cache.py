@@ -1,0 +1,47 @@
+"""Training runs keep JAX's persistent compilation cache in the user's cache folder unless told otherwise."""
+
+import os
+import stat
+
+import jax
+import pytest
+
+from meditron_jax.train import compilation_cache
+from meditron_jax.train.trainer import TrainConfig
+
+
+@pytest.fixture
+def no_configured_cache():
+    saved = jax.config.values["jax_compilation_cache_dir"], jax.config.values["jax_compilation_cache_max_size"]
+    jax.config.update("jax_compilation_cache_dir", None)  # the test session sets one for itself
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_compilation_cache_max_size", saved[1])
+
+
+def test_a_run_without_a_configured_cache_gets_a_private_bounded_one(tmp_path, no_configured_cache):
+    where = tmp_path / "home" / "cache"
+    assert compilation_cache.use_compilation_cache(str(where)) == str(where)
+    assert jax.config.values["jax_compilation_cache_dir"] == str(where)
+    assert jax.config.values["jax_compilation_cache_max_size"] == 8 << 30
+    assert stat.S_IMODE(os.stat(where).st_mode) == 0o700
+
+
+def test_the_users_own_setting_wins_and_none_turns_it_off(tmp_path, no_configured_cache):
+    assert compilation_cache.use_compilation_cache(None) is None
+    assert jax.config.values["jax_compilation_cache_dir"] is None
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    jax.config.update("jax_compilation_cache_max_size", 123)
+    assert compilation_cache.use_compilation_cache(str(tmp_path / "ours")) == str(tmp_path / "mine")
+    assert jax.config.values["jax_compilation_cache_max_size"] == 123
+    assert not (tmp_path / "ours").exists()
+
+
+@pytest.mark.parametrize("xdg", ["", "cache"])
+def test_the_default_folder_follows_xdg_cache_home(tmp_path, monkeypatch, no_configured_cache, xdg):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / xdg) if xdg else "")
+    assert TrainConfig(model_dir="r").compilation_cache_dir == compilation_cache.DEFAULT_DIR
+    expected = tmp_path / (xdg or ".cache") / "meditron_jax" / "xla"
+    assert compilation_cache.use_compilation_cache() == str(expected) and expected.is_dir()
