@@ -45,3 +45,10 @@ def test_the_default_folder_follows_xdg_cache_home(tmp_path, monkeypatch, no_con
     assert TrainConfig(model_dir="r").compilation_cache_dir == compilation_cache.DEFAULT_DIR
     expected = tmp_path / (xdg or ".cache") / "meditron_jax" / "xla"
     assert compilation_cache.use_compilation_cache() == str(expected) and expected.is_dir()
+
+
+def test_a_bucket_cache_is_used_as_given_without_eviction(no_configured_cache):
+    # JAX's eviction locks a file inside the folder, which it cannot do on gs://; nothing is created here.
+    assert compilation_cache.use_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
+    assert jax.config.values["jax_compilation_cache_dir"] == "gs://bucket/xla"
+    assert jax.config.values["jax_compilation_cache_max_size"] == -1

@@ -17,7 +17,7 @@ import jax
 from meditron_jax import fs
 
 DEFAULT_DIR = "${XDG_CACHE_HOME}/meditron_jax/xla"  # XDG_CACHE_HOME unset or empty: ~/.cache
-MAX_BYTES = 8 << 30  # least recently used entries are evicted past this (JAX's own default: no limit)
+MAX_BYTES = 8 << 30  # a local cache evicts least recently used entries past this (JAX's default: no limit)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,9 @@ def use_compilation_cache(path: str | None = DEFAULT_DIR) -> str | None:
     if not fs.is_url(path):
         path = os.path.expanduser(path)
         os.makedirs(path, mode=0o700, exist_ok=True)
-    else:
-        fs.makedirs(path)
-    if jax.config.values["jax_compilation_cache_max_size"] == -1:
-        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+        # Eviction locks a file in the folder: local folders only (JAX's SoftFileLock cannot write to gs://).
+        if jax.config.values["jax_compilation_cache_max_size"] == -1:
+            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     jax.config.update("jax_compilation_cache_dir", path)
     log.info("compiled programs are cached in %s (TrainConfig.compilation_cache_dir)", path)
     return path
