@@ -2,11 +2,13 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from meditron_jax.train import compilation_cache
+from meditron_jax import compilation_cache
 from meditron_jax.train.trainer import TrainConfig
 
 
@@ -52,3 +54,23 @@ def test_a_bucket_cache_is_used_as_given_without_eviction(no_configured_cache):
     assert compilation_cache.use_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
     assert jax.config.values["jax_compilation_cache_dir"] == "gs://bucket/xla"
     assert jax.config.values["jax_compilation_cache_max_size"] == -1
+
+
+@pytest.mark.slow  # three fresh processes load stories260K and generate
+def test_generate_caches_in_the_folder_given_by_default_and_nowhere_when_turned_off(tmp_path, shared_data):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the session's own cache
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    command = [sys.executable, "-m", "meditron_jax.cli.generate", "--model_dir", str(shared_data / "stories260K_hf")]
+    command += ["--max_new_tokens", "2"]
+
+    def generate(*flags):
+        proc = subprocess.run([*command, *flags], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    generate("--compilation_cache_dir", str(tmp_path / "given"))
+    assert len(list((tmp_path / "given").iterdir())) >= 2  # at least the prefill and the decode step
+    generate("--compilation_cache_dir", "")
+    assert not (tmp_path / "xdg").exists()
+    generate()
+    assert len(list((tmp_path / "xdg" / "meditron_jax" / "xla").iterdir())) >= 2

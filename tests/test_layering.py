@@ -13,6 +13,7 @@ RANKS = {
     "host_memory": 0,
     "resources": 0,
     "kernels": 1,
+    "compilation_cache": 1,  # JAX's persistent cache, set by the commands that compile
     "model": 2,
     "parallel": 3,
     "convert": 3,

@@ -9,6 +9,7 @@ Default: the real tiny trained Llama in the shared data (stories260K), greedy. E
 import argparse
 import sys
 
+from meditron_jax import compilation_cache
 from meditron_jax.cli.common import add_verbose, check_utf8, quiet_startup, run
 
 
@@ -31,9 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tokenizer_path", default=None, help="folder with tokenizer.model (default: --model_dir; a run has none)"
     )
+    compilation_cache.add_flag(parser)
     add_verbose(parser)
     args = parser.parse_args(argv)
     quiet_startup(args.verbose)
+    compilation_cache.use_compilation_cache(args.compilation_cache_dir)
     prompts = args.prompt or ["Once upon a time"]
     for i, prompt in enumerate(prompts, 1):
         check_utf8(prompt, f"--prompt #{i}")

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from meditron_jax import compilation_cache
 from meditron_jax.convert.hub import parse_hub_id
 from meditron_jax.data.benchmarks import MEDITRON_SEEDS
 from meditron_jax.eval import items as items_mod
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
     p.add_argument("--tokenizer_path", default=None, help="folder with tokenizer.model (default: --checkpoint)")
     p.add_argument("--no_progress", action="store_true")
+    compilation_cache.add_flag(p)
     return p
 
 
@@ -118,6 +120,8 @@ def main(
     """Run an evaluation; returns 0. ``backend`` replaces model loading (tests pass a fake engine);
     ``process_index``/``process_count`` simulate hosts (default: jax's)."""
     args = build_parser().parse_args(argv)
+    if backend is None:  # a fake engine compiles nothing
+        compilation_cache.use_compilation_cache(args.compilation_cache_dir)
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be at least 1")
     if args.batch_size < 1:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from meditron_jax import fs
+from meditron_jax import compilation_cache, fs
 from meditron_jax.config import EXECUTION_FIELDS, ModelConfig, get_config
 from meditron_jax.convert import streaming
 from meditron_jax.convert.model_dir import RUN_CONFIG_FILE, load_model_dir, read_model_config
@@ -30,7 +30,6 @@ from meditron_jax.model import logical_axes
 from meditron_jax.parallel import distributed
 from meditron_jax.parallel.mesh import MeshConfig, create_mesh
 from meditron_jax.parallel.pipeline import PipelineConfig
-from meditron_jax.train import compilation_cache
 from meditron_jax.train.checkpoints import Checkpoints, PreemptionNotice
 from meditron_jax.train.metrics import (
     MetricsWriter,
@@ -71,7 +70,7 @@ class TrainConfig:
     eval_steps: int = 10  # validation batches per task
     tensorboard: bool = True  # event files in MODEL_DIR/tensorboard
     peak_flops_per_device: float | None = None  # for MFU; default: meditron_jax.hardware (CPU: measured)
-    # JAX's persistent compilation cache (train/compilation_cache.py): a restarted run skips compiling.
+    # JAX's persistent compilation cache (meditron_jax/compilation_cache.py): a restarted run skips compiling.
     # None: off. JAX_COMPILATION_CACHE_DIR, when set, wins.
     compilation_cache_dir: str | None = compilation_cache.DEFAULT_DIR
     seed: int = 0

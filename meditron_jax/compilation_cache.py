@@ -1,6 +1,7 @@
-"""JAX's persistent compilation cache for training runs: a restarted, resumed or repeated run loads its compiled
-programs instead of compiling them again (minutes for a 7B or 70B step on a TPU slice; a third of a small CPU
-job: docs/performance.md, "Start-up"). MaxText keeps one by default too.
+"""JAX's persistent compilation cache for the commands that compile (training, evaluation, generation): a
+restarted, resumed or repeated run loads its compiled programs instead of compiling them again (minutes for a
+7B or 70B step on a TPU slice; a third of a small CPU job: docs/performance.md, "Start-up"). MaxText keeps
+one by default too.
 
 The user's own setting wins: ``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.update("jax_compilation_cache_dir",
 ...)``. JAX treats the cache as trusted code: keep it where only you can write (the default folder is created
@@ -40,5 +41,15 @@ def use_compilation_cache(path: str | None = DEFAULT_DIR) -> str | None:
         if jax.config.values["jax_compilation_cache_max_size"] == -1:
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     jax.config.update("jax_compilation_cache_dir", path)
-    log.info("compiled programs are cached in %s (TrainConfig.compilation_cache_dir)", path)
+    log.info("compiled programs are cached in %s", path)
     return path
+
+
+def add_flag(parser) -> None:
+    """``--compilation_cache_dir`` of a command that compiles; pass its value to :func:`use_compilation_cache`."""
+    parser.add_argument(
+        "--compilation_cache_dir",
+        default=DEFAULT_DIR,
+        help="JAX's persistent compilation cache: a repeated run skips compiling ('' turns it off; "
+        "JAX_COMPILATION_CACHE_DIR, when set, wins)",
+    )
