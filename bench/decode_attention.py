@@ -123,9 +123,10 @@ def main(argv=None) -> int:
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
     rng = np.random.default_rng(0)
+    wanted = {FORMS[f] for f in args.forms}
     for layout in args.layouts:
         cases, filled, filled_bytes = forms(args.batch, layout, args.filled, rng)
-        cases = {label: case for label, case in cases.items() if label in {FORMS[f] for f in args.forms}}
+        cases = {label: case for label, case in cases.items() if label in wanted}
         reference = None
         for name, (fn, inputs) in cases.items():
             got = np.asarray(fn(*inputs[0]))
