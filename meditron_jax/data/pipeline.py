@@ -100,7 +100,7 @@ def feature_converter(provider: seqio.DatasetProviderBase, pack: bool = True) ->
 
 
 # AutoGraph would rewrite each of the task's map functions (SeqIO's tokenizer, EOS, trimming; ours) for Python
-# control flow over tensors, which none of them has: ~1.3 s of every process's start-up. A function that had
+# control flow over tensors, which none of them has: ~1.2 s of every process's start-up. A function that had
 # some would fail loudly at tracing (a tensor used as a Python bool), not change the examples. The feature
 # converters stay converted: SeqIO's packing loops over a tensor.
 @tf.autograph.experimental.do_not_convert
