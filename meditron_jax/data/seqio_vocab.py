@@ -79,7 +79,9 @@ class AddedTokensVocabulary(seqio.Vocabulary):
         pattern = "(" + "|".join(re.escape(t) for t in sorted(self._extra_tokens, key=len, reverse=True)) + ")"
         return self.tokenizer.seqio_vocabulary.sp_model, pattern
 
-    @tf.autograph.experimental.do_not_convert  # SeqIO's converted tokenize calls it: nothing here to convert
+    # Nothing here to convert. make_dataset already traces its tasks without AutoGraph; this covers a task
+    # used through SeqIO directly, whose tokenize AutoGraph converts.
+    @tf.autograph.experimental.do_not_convert
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor | tf.RaggedTensor:
         s = tf.convert_to_tensor(s, dtype=tf.string)
         ids = self._encode_strings(tf.reshape(s, [-1]))
