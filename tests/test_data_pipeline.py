@@ -361,3 +361,33 @@ def test_task_map_functions_are_traced_without_autograph():
             )
     finally:
         seqio.TaskRegistry.remove(name)
+
+
+def test_close_releases_the_iterator_and_collects_only_when_a_cycle_holds_it(monkeypatch):
+    import gc
+    import weakref
+
+    import tensorflow as tf
+
+    collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(pipeline.gc, "collect", lambda *a: collections.append(a) or real_collect(*a))
+    ds = tf.data.Dataset.range(8).map(lambda x: {"x": x}, num_parallel_calls=2)
+    gc.disable()  # no automatic collection may free the cycle below before close() does
+    try:
+        plain = pipeline.BatchIterator(ds)
+        next(plain)
+        released = weakref.ref(plain._iterator)
+        plain.close()
+        assert released() is None and collections == []  # the last reference went: nothing to collect
+
+        held = pipeline.BatchIterator(ds)
+        next(held)
+        released = weakref.ref(held._iterator)
+        cycle = [held._iterator]
+        cycle.append(cycle)  # as a traceback's frames hold it after an error
+        del cycle
+        held.close()
+        assert released() is None and len(collections) == 1
+    finally:
+        gc.enable()
