@@ -13,6 +13,11 @@ if "tensorflow" not in _sys.modules and _importlib_util.find_spec("triton") is n
     except Exception:  # noqa: BLE001  a broken triton is torch's problem, not a reason to fail importing us
         pass
 
+# TensorFlow and tensorflow_text load without Keras (2.8 s of a command's start; meditron_jax/lean_imports.py).
+from meditron_jax import lean_imports as _lean_imports  # noqa: E402
+
+_lean_imports.install()
+
 
 def load(path, **kwargs):
     """Load a Hugging Face or meditron_jax model directory; see :func:`meditron_jax.api.load`."""
