@@ -11,6 +11,7 @@ RANKS = {
     "fs": 0,  # paths that may be gs:// URLs
     "hardware": 0,
     "host_memory": 0,
+    "lean_imports": 0,  # TensorFlow and tensorflow_text without Keras, installed by __init__
     "resources": 0,
     "kernels": 1,
     "compilation_cache": 1,  # JAX's persistent cache, set by the commands that compile
