@@ -40,6 +40,7 @@ class _LoaderWithout(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         skip = self._skipped not in sys.modules and "keras" not in sys.modules  # else nothing to save
+        # The package's own submodule gets a stand-in (it is part of its API); another package's gets None.
         stand_in = _DeferredModule(self._skipped) if self._skipped.startswith(module.__name__ + ".") else None
         if skip:
             sys.modules[self._skipped] = stand_in  # type: ignore[assignment]  # None: "not importable"
