@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -65,10 +66,11 @@ def assert_layers_match_transformers(cfg, params, hf_model, tokens, atol: float 
     assert np.abs(final - ref[-1]).max() <= atol
 
 
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts are thin CLIs, not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+def load_script(name: str, folder: str = "scripts"):
+    """Import ``<folder>/<name>.py`` (``scripts/``, ``bench/``) as a module: thin CLIs, not a package."""
+    path = pathlib.Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

@@ -1,18 +1,6 @@
 """The benchmark scripts' printed tables (bench/), from recorded numbers: no timing runs here."""
 
-import importlib.util
-import pathlib
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _bench(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from .hf_utils import load_script
 
 
 def _row(step_time_s, **extra):
@@ -28,7 +16,7 @@ def _row(step_time_s, **extra):
 
 
 def test_train_table_names_maxtexts_remat_and_compares_only_rows_that_took_turns():
-    tt = _bench("train_throughput")
+    tt = load_script("train_throughput", folder="bench")
     results = {
         "matmul": {"flops": 2 * 4096**3, "step_time_s": 0.79, "n": 4096, "step_times_s": [0.8, 0.79, 0.81]},
         "peak_flops": 181.9e9,
